@@ -1,0 +1,30 @@
+# `make demo` and `make test` each set up their own virtual environment on a fresh machine, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where a CPU build of torch comes from when none is on hand locally (PyPI's default is a multi-GB CUDA build).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO_OUT ?= runs/demo
+DEMO_STEPS ?= 300
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# Prefer a CPU torch wheel already on this machine (pip's find-links); else the CPU index.
+	$(PIP) install --quiet --no-deps --no-index "torch>=2.6" || $(PIP) install --quiet "torch>=2.6" --index-url $(TORCH_INDEX)
+	$(PIP) install --quiet -e ".[hf,dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/flashlite pretrain --preset full --steps $(DEMO_STEPS) --out $(DEMO_OUT)/full
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""flashlite compression passes (weight sharing, pruning, distillation, quantization) and their tooling."""

@@ -1,0 +1,109 @@
+"""The `flashlite` command line: subcommands over the library, user errors on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _plot_losses(losses: list[float], path: Path) -> None:
+    """Training loss per step with a moving average, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, alpha=0.3, label="loss")
+    ax.plot(range(1, len(losses) + 1), smooth, label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (sum of objectives)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from model import save
+    from model.config import Config
+    from model.pretrain import pretrain
+
+    config = Config.preset(args.preset)
+    result = pretrain(
+        config, args.corpus, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len,
+        pair_task=None if args.pair_task == "none" else args.pair_task, lr=args.lr, seed=args.seed,
+        checkpoint_dir=str(args.out / "checkpoints") if args.out else None,
+        checkpoint_every=args.checkpoint_every, device=args.device,
+    )
+    model, run = result.model, result.train
+    params = sum(p.numel() for p in model.parameters())
+    window = max(1, min(20, len(result.head_losses) // 4))
+    first, last = result.head_losses[:window], result.head_losses[-window:]
+    print(f"\npretrained preset {args.preset!r}: {params / 1e6:.1f}M parameters, {len(run.losses)} steps, "
+          f"{run.tokens_per_second:.0f} tokens/s over {run.seconds:.0f} s")
+    print(f"{'objective':<10} {'train first':>12} {'train last':>11} {'held-out before':>16} {'held-out after':>15}")
+    for name in result.eval_after:
+        mean = lambda rows: sum(r[name] for r in rows) / len(rows)  # noqa: E731
+        print(f"{name:<10} {mean(first):>12.3f} {mean(last):>11.3f} {result.eval_before[name]:>16.3f} {result.eval_after[name]:>15.3f}")
+    print(f"(train first/last: mean over the first/last {window} steps)")
+    if args.out:
+        manifest = {"pretraining": {
+            "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
+            "pair_task": args.pair_task, "seed": args.seed, "tokens_per_second": run.tokens_per_second,
+            "held_out_before": result.eval_before, "held_out_after": result.eval_after,
+        }}
+        save(model, args.out, manifest=manifest)
+        _plot_losses(run.losses, args.out / "loss.png")
+        print(f"saved the model to {args.out}/ and the loss curve to {args.out / 'loss.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashlite", description="Compress transformer language models into Flash-Lite variants.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("pretrain", help="pretrain a model on the built-in corpus or your text",
+                            description="Pretrain a fresh model with MLM, sentence-pair (SOP/NSP) and denoising objectives.")
+    p.add_argument("--preset", default="full", choices=["full", "tiny"], help="model size (default: full)")
+    p.add_argument("--corpus", default=None, help="text file, JSONL file or folder (default: the built-in corpus)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default: 300)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-len", type=_positive_int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--pair-task", default="sop", choices=["sop", "nsp", "none"], help="sentence-pair objective (default: sop)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints in OUT/checkpoints (0 = at the end)")
+    p.add_argument("--out", type=Path, default=None, help="folder to save the model in (resumes its checkpoints)")
+    p.set_defaults(run=_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"flashlite {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RuntimeError, OSError) as err:
+        print(f"flashlite {args.command}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Config: every structural fact of a flashlite model, validated, so weights + config.json rebuild it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+NORMS = ("post", "pre")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+HEADS = ("mlm", "pair", "lm", "classify", "qa")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Shape of one transformer layer: attention heads, width of each head, FFN width."""
+
+    n_heads: int
+    head_dim: int
+    ffn_dim: int
+
+    def __post_init__(self) -> None:
+        _check_int("n_heads", self.n_heads, 1)
+        _check_int("head_dim", self.head_dim, 1)
+        _check_int("ffn_dim", self.ffn_dim, 1)
+
+
+def _as_shapes(name: str, value: Any) -> tuple[LayerShape, ...]:
+    """Accept LayerShapes or dicts (from JSON) and return a tuple of LayerShape."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of layer shapes, got {type(value).__name__}")
+    shapes = []
+    for i, item in enumerate(value):
+        if isinstance(item, LayerShape):
+            shapes.append(item)
+        elif isinstance(item, dict):
+            unknown = set(item) - {"n_heads", "head_dim", "ffn_dim"}
+            if unknown:
+                raise ValueError(f"{name}[{i}] has unknown keys {sorted(unknown)}; allowed: n_heads, head_dim, ffn_dim")
+            try:
+                shapes.append(LayerShape(**item))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name}[{i}].{err}") from None
+        else:
+            raise TypeError(f"{name}[{i}] must be a LayerShape or dict, got {type(item).__name__}")
+    return tuple(shapes)
+
+
+def _check_share(name: str, share: Any, shapes: tuple[LayerShape, ...]) -> tuple[int, ...]:
+    """Validate a sharing map: layer i runs weight block share[i]; blocks are numbered 0..k-1 in first use order."""
+    if share is None:
+        return tuple(range(len(shapes)))
+    if not isinstance(share, (list, tuple)) or any(isinstance(b, bool) or not isinstance(b, int) for b in share):
+        raise TypeError(f"{name} must be a list of ints (one weight-block index per layer), got {share!r}")
+    share = tuple(share)
+    if len(share) != len(shapes):
+        raise ValueError(f"{name} has {len(share)} entries but there are {len(shapes)} layers")
+    seen: dict[int, int] = {}
+    for layer, block in enumerate(share):
+        if block not in seen:
+            if block != len(seen):
+                raise ValueError(
+                    f"{name}={list(share)}: blocks must be numbered 0,1,2,... in order of first use; "
+                    f"layer {layer} uses block {block} before block {len(seen)}"
+                )
+            seen[block] = layer
+        elif shapes[seen[block]] != shapes[layer]:
+            raise ValueError(
+                f"{name}: layers {seen[block]} and {layer} share block {block} but have different shapes "
+                f"{shapes[seen[block]]} and {shapes[layer]}"
+            )
+    return share
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole structure of a model; `Transformer(config)` builds it and `config.json` stores it.
+
+    Layer shapes are given per layer (`encoder`, `decoder`); `encoder_share[i]` names the weight
+    block that encoder layer i runs (equal numbers = shared weights), likewise `decoder_share`.
+    `embed_dim < dim` factorizes the word embeddings (vocab x embed_dim, then embed_dim x dim).
+    `heads` lists the task heads; `Output.logits` is the first one's output.
+    """
+
+    vocab_size: int
+    dim: int
+    encoder: tuple[LayerShape, ...]
+    decoder: tuple[LayerShape, ...] = ()
+    embed_dim: int | None = None
+    encoder_share: tuple[int, ...] | None = None
+    decoder_share: tuple[int, ...] | None = None
+    norm: str = "pre"
+    activation: str = "gelu"
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    pad_id: int = 0
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    norm_eps: float = 1e-5
+    heads: tuple[str, ...] = ("mlm",)
+    n_labels: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
+        _check_int("vocab_size", self.vocab_size, 1)
+        _check_int("dim", self.dim, 1)
+        set_(self, "encoder", _as_shapes("encoder", self.encoder))
+        set_(self, "decoder", _as_shapes("decoder", self.decoder))
+        if not self.encoder:
+            raise ValueError("encoder must have at least one layer")
+        embed_dim = self.dim if self.embed_dim is None else self.embed_dim
+        _check_int("embed_dim", embed_dim, 1)
+        if embed_dim > self.dim:
+            raise ValueError(f"embed_dim must be <= dim ({self.dim}), got {embed_dim}")
+        set_(self, "embed_dim", embed_dim)
+        set_(self, "encoder_share", _check_share("encoder_share", self.encoder_share, self.encoder))
+        set_(self, "decoder_share", _check_share("decoder_share", self.decoder_share, self.decoder))
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_int("max_positions", self.max_positions, 1)
+        _check_int("type_vocab_size", self.type_vocab_size, 0)
+        _check_int("pad_id", self.pad_id, 0)
+        if self.pad_id >= self.vocab_size:
+            raise ValueError(f"pad_id must be < vocab_size ({self.vocab_size}), got {self.pad_id}")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
+        if isinstance(self.heads, str) or not isinstance(self.heads, (list, tuple)):
+            raise TypeError(f"heads must be a list of head names from {HEADS}, got {self.heads!r}")
+        set_(self, "heads", tuple(self.heads))
+        for head in self.heads:
+            _check_choice("heads", head, HEADS)
+        if len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"heads must not repeat a name, got {list(self.heads)}")
+        if "lm" in self.heads and not self.decoder:
+            raise ValueError("heads contains 'lm' (seq2seq LM) but the model has no decoder layers")
+        _check_int("n_labels", self.n_labels, 0)
+        if ("classify" in self.heads) != (self.n_labels > 0):
+            raise ValueError(
+                f"n_labels must be >= 1 exactly when heads contains 'classify' (1 = regression); "
+                f"got n_labels={self.n_labels} with heads={list(self.heads)}"
+            )
+
+    @property
+    def encoder_layers(self) -> int:
+        return len(self.encoder)
+
+    @property
+    def decoder_layers(self) -> int:
+        return len(self.decoder)
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with `changes` applied (passes use this to keep config and weights in sync)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; `Config.from_dict(c.to_dict()) == c`."""
+        data = dataclasses.asdict(self)
+        for key in ("encoder_share", "decoder_share", "heads"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build a Config from a dict (config.json); unknown keys are refused, naming them."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed keys: {sorted(known)}")
+        missing = sorted({"vocab_size", "dim", "encoder"} - set(data))
+        if missing:
+            raise ValueError(f"config is missing required keys {missing}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def uniform(
+        cls,
+        *,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        ffn_dim: int,
+        decoder_layers: int = 0,
+        **rest: Any,
+    ) -> Config:
+        """A config whose layers all have one shape; dim must split evenly into n_heads heads."""
+        _check_int("n_heads", n_heads, 1)
+        _check_int("n_layers", n_layers, 1)
+        _check_int("decoder_layers", decoder_layers, 0)
+        _check_int("dim", dim, 1)
+        if dim % n_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
+        shape = LayerShape(n_heads=n_heads, head_dim=dim // n_heads, ffn_dim=ffn_dim)
+        return cls(vocab_size=vocab_size, dim=dim, encoder=(shape,) * n_layers, decoder=(shape,) * decoder_layers, **rest)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Config:
+        """A named configuration: "full" (the full-size encoder-decoder) or "tiny" (fast tests)."""
+        presets = {
+            # ~22M parameters: big enough to learn from the built-in corpus, small enough to
+            # pretrain for a few minutes on 2 CPU cores.
+            "full": dict(
+                vocab_size=16000, dim=384, n_layers=6, decoder_layers=2, n_heads=6, ffn_dim=1536,
+                max_positions=512, heads=("mlm", "pair", "lm"),
+            ),
+            "tiny": dict(
+                vocab_size=512, dim=64, n_layers=2, decoder_layers=2, n_heads=4, ffn_dim=128,
+                max_positions=128, heads=("mlm", "pair", "lm"),
+            ),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets)}")
+        return cls.uniform(**{**presets[name], **overrides})

@@ -1,0 +1,412 @@
+"""Pretraining objectives: BERT masking, NSP/SOP/denoising batch building, and the loss of every task head."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from model.corpus import split_sentences
+from model.tokenizer import SpecialTokens, special_tokens
+
+IGNORE = -100  # the label of positions that carry no loss (torch's cross_entropy default)
+PAIR_TASKS = ("nsp", "sop", None)
+
+# Which head each label key of a batch supervises.
+LABEL_KEYS: Mapping[str, str] = MappingProxyType({
+    "mlm_labels": "mlm",
+    "pair_labels": "pair",
+    "decoder_labels": "lm",
+    "labels": "classify",
+    "start_positions": "qa",
+    "end_positions": "qa",
+})
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    *,
+    special: SpecialTokens,
+    vocab_size: int,
+    generator: torch.Generator,
+    prob: float = 0.15,
+    special_ids_extra: Iterable[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt token ids the BERT way for masked language modelling.
+
+    Each token that is not special (nor padding) is chosen with probability ``prob``; a chosen
+    token becomes [MASK] 80% of the time, a uniformly random non-special id 10%, and stays
+    as it is 10%.
+
+    Args:
+        input_ids: (B, T) integer token ids; not modified.
+        special: the vocabulary's special tokens, never chosen nor drawn as replacements.
+        vocab_size: ids run from 0 to vocab_size - 1.
+        generator: the source of randomness (results are a function of its state).
+        prob: the probability of choosing a token, in (0, 1).
+        special_ids_extra: more ids to treat as special.
+
+    Returns:
+        ``(masked_ids, labels)``: the corrupted ids (same dtype as the input) and int64 labels
+        holding the original id at chosen positions and -100 elsewhere.
+    """
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"prob={prob!r}: expected a probability strictly between 0 and 1")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
+    excluded = torch.tensor(sorted(special.ids() | set(special_ids_extra)), dtype=torch.int64)
+    allowed = torch.arange(vocab_size)[~torch.isin(torch.arange(vocab_size), excluded)]
+    if len(allowed) == 0:
+        raise ValueError(f"vocab_size={vocab_size!r}: no id outside the special ids {excluded.tolist()}")
+    if input_ids.numel() and int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"input_ids holds id {int(input_ids.max())}, outside vocab_size={vocab_size}")
+    ids = input_ids.to(torch.int64)
+    candidates = ~torch.isin(ids, excluded)
+    # Fixed-shape draws consume the generator identically whatever the content of the batch.
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & candidates
+    action = torch.rand(ids.shape, generator=generator)
+    replacement = allowed[torch.randint(len(allowed), ids.shape, generator=generator)]
+    masked = torch.where(chosen & (action < 0.8), special.mask, ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), replacement, masked)
+    labels = torch.where(chosen, ids, IGNORE)
+    return masked.to(input_ids.dtype), labels
+
+
+def _stream_seed(seed: int, stream: int, index: int) -> int:
+    """A well-mixed 64-bit seed for one (seed, stream, index) triple, independent of the others."""
+    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, np.uint64)[0])
+
+
+class PretrainingData:
+    """A step-indexed source of pretraining batches: ``data[step]`` is always the same batch.
+
+    Examples are built once: segment A is a run of consecutive sentences of a document filling
+    about half of the token budget; segment B is the sentences that follow (label 0) or, for
+    NSP half of the time, a run from another document (label 1); for SOP, A and B are swapped
+    half of the time (label 1). ``data[i]`` for any i >= 0 draws batch ``i % len(data)`` of
+    epoch ``i // len(data)``, whose order is a permutation seeded by (seed, epoch); the MLM
+    masking is seeded by (seed, i). Resuming training at step i is therefore exact. Iterating
+    yields one epoch.
+
+    Batches hold ``input_ids`` (MLM-corrupted), ``attention_mask``, ``token_type_ids``,
+    ``mlm_labels``, ``pair_labels`` (when pair_task is set) and, when denoise is set,
+    ``decoder_input_ids``, ``decoder_attention_mask`` and ``decoder_labels`` (the uncorrupted
+    sequence shifted for teacher forcing), all int64, padded to the batch's longest example.
+    """
+
+    def __init__(
+        self,
+        documents: list[str],
+        tokenizer: Tokenizer,
+        *,
+        max_len: int = 128,
+        batch_size: int = 32,
+        pair_task: str | None = "nsp",
+        mlm_prob: float = 0.15,
+        denoise: bool = True,
+        seed: int = 0,
+    ) -> None:
+        """Tokenize the documents once and build the examples.
+
+        Args:
+            documents: the corpus, one string per document.
+            tokenizer: a WordPiece tokenizer with the five BERT special tokens.
+            max_len: the longest example, special tokens included (>= 8).
+            batch_size: examples per batch (>= 1); the last incomplete batch of an epoch is dropped.
+            pair_task: "nsp", "sop" or None (single segments, no pair_labels).
+            mlm_prob: the probability of choosing a token for MLM, in (0, 1).
+            denoise: add the decoder keys for denoising seq2seq.
+            seed: the seed of the examples, the epoch orders and the masking (>= 0).
+        """
+        if pair_task not in PAIR_TASKS:
+            raise ValueError(f"pair_task={pair_task!r}: expected one of {PAIR_TASKS}")
+        for name, value, low in (("max_len", max_len, 8), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an int >= {low}")
+        if not 0.0 < mlm_prob < 1.0:
+            raise ValueError(f"mlm_prob={mlm_prob!r}: expected a probability strictly between 0 and 1")
+        self.special = special_tokens(tokenizer)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.max_len, self.batch_size, self.pair_task = max_len, batch_size, pair_task
+        self.mlm_prob, self.denoise, self.seed = mlm_prob, denoise, seed
+        self._tokens, self._sentences = _tokenize(documents, tokenizer)
+        if pair_task == "nsp" and len(self._sentences) < 2:
+            raise ValueError(
+                f"documents: pair_task='nsp' needs at least two non-empty documents, got {len(self._sentences)}"
+            )
+        self._examples = self._build_examples(random.Random(seed))
+        self.n_examples = len(self._examples)
+        if self.n_examples < batch_size:
+            raise ValueError(
+                f"documents: the corpus makes {self.n_examples} examples, fewer than "
+                f"batch_size={batch_size}; give more text or a smaller batch_size"
+            )
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def _build_examples(self, rng: random.Random) -> np.ndarray:
+        """Build every example as token ranges (a_start, a_end, b_start, b_end, label) into the flat tokens."""
+        sizes = [np.diff(bounds) for bounds in self._sentences]
+        examples = []
+        if self.pair_task is None:
+            for d, size in enumerate(sizes):
+                i = 0
+                while i < len(size):
+                    j = _fill(size, i, self.max_len - 2, len(size))
+                    start = self._sentences[d][i]
+                    examples.append((start, min(self._sentences[d][j], start + self.max_len - 2), 0, 0, 0))
+                    i = j
+            return np.array(examples, dtype=np.int64).reshape(-1, 5)
+        budget = self.max_len - 3
+        for d, size in enumerate(sizes):
+            bounds = self._sentences[d]
+            i = 0
+            while i < len(size) - 1:  # A always leaves a following sentence for B
+                j = _fill(size, i, budget // 2, len(size) - 1)
+                a_len = int(bounds[j] - bounds[i])
+                if self.pair_task == "nsp" and rng.random() < 0.5:
+                    other = rng.randrange(len(sizes) - 1)
+                    other += other >= d
+                    k = rng.randrange(len(sizes[other]))
+                    end = _fill(sizes[other], k, budget - a_len, len(sizes[other]))
+                    b = (self._sentences[other][k], self._sentences[other][end])
+                    label, next_i = 1, j  # the unused following sentences start the next example
+                else:
+                    end = _fill(size, j, budget - a_len, len(size))
+                    b, label, next_i = (bounds[j], bounds[end]), 0, end
+                (a0, a1), (b0, b1) = _truncate((bounds[i], bounds[j]), b, budget)
+                if self.pair_task == "sop" and rng.random() < 0.5:
+                    (a0, a1), (b0, b1), label = (b0, b1), (a0, a1), 1
+                examples.append((a0, a1, b0, b1, label))
+                i = next_i
+        return np.array(examples, dtype=np.int64).reshape(-1, 5)
+
+    def __len__(self) -> int:
+        """Return the number of batches per epoch."""
+        return self.n_examples // self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield the batches of epoch 0 (the steps 0 to len - 1)."""
+        return (self[step] for step in range(len(self)))
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(_stream_seed(self.seed, 0, epoch))
+            self._order = (epoch, torch.randperm(self.n_examples, generator=generator))
+        return self._order[1]
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        """Return the batch of a training step (any int >= 0); the same step gives the same batch."""
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
+            raise TypeError(f"step: expected an int, got {type(step).__name__}")
+        if step < 0:
+            raise IndexError(f"step={step}: expected an int >= 0")
+        epoch, position = divmod(int(step), len(self))
+        rows = self._epoch_order(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+        batch = self._collate(self._examples[rows.numpy()])
+        generator = torch.Generator().manual_seed(_stream_seed(self.seed, 1, int(step)))
+        original = batch["input_ids"]
+        batch["input_ids"], batch["mlm_labels"] = mask_tokens(
+            original, special=self.special, vocab_size=self.vocab_size, generator=generator, prob=self.mlm_prob
+        )
+        if self.denoise:
+            batch["decoder_input_ids"] = original[:, :-1]
+            batch["decoder_attention_mask"] = batch["attention_mask"][:, :-1]
+            batch["decoder_labels"] = original[:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE)
+        return batch
+
+    def _collate(self, examples: np.ndarray) -> dict[str, torch.Tensor]:
+        """Lay out [CLS] A [SEP] (B [SEP]) per example, padded on the right to the longest."""
+        s = self.special
+        rows, types = [], []
+        for a0, a1, b0, b1, _ in examples:
+            a = self._tokens[a0:a1].tolist()
+            ids = [s.cls, *a, s.sep]
+            if self.pair_task is not None:
+                ids += [*self._tokens[b0:b1].tolist(), s.sep]
+            rows.append(ids)
+            types.append([0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2))
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), s.pad, dtype=torch.int64)
+        token_type_ids = torch.zeros((len(rows), width), dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for r, (ids, type_ids) in enumerate(zip(rows, types)):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            token_type_ids[r, :len(ids)] = torch.tensor(type_ids)
+            attention_mask[r, :len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        if self.pair_task is not None:
+            batch["pair_labels"] = torch.from_numpy(examples[:, 4].copy())
+        return batch
+
+
+def _tokenize(documents: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Tokenize every sentence once into one flat token array.
+
+    Returns:
+        ``(tokens, sentences)``: all token ids back to back, and per non-empty document the
+        token offsets of its sentences (n_sentences + 1 bounds; consecutive sentences are
+        contiguous, so a run of them is one slice).
+    """
+    if isinstance(documents, str) or not all(isinstance(doc, str) for doc in documents):
+        raise TypeError("documents: expected a list of str")
+    sentences = [split_sentences(doc) for doc in documents]
+    flat = [sentence for doc in sentences for sentence in doc]
+    truncation, padding = tokenizer.truncation, tokenizer.padding
+    if truncation is not None or padding is not None:
+        # A tokenizer loaded with fixed padding would pad every sentence; use a plain copy.
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+    lengths = np.zeros(len(flat), dtype=np.int64)
+    chunks = []
+    for start in range(0, len(flat), 4096):  # bounded memory for the Encoding objects
+        for n, encoding in enumerate(tokenizer.encode_batch(flat[start:start + 4096], add_special_tokens=False)):
+            lengths[start + n] = len(encoding.ids)
+            chunks.append(np.asarray(encoding.ids, dtype=np.int32))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    bounds, first = [], 0
+    for doc in sentences:
+        doc_offsets = offsets[first:first + len(doc) + 1]
+        doc_offsets = np.unique(doc_offsets)  # sentences without tokens collapse away
+        if len(doc_offsets) > 1:
+            bounds.append(doc_offsets)
+        first += len(doc)
+    return tokens, bounds
+
+
+def _fill(size: np.ndarray, start: int, budget: int, stop: int) -> int:
+    """Return the end of the run of sentences from ``start`` whose tokens first reach ``budget``.
+
+    The run holds at least one sentence and ends at or before the sentence index ``stop``.
+    """
+    end, total = start + 1, int(size[start])
+    while end < stop and total < budget:
+        total += int(size[end])
+        end += 1
+    return end
+
+
+def _truncate(a: tuple[int, int], b: tuple[int, int], budget: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shorten the longer segment until both fit the budget; A loses its start, B its end.
+
+    Trimming away from the A|B boundary keeps the junction that NSP and SOP judge intact.
+    """
+    (a0, a1), (b0, b1) = a, b
+    if (a1 - a0) + (b1 - b0) <= budget:
+        return (int(a0), int(a1)), (int(b0), int(b1))
+    # Cutting one token at a time from the longer (B on ties) ends with B at budget // 2
+    # unless either segment was short enough to keep whole.
+    b_len = min(b1 - b0, max(budget - (a1 - a0), budget // 2))
+    return (int(a1 - (budget - b_len)), int(a1)), (int(b0), int(b0 + b_len))
+
+
+def _check(name: str, tensor: torch.Tensor, dims: int) -> None:
+    if tensor.dim() != dims:
+        raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labels that are not -100; zero (not NaN) when all are -100."""
+    total = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp_min(1)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Masked-LM loss: logits (B, T, V), labels (B, T) with -100 at unmasked positions; returns the mean."""
+    _check("logits", logits, 3)
+    _check("labels", labels, 2)
+    return _cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Decoder LM loss: logits (B, S, V), labels (B, S) with -100 at padding; returns the mean."""
+    return mlm_loss(logits, labels)
+
+
+def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sentence-pair (NSP/SOP) loss: logits (B, 2), labels (B,) in {0, 1}; returns the mean."""
+    _check("logits", logits, 2)
+    _check("labels", labels, 1)
+    return _cross_entropy(logits, labels)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sequence classification or regression loss.
+
+    Args:
+        logits: (B, C); C == 1 means regression.
+        labels: (B,) class ids, or target values for regression.
+
+    Returns:
+        The mean squared error against logits[:, 0] when C == 1, else the mean cross-entropy.
+    """
+    _check("logits", logits, 2)
+    _check("labels", labels, 1)
+    if logits.shape[1] == 1:
+        return F.mse_loss(logits[:, 0], labels.to(logits.dtype))
+    return _cross_entropy(logits, labels)
+
+
+def span_loss(logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor) -> torch.Tensor:
+    """Extractive QA loss: the mean of the start and end cross-entropies.
+
+    Args:
+        logits: (B, T, 2): start logits in [..., 0], end logits in [..., 1].
+        start_positions: (B,) token index of each answer's start.
+        end_positions: (B,) token index of each answer's end.
+
+    Returns:
+        The loss; positions outside [0, T) (answers cut off by truncation) are ignored.
+    """
+    _check("logits", logits, 3)
+    _check("start_positions", start_positions, 1)
+    _check("end_positions", end_positions, 1)
+    length = logits.shape[1]
+
+    def one(position_logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        inside = (positions >= 0) & (positions < length)
+        return _cross_entropy(position_logits, positions.long().masked_fill(~inside, IGNORE))
+
+    return (one(logits[..., 0], start_positions) + one(logits[..., 1], end_positions)) / 2
+
+
+def task_losses(head_logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Compute the loss of every head whose labels are present.
+
+    Args:
+        head_logits: logits per head name ("mlm", "pair", "lm", "classify", "qa").
+        labels: the batch (or its labels); keys outside LABEL_KEYS are ignored.
+
+    Returns:
+        The loss per supervised head name.
+
+    Raises:
+        ValueError: a label key's head is absent from head_logits, or only one of
+            start_positions and end_positions is given.
+    """
+    for key, head in LABEL_KEYS.items():
+        if key in labels and head not in head_logits:
+            raise ValueError(
+                f"labels has {key!r}, which supervises head {head!r}, but the model's heads are {sorted(head_logits)}"
+            )
+    if ("start_positions" in labels) != ("end_positions" in labels):
+        raise ValueError("labels: start_positions and end_positions must be given together")
+    losses = {}
+    for head, logits in head_logits.items():
+        if head == "mlm" and "mlm_labels" in labels:
+            losses[head] = mlm_loss(logits, labels["mlm_labels"])
+        elif head == "pair" and "pair_labels" in labels:
+            losses[head] = pair_loss(logits, labels["pair_labels"])
+        elif head == "lm" and "decoder_labels" in labels:
+            losses[head] = seq2seq_loss(logits, labels["decoder_labels"])
+        elif head == "classify" and "labels" in labels:
+            losses[head] = classification_loss(logits, labels["labels"])
+        elif head == "qa" and "start_positions" in labels:
+            losses[head] = span_loss(logits, labels["start_positions"], labels["end_positions"])
+    return losses

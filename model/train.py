@@ -1,0 +1,310 @@
+"""The one training loop (pretraining, fine-tuning, distillation): AdamW, warmup/decay, clipping, AMP, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.io import atomic_write_text, load_tensors, save_tensors
+
+Batch = dict[str, torch.Tensor]
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient became NaN/inf; the run stopped before applying that update."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run.
+
+    steps: optimizer steps in total (a resumed run continues up to this number).
+    warmup_steps: linear warmup; None = 6% of steps. schedule: decay after warmup.
+    clip: max gradient norm (None = no clipping). checkpoint_every: steps between checkpoints
+    (0 = only at the end) when checkpoint_dir is set; keep_checkpoints: how many to keep.
+    amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+    """
+
+    steps: int
+    lr: float = 5e-4
+    warmup_steps: int | None = None
+    schedule: str = "linear"
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip: float | None = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: Any, minimum: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+        positive_int("steps", self.steps, 1)
+        positive_int("checkpoint_every", self.checkpoint_every, 0)
+        positive_int("keep_checkpoints", self.keep_checkpoints, 1)
+        positive_int("seed", self.seed, 0)
+        if self.warmup_steps is not None:
+            positive_int("warmup_steps", self.warmup_steps, 0)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive float, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
+            raise ValueError(f"clip must be a positive float or None, got {self.clip!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two floats in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    @property
+    def warmup(self) -> int:
+        return round(0.06 * self.steps) if self.warmup_steps is None else self.warmup_steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step `step` (0-based)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if self.schedule == "linear":
+            return self.lr * (1.0 - progress)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step losses (all steps, resumed ones included), tokens seen, time."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    checkpoint: Path | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's own loss on a labelled batch."""
+    out = model(**batch)
+    if out.loss is None:
+        raise ValueError(f"the batch has no label keys, so the model computed no loss; batch keys: {sorted(batch)}")
+    return out.loss
+
+
+class _Batches:
+    """Turns `data` into batch(step): lists cycle, step-indexed sources are indexed, iterables are re-iterated."""
+
+    def __init__(self, data: Any):
+        self.data, self._iter, self._consumed = data, None, 0
+        if isinstance(data, dict):
+            raise TypeError("data must be a collection of batches, got a single batch dict; wrap it in a list")
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError("data is an empty list of batches")
+            self.kind = "list"
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+            self.kind = "indexed"
+        elif isinstance(data, Iterable):
+            self.kind = "iterable"
+        else:
+            raise TypeError(f"data must be a list of batches, a step-indexed source or an iterable, got {type(data).__name__}")
+
+    def __call__(self, step: int) -> Batch:
+        if self.kind == "list":
+            return self.data[step % len(self.data)]
+        if self.kind == "indexed":
+            return self.data[step]
+        while self._consumed <= step:  # an iterable has no random access: skip forward (resume)
+            batch = self._next()
+            self._consumed += 1
+        return batch
+
+    def _next(self) -> Batch:
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = iter(self.data)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+        raise ValueError("data yielded no batches")
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm gains are not decayed (BERT's recipe)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _tokens(batch: Batch) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    """(autocast context, GradScaler or None): bf16 where the GPU has it, else fp16 with loss scaling."""
+    if not (config.amp and device.type == "cuda"):
+        return torch.autocast(device.type, enabled=False), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    config: TrainConfig,
+    *,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_loss,
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train `model` in place for `config.steps` optimizer steps and return a TrainResult.
+
+    data: a list of batches (cycled), a step-indexed source (`data[step]` -> batch, e.g.
+    PretrainingData, which handles epochs itself) or any iterable of batches (re-iterated each
+    epoch). loss_fn(model, batch) -> scalar loss; defaults to the model's own loss.
+    callback(step, loss) runs after every step (1-based); an exception in it stops the run.
+    With checkpoint_dir set, the newest complete checkpoint there is resumed from: weights,
+    optimizer, RNG and data position, so the loss sequence equals an uninterrupted run's.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    device = torch.device(config.device)
+    model.to(device).train()
+    batches = _Batches(data)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    autocast, scaler = _autocast(config, device)
+    result = TrainResult()
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    torch.manual_seed(config.seed)
+    if ckpt_dir is not None:
+        latest = _latest_checkpoint(ckpt_dir)
+        if latest is not None:
+            result.resumed_from, result.losses = _restore(latest, model, optimizer, device)
+            result.checkpoint = latest
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bar = tqdm(total=config.steps, initial=result.resumed_from, disable=not config.progress, desc="train", unit="step")
+    start = time.perf_counter()
+    try:
+        for step in range(result.resumed_from, config.steps):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches(step).items()}
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step)
+            with autocast:
+                loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"loss is {loss.item()} at step {step + 1}; stopped before updating the weights")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip is not None else math.inf)
+            if scaler is not None:  # fp16: the scaler skips steps with inf gradients by design
+                scaler.step(optimizer)
+                scaler.update()
+            elif not torch.isfinite(norm):
+                raise NonFiniteError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before updating the weights")
+            else:
+                optimizer.step()
+            result.losses.append(loss.item())
+            result.tokens += _tokens(batch)
+            result.seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
+            done = step + 1
+            if ckpt_dir is not None and (done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                result.checkpoint = _save_checkpoint(ckpt_dir, done, model, optimizer, result.losses, config)
+            if callback is not None:
+                callback(done, result.losses[-1])
+    finally:
+        bar.close()
+    return result
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint; leftovers of an interrupted write are removed."""
+    if not ckpt_dir.is_dir():
+        return None
+    for leftover in ckpt_dir.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    complete = [p for p in ckpt_dir.glob("step-*") if (p / "trainer.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float], config: TrainConfig) -> Path:
+    """Write step-N/ as a whole: files go into a temp folder that is renamed once complete."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = ckpt_dir / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
+    save_tensors(tmp / "optimizer.safetensors", tensors)
+    trainer = {"step": step, "losses": losses, "param_groups": state["param_groups"], "config": asdict(config)}
+    atomic_write_text(tmp / "trainer.json", json.dumps(trainer))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fd = os.open(ckpt_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    old = sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -config.keep_checkpoints]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, list[float]]:
+    """Load a checkpoint into model and optimizer; returns (step, losses so far)."""
+    trainer = json.loads((path / "trainer.json").read_text())
+    weights = load_tensors(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tensors = load_tensors(path / "optimizer.safetensors")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value.to(device) if value.dim() else value
+    optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return trainer["step"], list(trainer["losses"])
+

@@ -1,0 +1,394 @@
+"""The flashlite Transformer: embeddings (optionally factorized), encoder/decoder stacks with shared blocks, task heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import attend, choose_backend, reference_attention
+from model.config import Config, LayerShape
+from model.objectives import LABEL_KEYS, task_losses
+
+Tensor = torch.Tensor
+
+_ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+
+
+@dataclass
+class Output:
+    """What `Transformer.forward` returns.
+
+    hidden_states: last encoder layer (B,T,dim). logits: the first head in `config.heads`
+    that ran; head_logits: every head that ran, by name. loss/losses: when labels were given.
+    all_hidden_states: embeddings output + every encoder layer; attentions: every encoder
+    layer's (B,H,T,T) weights (both on request). decoder_hidden_states: last decoder layer.
+    """
+
+    hidden_states: Tensor
+    logits: Tensor | None = None
+    head_logits: dict[str, Tensor] = field(default_factory=dict)
+    loss: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    decoder_hidden_states: Tensor | None = None
+    all_hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+class Embeddings(nn.Module):
+    """Word (vocab x embed_dim, projected to dim when factorized) + position + token type, then LayerNorm."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.word_proj = nn.Linear(config.embed_dim, config.dim, bias=False) if config.embed_dim < config.dim else None
+        self.position = nn.Embedding(config.max_positions, config.dim)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.dim) if config.type_vocab_size else None
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        x = self.word(input_ids)  # (B, T, E)
+        if self.word_proj is not None:
+            x = self.word_proj(x)  # (B, T, dim)
+        x = x + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
+        if self.token_type is not None:
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type(types)
+        return self.dropout(self.norm(x))
+
+    def unembed(self, h: Tensor) -> Tensor:
+        """Logits over the vocabulary with the (tied) word embeddings: (B,T,dim) -> (B,T,vocab)."""
+        if self.word_proj is not None:
+            h = h @ self.word_proj.weight  # (B, T, E)
+        return h @ self.word.weight.T
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) with its own head count and head width."""
+
+    def __init__(self, dim: int, shape: LayerShape, dropout: float):
+        super().__init__()
+        self.n_heads, self.head_dim = shape.n_heads, shape.head_dim
+        inner = shape.n_heads * shape.head_dim
+        self.q_proj = nn.Linear(dim, inner)
+        self.k_proj = nn.Linear(dim, inner)
+        self.v_proj = nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
+        self.dropout = dropout
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        key_mask: Tensor | None,
+        *,
+        causal: bool,
+        backend: str,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        kv = x if memory is None else memory
+        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(kv)), self._split(self.v_proj(kv))
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = reference_attention(q, k, v, key_mask=key_mask, causal=causal, dropout=dropout)
+        else:
+            out, weights = attend(q, k, v, key_mask=key_mask, causal=causal, dropout=dropout, backend=backend), None
+        b, _, t, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.out_proj(out), weights
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: up-projection, activation, down-projection."""
+
+    def __init__(self, dim: int, ffn_dim: int, activation: str):
+        super().__init__()
+        self.up = nn.Linear(dim, ffn_dim)
+        self.act = _ACTIVATIONS[activation]()
+        self.down = nn.Linear(ffn_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    """One transformer layer: self-attention, cross-attention (decoder only), FFN; post- or pre-LN."""
+
+    def __init__(self, config: Config, shape: LayerShape, cross: bool):
+        super().__init__()
+        self.pre_norm = config.norm == "pre"
+        self.self_attn = Attention(config.dim, shape, config.attention_dropout)
+        self.attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.cross_attn = Attention(config.dim, shape, config.attention_dropout) if cross else None
+        self.cross_norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if cross else None
+        self.ffn = FeedForward(config.dim, shape.ffn_dim, config.activation)
+        self.ffn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _residual(self, x: Tensor, norm: nn.LayerNorm, fn) -> tuple[Tensor, Tensor | None]:
+        if self.pre_norm:
+            y, weights = fn(norm(x))
+            return x + self.dropout(y), weights
+        y, weights = fn(x)
+        return norm(x + self.dropout(y)), weights
+
+    def forward(
+        self,
+        x: Tensor,
+        key_mask: Tensor | None,
+        *,
+        causal: bool,
+        memory: Tensor | None,
+        memory_mask: Tensor | None,
+        backend: str,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        opts = dict(backend=backend, need_weights=need_weights)
+        x, weights = self._residual(x, self.attn_norm, lambda h: self.self_attn(h, None, key_mask, causal=causal, **opts))
+        if self.cross_attn is not None:
+            x, _ = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory, memory_mask, causal=False, **opts))
+        x, _ = self._residual(x, self.ffn_norm, lambda h: (self.ffn(h), None))
+        return x, weights
+
+
+class Stack(nn.Module):
+    """A sequence of layers; `share[i]` is the block that layer i runs, so tied layers hold one set of weights."""
+
+    def __init__(self, config: Config, shapes: tuple[LayerShape, ...], share: tuple[int, ...], cross: bool):
+        super().__init__()
+        first_use = {block: layer for layer, block in reversed(list(enumerate(share)))}
+        self.blocks = nn.ModuleList(Block(config, shapes[first_use[b]], cross) for b in range(len(first_use)))
+        self.share = share
+        self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if config.norm == "pre" else None
+
+    def forward(self, x, key_mask, *, causal=False, memory=None, memory_mask=None, backend="auto", collect=False):
+        """Returns (last hidden (B,T,dim), [input + each layer's output] or None, [each layer's weights] or None)."""
+        hiddens, weights = ([x], []) if collect else (None, None)
+        for block_index in self.share:
+            x, w = self.blocks[block_index](
+                x, key_mask, causal=causal, memory=memory, memory_mask=memory_mask, backend=backend, need_weights=collect
+            )
+            if collect:
+                hiddens.append(x)
+                weights.append(w)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            if collect:
+                hiddens[-1] = x
+        return x, hiddens, weights
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head: dense + activation + LayerNorm, then the tied word embeddings and a bias."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.transform = nn.Linear(config.dim, config.dim)
+        self.act = _ACTIVATIONS[config.activation]()
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: Tensor, embeddings: Embeddings) -> Tensor:
+        return embeddings.unembed(self.norm(self.act(self.transform(h)))) + self.bias
+
+
+class LMHead(nn.Module):
+    """Seq2seq LM head on the decoder: tied word embeddings and a bias."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: Tensor, embeddings: Embeddings) -> Tensor:
+        return embeddings.unembed(h) + self.bias
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: dense + tanh on the first ([CLS]) token, feeding the sentence-level heads."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+class Transformer(nn.Module):
+    """An encoder(-decoder) transformer built entirely from a Config.
+
+    `model(**batch)` takes the batch dict (input_ids, attention_mask, token_type_ids, optional
+    decoder_input_ids / decoder_attention_mask and label keys) and returns an `Output`.
+    `attention_backend` ("auto", "reference", "sdpa", ...) may be changed at any time.
+    """
+
+    def __init__(self, config: Config, *, attention_backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a model.Config, got {type(config).__name__}")
+        self.config = config
+        self.attention_backend = attention_backend
+        self.tokenizer = None  # a tokenizers.Tokenizer, attached by from_hf/pretraining/load
+        self.embeddings = Embeddings(config)
+        self.encoder = Stack(config, config.encoder, config.encoder_share, cross=False)
+        self.decoder = Stack(config, config.decoder, config.decoder_share, cross=True) if config.decoder else None
+        needs_pooler = "pair" in config.heads or "classify" in config.heads
+        self.pooler = Pooler(config.dim) if needs_pooler else None
+        heads = {
+            "mlm": lambda: MaskedLMHead(config),
+            "pair": lambda: nn.Linear(config.dim, 2),
+            "classify": lambda: nn.Linear(config.dim, config.n_labels),
+            "qa": lambda: nn.Linear(config.dim, 2),
+            "lm": lambda: LMHead(config),
+        }
+        self.heads = nn.ModuleDict({name: heads[name]() for name in config.heads})
+        self.apply(self._init_weights)
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        choose_backend(torch.empty(0), name)  # validates the name
+        self._attention_backend = name
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        *,
+        collect: bool = False,
+    ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
+        """Run the encoder: returns (hidden (B,T,dim), all hidden states or None, attention maps or None)."""
+        attention_mask = _check_ids(self.config, input_ids, attention_mask, "input_ids", "attention_mask")
+        if token_type_ids is not None:
+            _check_token_types(self.config, token_type_ids, input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        return self.encoder(x, attention_mask.bool(), backend=self.attention_backend, collect=collect)
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        decoder_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run the decoder over encoder output `memory` (B,T,dim): returns the last decoder layer (B,S,dim)."""
+        if self.decoder is None:
+            raise ValueError("decoder_input_ids given but this model has no decoder layers (decoder=[])")
+        mask = _check_ids(self.config, decoder_input_ids, decoder_attention_mask, "decoder_input_ids", "decoder_attention_mask")
+        y = self.embeddings(decoder_input_ids)
+        y, _, _ = self.decoder(
+            y, mask.bool(), causal=True, memory=memory, memory_mask=memory_mask.bool(), backend=self.attention_backend
+        )
+        return y
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **labels: Tensor,
+    ) -> Output:
+        """Run the model on one batch; label keys (mlm_labels, pair_labels, labels, ...) add `loss`."""
+        unknown = sorted(set(labels) - set(LABEL_KEYS))
+        if unknown:
+            allowed = ["input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask", *LABEL_KEYS]
+            raise TypeError(f"unexpected batch keys {unknown}; allowed keys: {allowed}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids) if isinstance(input_ids, Tensor) else None
+        collect = output_hidden_states or output_attentions
+        h, hiddens, weights = self.encode(input_ids, attention_mask, token_type_ids, collect=collect)
+        out = Output(
+            hidden_states=h,
+            all_hidden_states=tuple(hiddens) if output_hidden_states else None,
+            attentions=tuple(weights) if output_attentions else None,
+        )
+        if decoder_input_ids is not None:
+            out.decoder_hidden_states = self.decode(decoder_input_ids, h, attention_mask, decoder_attention_mask)
+        pooled = self.pooler(h) if self.pooler is not None else None
+        for name, head in self.heads.items():
+            if name == "mlm":
+                out.head_logits[name] = head(h, self.embeddings)
+            elif name == "lm":
+                if out.decoder_hidden_states is not None:
+                    out.head_logits[name] = head(out.decoder_hidden_states, self.embeddings)
+            elif name == "qa":
+                out.head_logits[name] = head(h)
+            else:
+                out.head_logits[name] = head(pooled)
+        out.logits = next(iter(out.head_logits.values()), None)
+        if labels:
+            out.losses = task_losses(out.head_logits, labels)
+            out.loss = sum(out.losses.values())
+        return out
+
+
+def _check_ids(config: Config, ids: Tensor, mask: Tensor | None, name: str, mask_name: str) -> Tensor:
+    """Validate token ids and their mask before any kernel runs; returns the mask (all ones if None)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 (or int32) token ids, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be (batch, seq_len), got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(ids.shape)}); need at least one token per row")
+    if ids.shape[1] > config.max_positions:
+        raise ValueError(f"{name} has {ids.shape[1]} positions but max_positions is {config.max_positions}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"{name} holds ids in [{low}, {high}] but the vocabulary is [0, {config.vocab_size})")
+    if mask is None:
+        return torch.ones_like(ids)
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{mask_name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"{mask_name} has shape {tuple(mask.shape)} but {name} has {tuple(ids.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{mask_name} must hold integers or bools (1 = token, 0 = padding), got {mask.dtype}")
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"{mask_name} must hold only 0 and 1")
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{mask_name} rows {empty} have no tokens; every sequence needs at least one")
+    return mask
+
+
+def _check_token_types(config: Config, types: Tensor, ids: Tensor) -> None:
+    if not isinstance(types, Tensor) or types.dtype not in (torch.int64, torch.int32):
+        raise TypeError("token_type_ids must be an int64 tensor")
+    if types.shape != ids.shape:
+        raise ValueError(f"token_type_ids has shape {tuple(types.shape)} but input_ids has {tuple(ids.shape)}")
+    limit = max(config.type_vocab_size, 1)  # with no token-type embedding only zeros are meaningful
+    if int(types.min()) < 0 or int(types.max()) >= limit:
+        raise ValueError(f"token_type_ids must be in [0, {limit}), got values in [{int(types.min())}, {int(types.max())}]")

@@ -1,0 +1,93 @@
+"""Config validation: presets, JSON round trip, and the named errors for invalid values."""
+
+import pytest
+
+from model.config import Config, LayerShape
+from model.transformer import Transformer
+
+
+def test_presets_build_and_round_trip_through_json():
+    for name in ("full", "tiny"):
+        config = Config.preset(name)
+        assert Config.from_json(config.to_json()) == config
+        assert config.decoder_layers >= 1 and config.encoder_layers >= 2
+
+
+def test_full_preset_size_is_in_the_planned_range():
+    params = sum(p.numel() for p in Transformer(Config.preset("full")).parameters())
+    assert 20e6 <= params <= 40e6
+
+
+def test_per_layer_shapes_and_sharing_survive_json():
+    config = Config(
+        vocab_size=100, dim=32, embed_dim=16,
+        encoder=[{"n_heads": 2, "head_dim": 16, "ffn_dim": 64}, {"n_heads": 2, "head_dim": 16, "ffn_dim": 64},
+                 {"n_heads": 1, "head_dim": 8, "ffn_dim": 24}],
+        encoder_share=[0, 0, 1], norm="post",
+    )
+    assert config.encoder[2] == LayerShape(1, 8, 24)
+    assert config.encoder_share == (0, 0, 1)
+    assert Config.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(dim=0), "dim"),
+        (dict(embed_dim=128), "embed_dim"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(attention_dropout=1.0), "attention_dropout"),
+        (dict(norm="middle"), "norm"),
+        (dict(activation="tanh"), "activation"),
+        (dict(pad_id=512), "pad_id"),
+        (dict(heads=("mlm", "pooler")), "heads"),
+        (dict(heads=("classify",)), "n_labels"),
+        (dict(encoder_share=(1, 0)), "encoder_share"),
+        (dict(encoder_share=(0,)), "encoder_share"),
+        (dict(norm_eps=0), "norm_eps"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        Config.preset("tiny", **kwargs)
+
+
+def test_dim_not_divisible_by_heads_is_refused():
+    with pytest.raises(ValueError, match=r"dim \(64\) must be divisible by n_heads \(5\)"):
+        Config.preset("tiny", n_heads=5)
+
+
+def test_zero_heads_is_refused():
+    with pytest.raises(ValueError, match="n_heads must be >= 1"):
+        LayerShape(n_heads=0, head_dim=8, ffn_dim=8)
+
+
+def test_shared_layers_must_have_equal_shapes():
+    with pytest.raises(ValueError, match="share block 0 but have different shapes"):
+        Config(vocab_size=10, dim=8, encoder=[LayerShape(2, 4, 8), LayerShape(1, 4, 8)], encoder_share=[0, 0])
+
+
+def test_lm_head_needs_a_decoder():
+    with pytest.raises(ValueError, match="no decoder layers"):
+        Config.preset("tiny", decoder_layers=0)
+
+
+def test_unknown_json_keys_are_named():
+    data = Config.preset("tiny").to_dict()
+    data["n_layer"] = 3
+    with pytest.raises(ValueError, match="n_layer"):
+        Config.from_dict(data)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Config.from_json("{")
+
+
+def test_wrong_types_are_type_errors():
+    with pytest.raises(TypeError, match="vocab_size must be an int"):
+        Config.preset("tiny", vocab_size="512")
+    with pytest.raises(TypeError, match="dim must be an int"):
+        Config.preset("tiny", dim=True)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ValueError, match="available: full, tiny"):
+        Config.preset("huge")
