@@ -100,7 +100,9 @@ def _hf_name(name: str) -> str:
     return name if renamed is None else f"{renamed}.{name.rpartition('.')[2]}"
 
 
-def config_from_hf(hf: dict[str, Any], architecture: str, *, heads: tuple[str, ...] | None = None, n_labels: int = 0) -> Config:
+def config_from_hf(
+    hf: dict[str, Any], architecture: str, *, heads: tuple[str, ...] | None = None, n_labels: int = 0
+) -> Config:
     """Translate a Hugging Face BERT config (a config.json dict) into a flashlite Config.
 
     architecture: the HF class name (one of ARCHITECTURES), which sets the heads unless
@@ -121,7 +123,7 @@ def config_from_hf(hf: dict[str, Any], architecture: str, *, heads: tuple[str, .
         raise ValueError(f"position_embedding_type is {hf['position_embedding_type']!r}; only 'absolute' is supported")
     for flag in ("is_decoder", "add_cross_attention"):
         if hf.get(flag):
-            raise ValueError(f"{flag} is true; from_hf imports BERT encoders only (causal/cross-attention BERT is not supported)")
+            raise ValueError(f"{flag} is true; from_hf imports BERT encoders only, not causal or cross-attention BERT")
     if hf["hidden_act"] not in _ACTIVATIONS:
         raise ValueError(f"hidden_act is {hf['hidden_act']!r}; supported: {', '.join(_ACTIVATIONS)}")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -139,7 +141,7 @@ def config_from_hf(hf: dict[str, Any], architecture: str, *, heads: tuple[str, .
         norm="post", activation=_ACTIVATIONS[hf["hidden_act"]], max_positions=hf["max_position_embeddings"],
         type_vocab_size=hf["type_vocab_size"], pad_id=hf["pad_token_id"], dropout=hf["hidden_dropout_prob"],
         attention_dropout=hf["attention_probs_dropout_prob"], norm_eps=hf["layer_norm_eps"],
-        heads=tuple(heads), n_labels=n_labels,
+        heads=heads, n_labels=n_labels,
     )
 
 
@@ -153,9 +155,12 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
         return load_file(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         try:
-            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise ValueError(f"{folder / 'pytorch_model.bin'} holds more than tensors and was refused: {err}") from None
+        if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+            raise ValueError(f"{folder / 'pytorch_model.bin'} is not a state dict (a mapping of names to tensors)")
+        return state
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     raise ValueError(
         f"no weights in {folder}: expected model.safetensors (or pytorch_model.bin, loaded as tensors only); "
@@ -222,8 +227,11 @@ def _load(model: Transformer, hf_state: dict[str, Tensor], fresh: tuple[str, ...
             f"(flashlite {missing}); unexpected {sorted(unexpected)}"
         )
     decoder = next((t for n, t in hf_state.items() if n.endswith("cls.predictions.decoder.weight")), None)
-    if decoder is not None and "mlm" in model.heads and not torch.equal(decoder.to(model.embeddings.word.weight), model.embeddings.word.weight):
-        raise ValueError("cls.predictions.decoder.weight differs from the word embeddings; flashlite's MLM head is tied to them")
+    word = model.embeddings.word.weight
+    if decoder is not None and "mlm" in model.heads and not torch.equal(decoder.to(word), word):
+        raise ValueError(
+            "cls.predictions.decoder.weight differs from the word embeddings; flashlite's MLM head is tied to them"
+        )
 
 
 def from_hf(
@@ -252,7 +260,10 @@ def from_hf(
     model = Transformer(config)
     # Heads the checkpoint lacks (or holds with another label count) start fresh, as does a pooler it lacks.
     checkpoint = config_from_hf(hf, architecture)
-    fresh = [f"heads.{h}." for h in config.heads if h not in checkpoint.heads or (h == "classify" and config.n_labels != checkpoint.n_labels)]
+    fresh = [
+        f"heads.{h}." for h in config.heads
+        if h not in checkpoint.heads or (h == "classify" and config.n_labels != checkpoint.n_labels)
+    ]
     has_pooler = any(n.removeprefix("bert.").startswith("pooler.") for n in state)
     if heads is not None and not has_pooler:
         fresh.append("pooler.")

@@ -1,8 +1,7 @@
-"""Safe, atomic save/load of flashlite models: config.json + model.safetensors (+ tokenizer.json) + manifest.json, never a pickle."""
+"""Safe, atomic save/load of flashlite models: safetensors + JSON files in a folder; nothing is ever unpickled."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import importlib.metadata
@@ -45,8 +44,6 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     itself survives a crash. The temporary file is removed if anything fails.
     """
     path = Path(path)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"atomic_write needs bytes, got {type(data).__name__}")
     # mkstemp makes the file 0600; keep an existing file's mode, else the usual 0644.
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -98,16 +95,14 @@ def load_tensors(path: str | os.PathLike, *, device: str | torch.device = "cpu")
     Pickles, torch.save archives and malformed or truncated files are refused with a ValueError
     naming the file, before any tensor is deserialized.
     """
-    path = _checked_suffix(Path(path))
-    data = path.read_bytes()
-    _check_safetensors(data, path)
+    path = Path(path)
+    data, _ = _read_safetensors(path)
     return _deserialize(data, path, device)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The str->str metadata stored in a safetensors file (empty if none), after the same checks as `load_tensors`."""
-    path = _checked_suffix(Path(path))
-    return _check_safetensors(path.read_bytes(), path).get("__metadata__", {})
+    return _read_safetensors(Path(path))[1].get("__metadata__", {})
 
 
 def save(model: Transformer, directory: str | os.PathLike, *, manifest: dict[str, Any] | None = None) -> Path:
@@ -130,10 +125,10 @@ def save(model: Transformer, directory: str | os.PathLike, *, manifest: dict[str
     files = {WEIGHTS: _serialize(model.state_dict(), None), CONFIG: model.config.to_json().encode("utf-8")}
     if tokenizer is not None:
         files[TOKENIZER] = tokenizer.to_str().encode("utf-8")
-    elif (folder / TOKENIZER).exists():
-        (folder / TOKENIZER).unlink()  # else load() would attach a tokenizer left by an earlier save
     for name, data in files.items():
         atomic_write(folder / name, data)
+    if tokenizer is None and (folder / TOKENIZER).exists():
+        (folder / TOKENIZER).unlink()  # else load() would attach a tokenizer left by an earlier save
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -203,6 +198,15 @@ def _checked_suffix(path: Path) -> Path:
     if path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: {path.suffix} files are pickle-based; {_PICKLE_REFUSAL} (use .safetensors)")
     return path
+
+
+def _read_safetensors(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """A safetensors file's bytes and validated header."""
+    _checked_suffix(path)
+    if not path.is_file():  # also keeps read_bytes() away from devices such as /dev/zero
+        raise FileNotFoundError(f"{path} is not a file")
+    data = path.read_bytes()
+    return data, _check_safetensors(data, path)
 
 
 def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
@@ -280,9 +284,10 @@ def _check_entry(name: str, entry: Any, size: int, path: Path) -> tuple[int, int
     if dtype is None:
         raise ValueError(f"{what} has unknown dtype {entry['dtype']!r}; known: {', '.join(_DTYPES)}")
     shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    # `type(x) is int` because JSON true/false would pass isinstance(x, int).
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"{what} has shape {shape!r}; need a list of non-negative ints")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
         raise ValueError(f"{what} has data_offsets {offsets!r}; need [begin, end] ints")
     begin, end = offsets
     if not 0 <= begin <= end:
@@ -368,13 +373,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # Parsers disagree on which duplicate wins, so a header with duplicates could be read two ways.
     result = dict(pairs)
     if len(result) != len(pairs):
-        counts = collections.Counter(k for k, _ in pairs)
-        raise ValueError(f"duplicate keys {sorted(k for k, c in counts.items() if c > 1)[:5]}")
+        raise ValueError("duplicate keys in one JSON object")
     return result
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _first(items: list[str], k: int = 5) -> str:

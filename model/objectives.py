@@ -88,15 +88,24 @@ class PretrainingData:
     Examples are built once: segment A is a run of consecutive sentences of a document filling
     about half of the token budget; segment B is the sentences that follow (label 0) or, for
     NSP half of the time, a run from another document (label 1); for SOP, A and B are swapped
-    half of the time (label 1). ``data[i]`` for any i >= 0 draws batch ``i % len(data)`` of
-    epoch ``i // len(data)``, whose order is a permutation seeded by (seed, epoch); the MLM
-    masking is seeded by (seed, i). Resuming training at step i is therefore exact. Iterating
-    yields one epoch.
+    half of the time (label 1). ``data[i]`` for any i >= 0 is batch ``i % len(data)`` of epoch
+    ``i // len(data)``, whose order is a permutation seeded by (seed, epoch); the masking is
+    seeded by (seed, i), so resuming training at step i is exact. Iterating yields one epoch.
 
     Batches hold ``input_ids`` (MLM-corrupted), ``attention_mask``, ``token_type_ids``,
     ``mlm_labels``, ``pair_labels`` (when pair_task is set) and, when denoise is set,
     ``decoder_input_ids``, ``decoder_attention_mask`` and ``decoder_labels`` (the uncorrupted
     sequence shifted for teacher forcing), all int64, padded to the batch's longest example.
+
+    Args:
+        documents: the corpus, one string per document.
+        tokenizer: a WordPiece tokenizer with the five BERT special tokens.
+        max_len: the longest example, special tokens included (>= 8).
+        batch_size: examples per batch (>= 1); an epoch's last incomplete batch is dropped.
+        pair_task: "nsp", "sop" or None (single segments [CLS] A [SEP], no pair_labels).
+        mlm_prob: the probability of choosing a token for MLM, in (0, 1).
+        denoise: add the decoder keys for denoising seq2seq.
+        seed: the seed of the examples, the epoch orders and the masking (>= 0).
     """
 
     def __init__(
@@ -111,18 +120,7 @@ class PretrainingData:
         denoise: bool = True,
         seed: int = 0,
     ) -> None:
-        """Tokenize the documents once and build the examples.
-
-        Args:
-            documents: the corpus, one string per document.
-            tokenizer: a WordPiece tokenizer with the five BERT special tokens.
-            max_len: the longest example, special tokens included (>= 8).
-            batch_size: examples per batch (>= 1); the last incomplete batch of an epoch is dropped.
-            pair_task: "nsp", "sop" or None (single segments, no pair_labels).
-            mlm_prob: the probability of choosing a token for MLM, in (0, 1).
-            denoise: add the decoder keys for denoising seq2seq.
-            seed: the seed of the examples, the epoch orders and the masking (>= 0).
-        """
+        """Tokenize the documents once and build the examples (see the class for the arguments)."""
         if pair_task not in PAIR_TASKS:
             raise ValueError(f"pair_task={pair_task!r}: expected one of {PAIR_TASKS}")
         for name, value, low in (("max_len", max_len, 8), ("batch_size", batch_size, 1), ("seed", seed, 0)):
@@ -149,26 +147,19 @@ class PretrainingData:
         self._order: tuple[int, torch.Tensor] | None = None
 
     def _build_examples(self, rng: random.Random) -> np.ndarray:
-        """Build every example as token ranges (a_start, a_end, b_start, b_end, label) into the flat tokens."""
+        """Build every example as (a_start, a_end, b_start, b_end, label) ranges into the flat tokens."""
+        single = self.pair_task is None
+        budget = self.max_len - (2 if single else 3)
         sizes = [np.diff(bounds) for bounds in self._sentences]
         examples = []
-        if self.pair_task is None:
-            for d, size in enumerate(sizes):
-                i = 0
-                while i < len(size):
-                    j = _fill(size, i, self.max_len - 2, len(size))
-                    start = self._sentences[d][i]
-                    examples.append((start, min(self._sentences[d][j], start + self.max_len - 2), 0, 0, 0))
-                    i = j
-            return np.array(examples, dtype=np.int64).reshape(-1, 5)
-        budget = self.max_len - 3
-        for d, size in enumerate(sizes):
-            bounds = self._sentences[d]
+        for d, (size, bounds) in enumerate(zip(sizes, self._sentences)):
             i = 0
-            while i < len(size) - 1:  # A always leaves a following sentence for B
-                j = _fill(size, i, budget // 2, len(size) - 1)
+            while i < len(size) - (not single):  # in a pair, A leaves a following sentence for B
+                j = _fill(size, i, budget if single else budget // 2, len(size) - (not single))
                 a_len = int(bounds[j] - bounds[i])
-                if self.pair_task == "nsp" and rng.random() < 0.5:
+                if single:
+                    b, label, next_i = (0, 0), 0, j
+                elif self.pair_task == "nsp" and rng.random() < 0.5:
                     other = rng.randrange(len(sizes) - 1)
                     other += other >= d
                     k = rng.randrange(len(sizes[other]))
@@ -221,24 +212,21 @@ class PretrainingData:
 
     def _collate(self, examples: np.ndarray) -> dict[str, torch.Tensor]:
         """Lay out [CLS] A [SEP] (B [SEP]) per example, padded on the right to the longest."""
-        s = self.special
-        rows, types = [], []
-        for a0, a1, b0, b1, _ in examples:
-            a = self._tokens[a0:a1].tolist()
-            ids = [s.cls, *a, s.sep]
+        a_len, b_len = examples[:, 1] - examples[:, 0], examples[:, 3] - examples[:, 2]
+        lengths = a_len + 2 + (0 if self.pair_task is None else b_len + 1)
+        ids = np.full((len(examples), lengths.max()), self.special.pad, dtype=np.int64)
+        types = np.zeros_like(ids)
+        for row, (a0, a1, b0, b1, _) in enumerate(examples):
+            sep = a1 - a0 + 1
+            ids[row, 0], ids[row, 1:sep], ids[row, sep] = self.special.cls, self._tokens[a0:a1], self.special.sep
             if self.pair_task is not None:
-                ids += [*self._tokens[b0:b1].tolist(), s.sep]
-            rows.append(ids)
-            types.append([0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2))
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), s.pad, dtype=torch.int64)
-        token_type_ids = torch.zeros((len(rows), width), dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
-        for r, (ids, type_ids) in enumerate(zip(rows, types)):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            token_type_ids[r, :len(ids)] = torch.tensor(type_ids)
-            attention_mask[r, :len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+                ids[row, sep + 1:lengths[row] - 1], ids[row, lengths[row] - 1] = self._tokens[b0:b1], self.special.sep
+                types[row, sep + 1:lengths[row]] = 1
+        batch = {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": (torch.arange(ids.shape[1]) < torch.from_numpy(lengths)[:, None]).long(),
+            "token_type_ids": torch.from_numpy(types),
+        }
         if self.pair_task is not None:
             batch["pair_labels"] = torch.from_numpy(examples[:, 4].copy())
         return batch
@@ -376,6 +364,16 @@ def span_loss(logits: torch.Tensor, start_positions: torch.Tensor, end_positions
     return (one(logits[..., 0], start_positions) + one(logits[..., 1], end_positions)) / 2
 
 
+# Each head's loss function and the label keys it takes, in argument order.
+_HEAD_LOSSES = {
+    "mlm": (mlm_loss, ("mlm_labels",)),
+    "pair": (pair_loss, ("pair_labels",)),
+    "lm": (seq2seq_loss, ("decoder_labels",)),
+    "classify": (classification_loss, ("labels",)),
+    "qa": (span_loss, ("start_positions", "end_positions")),
+}
+
+
 def task_losses(head_logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Compute the loss of every head whose labels are present.
 
@@ -399,14 +397,7 @@ def task_losses(head_logits: Mapping[str, torch.Tensor], labels: Mapping[str, to
         raise ValueError("labels: start_positions and end_positions must be given together")
     losses = {}
     for head, logits in head_logits.items():
-        if head == "mlm" and "mlm_labels" in labels:
-            losses[head] = mlm_loss(logits, labels["mlm_labels"])
-        elif head == "pair" and "pair_labels" in labels:
-            losses[head] = pair_loss(logits, labels["pair_labels"])
-        elif head == "lm" and "decoder_labels" in labels:
-            losses[head] = seq2seq_loss(logits, labels["decoder_labels"])
-        elif head == "classify" and "labels" in labels:
-            losses[head] = classification_loss(logits, labels["labels"])
-        elif head == "qa" and "start_positions" in labels:
-            losses[head] = span_loss(logits, labels["start_positions"], labels["end_positions"])
+        loss_fn, keys = _HEAD_LOSSES.get(head, (None, ()))
+        if keys and keys[0] in labels:
+            losses[head] = loss_fn(logits, *(labels[key] for key in keys))
     return losses

