@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # Where a CPU build of torch comes from when none is on hand locally (PyPI's default is a multi-GB CUDA build).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT ?= runs/demo
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 60
 
 .PHONY: demo test install clean
 
@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest
 
 demo: install
-	$(VENV)/bin/flashlite pretrain --preset full --steps $(DEMO_STEPS) --out $(DEMO_OUT)/full
+	$(VENV)/bin/flashlite pretrain --preset full --steps $(DEMO_STEPS) --batch-size 16 --out $(DEMO_OUT)/full
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,143 @@
+"""The training loop: exact resume, non-finite stops, schedule, checkpoint housekeeping, data kinds."""
+
+import math
+
+import pytest
+import torch
+
+from model.config import Config
+from model.train import NonFiniteError, TrainConfig, train
+from model.transformer import Transformer
+
+CONFIG = Config.preset("tiny", decoder_layers=0, heads=("mlm",))  # dropout stays on: RNG state must resume too
+
+
+def make_batches(n=4, b=4, t=12):
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(5, CONFIG.vocab_size, (b, t), generator=g)
+        labels = torch.where(torch.rand(b, t, generator=g) < 0.3, ids, torch.full_like(ids, -100))
+        labels[:, 0] = ids[:, 0]
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_labels": labels})
+    return batches
+
+
+def fresh_model(seed):
+    torch.manual_seed(seed)
+    return Transformer(CONFIG)
+
+
+def run(steps=8, **kwargs):
+    return TrainConfig(steps=steps, lr=1e-3, progress=False, **kwargs)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(step):
+    def callback(done, loss):
+        if done == step:
+            raise Interrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("as_iterable", [False, True])
+def test_resume_continues_with_the_same_losses_and_weights(tmp_path, as_iterable):
+    batches = make_batches()
+    data = (lambda: iter(batches)) if as_iterable else batches
+
+    class Reiterable:  # an iterable without random access: resume must skip ahead
+        def __iter__(self):
+            return data()
+
+    source = Reiterable() if as_iterable else data
+    straight_model = fresh_model(0)
+    straight = train(straight_model, source, run())
+
+    interrupted_model = fresh_model(0)
+    with pytest.raises(Interrupt):
+        train(interrupted_model, source, run(checkpoint_dir=str(tmp_path), checkpoint_every=3), callback=stop_at(5))
+    resumed_model = fresh_model(123)  # a different init: everything must come from the checkpoint
+    resumed = train(resumed_model, source, run(checkpoint_dir=str(tmp_path), checkpoint_every=3))
+
+    assert resumed.resumed_from == 3
+    assert resumed.losses == straight.losses  # exact: fp32 CPU, same seed
+    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoints_are_pruned_and_leftovers_removed(tmp_path):
+    (tmp_path / ".tmp-step-00000099").mkdir()
+    train(fresh_model(0), make_batches(), run(steps=6, checkpoint_dir=str(tmp_path), checkpoint_every=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000006"]
+    result = train(fresh_model(0), make_batches(), run(steps=6, checkpoint_dir=str(tmp_path)))
+    assert result.resumed_from == 6 and len(result.losses) == 6  # finished runs are not redone
+
+
+def test_nan_loss_stops_naming_the_step():
+    calls = []
+
+    def loss_fn(m, batch):  # the third step's loss is NaN
+        calls.append(1)
+        loss = m(**batch).loss
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    with pytest.raises(NonFiniteError, match="loss is nan at step 3"):
+        train(fresh_model(0), make_batches(), run(), loss_fn=loss_fn)
+
+
+def test_infinite_gradient_stops_before_the_update():
+    model = fresh_model(0)
+    param = model.embeddings.norm.bias
+
+    def loss_fn(m, batch):  # sqrt at 0: a finite loss whose gradient is infinite
+        return m(**batch).loss + torch.sqrt((param - param.detach()).sum())
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteError, match="gradient norm is .* at step 1"):
+        train(model, make_batches(), run(), loss_fn=loss_fn)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_training_fits_a_batch():
+    batches = make_batches(n=1)
+    result = train(fresh_model(0), batches, TrainConfig(steps=40, lr=3e-3, warmup_steps=0, progress=False))
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert result.tokens == 40 * batches[0]["input_ids"].numel()
+
+
+def test_schedule_values():
+    config = TrainConfig(steps=110, lr=1.0, warmup_steps=10)
+    assert config.lr_at(0) == pytest.approx(0.1)
+    assert config.lr_at(9) == pytest.approx(1.0)
+    assert config.lr_at(60) == pytest.approx(0.5)
+    cosine = TrainConfig(steps=110, lr=1.0, warmup_steps=10, schedule="cosine")
+    assert cosine.lr_at(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert TrainConfig(steps=100).warmup == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), "steps must be an int >= 1"),
+        (dict(steps=5, lr=0), "lr must be a positive float"),
+        (dict(steps=5, schedule="step"), "schedule must be one of linear, cosine, constant"),
+        (dict(steps=5, clip=-1.0), "clip must be"),
+        (dict(steps=5, betas=(0.9, 1.5)), "betas"),
+    ],
+)
+def test_invalid_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_bad_data_is_refused_clearly():
+    with pytest.raises(TypeError, match="single batch dict"):
+        train(fresh_model(0), make_batches()[0], run())
+    with pytest.raises(ValueError, match="empty list"):
+        train(fresh_model(0), [], run())
+    with pytest.raises(ValueError, match="no label keys"):
+        train(fresh_model(0), [{"input_ids": make_batches()[0]["input_ids"]}], run())
