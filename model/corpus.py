@@ -1,4 +1,4 @@
-"""Text sources for pretraining: the built-in standard-library corpus, plain-text and JSONL files, and a sentence splitter."""
+"""Text sources for pretraining: the built-in standard-library corpus, text and JSONL files, a sentence splitter."""
 
 from __future__ import annotations
 

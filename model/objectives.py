@@ -29,19 +29,13 @@ LABEL_KEYS: Mapping[str, str] = MappingProxyType({
 
 
 def mask_tokens(
-    input_ids: torch.Tensor,
-    *,
-    special: SpecialTokens,
-    vocab_size: int,
-    generator: torch.Generator,
-    prob: float = 0.15,
-    special_ids_extra: Iterable[int] = (),
+    input_ids: torch.Tensor, *, special: SpecialTokens, vocab_size: int, generator: torch.Generator,
+    prob: float = 0.15, special_ids_extra: Iterable[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupt token ids the BERT way for masked language modelling.
 
-    Each token that is not special (nor padding) is chosen with probability ``prob``; a chosen
-    token becomes [MASK] 80% of the time, a uniformly random non-special id 10%, and stays
-    as it is 10%.
+    Each non-special token is chosen with probability ``prob``; a chosen token becomes [MASK]
+    80% of the time, a uniformly random non-special id 10%, and stays as it is 10%.
 
     Args:
         input_ids: (B, T) integer token ids; not modified.
@@ -92,10 +86,10 @@ class PretrainingData:
     ``i // len(data)``, whose order is a permutation seeded by (seed, epoch); the masking is
     seeded by (seed, i), so resuming training at step i is exact. Iterating yields one epoch.
 
-    Batches hold ``input_ids`` (MLM-corrupted), ``attention_mask``, ``token_type_ids``,
-    ``mlm_labels``, ``pair_labels`` (when pair_task is set) and, when denoise is set,
-    ``decoder_input_ids``, ``decoder_attention_mask`` and ``decoder_labels`` (the uncorrupted
-    sequence shifted for teacher forcing), all int64, padded to the batch's longest example.
+    Batches hold int64 ``input_ids`` (MLM-corrupted), ``attention_mask``, ``token_type_ids``,
+    ``mlm_labels``, ``pair_labels`` (with a pair_task) and, with denoise, ``decoder_input_ids``,
+    ``decoder_attention_mask``, ``decoder_labels`` (the uncorrupted sequence, shifted),
+    padded to the batch's longest example.
 
     Args:
         documents: the corpus, one string per document.
@@ -109,16 +103,8 @@ class PretrainingData:
     """
 
     def __init__(
-        self,
-        documents: list[str],
-        tokenizer: Tokenizer,
-        *,
-        max_len: int = 128,
-        batch_size: int = 32,
-        pair_task: str | None = "nsp",
-        mlm_prob: float = 0.15,
-        denoise: bool = True,
-        seed: int = 0,
+        self, documents: list[str], tokenizer: Tokenizer, *, max_len: int = 128, batch_size: int = 32,
+        pair_task: str | None = "nsp", mlm_prob: float = 0.15, denoise: bool = True, seed: int = 0,
     ) -> None:
         """Tokenize the documents once and build the examples (see the class for the arguments)."""
         if pair_task not in PAIR_TASKS:
@@ -152,7 +138,7 @@ class PretrainingData:
         budget = self.max_len - (2 if single else 3)
         sizes = [np.diff(bounds) for bounds in self._sentences]
         examples = []
-        for d, (size, bounds) in enumerate(zip(sizes, self._sentences)):
+        for d, (size, bounds) in enumerate(zip(sizes, self._sentences, strict=True)):
             i = 0
             while i < len(size) - (not single):  # in a pair, A leaves a following sentence for B
                 j = _fill(size, i, budget if single else budget // 2, len(size) - (not single))
@@ -216,12 +202,13 @@ class PretrainingData:
         lengths = a_len + 2 + (0 if self.pair_task is None else b_len + 1)
         ids = np.full((len(examples), lengths.max()), self.special.pad, dtype=np.int64)
         types = np.zeros_like(ids)
+        s = self.special
         for row, (a0, a1, b0, b1, _) in enumerate(examples):
-            sep = a1 - a0 + 1
-            ids[row, 0], ids[row, 1:sep], ids[row, sep] = self.special.cls, self._tokens[a0:a1], self.special.sep
+            sep, last = a1 - a0 + 1, lengths[row] - 1  # where the first and the last [SEP] go
+            ids[row, 0], ids[row, 1:sep], ids[row, sep] = s.cls, self._tokens[a0:a1], s.sep
             if self.pair_task is not None:
-                ids[row, sep + 1:lengths[row] - 1], ids[row, lengths[row] - 1] = self._tokens[b0:b1], self.special.sep
-                types[row, sep + 1:lengths[row]] = 1
+                ids[row, sep + 1:last], ids[row, last] = self._tokens[b0:b1], s.sep
+                types[row, sep + 1:last + 1] = 1
         batch = {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": (torch.arange(ids.shape[1]) < torch.from_numpy(lengths)[:, None]).long(),
@@ -244,28 +231,23 @@ def _tokenize(documents: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, l
         raise TypeError("documents: expected a list of str")
     sentences = [split_sentences(doc) for doc in documents]
     flat = [sentence for doc in sentences for sentence in doc]
-    truncation, padding = tokenizer.truncation, tokenizer.padding
-    if truncation is not None or padding is not None:
+    if tokenizer.truncation is not None or tokenizer.padding is not None:
         # A tokenizer loaded with fixed padding would pad every sentence; use a plain copy.
         tokenizer = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.no_truncation()
         tokenizer.no_padding()
-    lengths = np.zeros(len(flat), dtype=np.int64)
-    chunks = []
+    chunks = [np.zeros(0, dtype=np.int32)]
     for start in range(0, len(flat), 4096):  # bounded memory for the Encoding objects
-        for n, encoding in enumerate(tokenizer.encode_batch(flat[start:start + 4096], add_special_tokens=False)):
-            lengths[start + n] = len(encoding.ids)
-            chunks.append(np.asarray(encoding.ids, dtype=np.int32))
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+        encodings = tokenizer.encode_batch(flat[start:start + 4096], add_special_tokens=False)
+        chunks += [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+    offsets = np.cumsum([0, *map(len, chunks[1:])])
     bounds, first = [], 0
     for doc in sentences:
-        doc_offsets = offsets[first:first + len(doc) + 1]
-        doc_offsets = np.unique(doc_offsets)  # sentences without tokens collapse away
+        doc_offsets = np.unique(offsets[first:first + len(doc) + 1])  # token-less sentences collapse
         if len(doc_offsets) > 1:
             bounds.append(doc_offsets)
         first += len(doc)
-    return tokens, bounds
+    return np.concatenate(chunks), bounds
 
 
 def _fill(size: np.ndarray, start: int, budget: int, stop: int) -> int:
@@ -294,9 +276,11 @@ def _truncate(a: tuple[int, int], b: tuple[int, int], budget: int) -> tuple[tupl
     return (int(a1 - (budget - b_len)), int(a1)), (int(b0), int(b0 + b_len))
 
 
-def _check(name: str, tensor: torch.Tensor, dims: int) -> None:
-    if tensor.dim() != dims:
-        raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(tensor.shape)}")
+def _check(**tensors: tuple[torch.Tensor, int]) -> None:
+    """Raise ValueError for a tensor whose number of dimensions is not the expected one."""
+    for name, (tensor, dims) in tensors.items():
+        if tensor.dim() != dims:
+            raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(tensor.shape)}")
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -307,8 +291,7 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Masked-LM loss: logits (B, T, V), labels (B, T) with -100 at unmasked positions; returns the mean."""
-    _check("logits", logits, 3)
-    _check("labels", labels, 2)
+    _check(logits=(logits, 3), labels=(labels, 2))
     return _cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
@@ -319,23 +302,17 @@ def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sentence-pair (NSP/SOP) loss: logits (B, 2), labels (B,) in {0, 1}; returns the mean."""
-    _check("logits", logits, 2)
-    _check("labels", labels, 1)
+    _check(logits=(logits, 2), labels=(labels, 1))
     return _cross_entropy(logits, labels)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sequence classification or regression loss.
+    """Sequence classification loss: logits (B, C), labels (B,) class ids; returns the mean cross-entropy.
 
-    Args:
-        logits: (B, C); C == 1 means regression.
-        labels: (B,) class ids, or target values for regression.
-
-    Returns:
-        The mean squared error against logits[:, 0] when C == 1, else the mean cross-entropy.
+    C == 1 is regression: labels are target values and the loss is the mean squared error
+    against logits[:, 0].
     """
-    _check("logits", logits, 2)
-    _check("labels", labels, 1)
+    _check(logits=(logits, 2), labels=(labels, 1))
     if logits.shape[1] == 1:
         return F.mse_loss(logits[:, 0], labels.to(logits.dtype))
     return _cross_entropy(logits, labels)
@@ -346,15 +323,13 @@ def span_loss(logits: torch.Tensor, start_positions: torch.Tensor, end_positions
 
     Args:
         logits: (B, T, 2): start logits in [..., 0], end logits in [..., 1].
-        start_positions: (B,) token index of each answer's start.
-        end_positions: (B,) token index of each answer's end.
+        start_positions, end_positions: (B,) token index of each answer's first and last token;
+            positions outside [0, T) (answers cut off by truncation) are ignored.
 
     Returns:
-        The loss; positions outside [0, T) (answers cut off by truncation) are ignored.
+        The loss.
     """
-    _check("logits", logits, 3)
-    _check("start_positions", start_positions, 1)
-    _check("end_positions", end_positions, 1)
+    _check(logits=(logits, 3), start_positions=(start_positions, 1), end_positions=(end_positions, 1))
     length = logits.shape[1]
 
     def one(position_logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -364,13 +339,9 @@ def span_loss(logits: torch.Tensor, start_positions: torch.Tensor, end_positions
     return (one(logits[..., 0], start_positions) + one(logits[..., 1], end_positions)) / 2
 
 
-# Each head's loss function and the label keys it takes, in argument order.
+# The labels a head's loss takes are its keys in LABEL_KEYS, in that order.
 _HEAD_LOSSES = {
-    "mlm": (mlm_loss, ("mlm_labels",)),
-    "pair": (pair_loss, ("pair_labels",)),
-    "lm": (seq2seq_loss, ("decoder_labels",)),
-    "classify": (classification_loss, ("labels",)),
-    "qa": (span_loss, ("start_positions", "end_positions")),
+    "mlm": mlm_loss, "pair": pair_loss, "lm": seq2seq_loss, "classify": classification_loss, "qa": span_loss,
 }
 
 
@@ -382,11 +353,8 @@ def task_losses(head_logits: Mapping[str, torch.Tensor], labels: Mapping[str, to
         labels: the batch (or its labels); keys outside LABEL_KEYS are ignored.
 
     Returns:
-        The loss per supervised head name.
-
-    Raises:
-        ValueError: a label key's head is absent from head_logits, or only one of
-            start_positions and end_positions is given.
+        The loss per supervised head name. A label key whose head is missing, or only one of
+        start_positions and end_positions, raises ValueError.
     """
     for key, head in LABEL_KEYS.items():
         if key in labels and head not in head_logits:
@@ -397,7 +365,7 @@ def task_losses(head_logits: Mapping[str, torch.Tensor], labels: Mapping[str, to
         raise ValueError("labels: start_positions and end_positions must be given together")
     losses = {}
     for head, logits in head_logits.items():
-        loss_fn, keys = _HEAD_LOSSES.get(head, (None, ()))
-        if keys and keys[0] in labels:
-            losses[head] = loss_fn(logits, *(labels[key] for key in keys))
+        keys = [key for key, owner in LABEL_KEYS.items() if owner == head and key in labels]
+        if keys:
+            losses[head] = _HEAD_LOSSES[head](logits, *(labels[key] for key in keys))
     return losses

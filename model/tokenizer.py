@@ -105,11 +105,12 @@ def train_tokenizer(
             f"vocab_size={vocab_size!r}: expected an int above {len(SPECIAL_TOKENS)}, "
             "the number of special tokens"
         )
-    seen = [0]
+    seen = 0
 
     def counted(items: Iterable[str]) -> Iterator[str]:
+        nonlocal seen  # counted while the trainer streams the texts, which may be read only once
         for text in items:
-            seen[0] += bool(text.strip())
+            seen += bool(text.strip())
             yield text
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=_PREFIX))
@@ -123,7 +124,7 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(counted(texts), trainer=trainer)
-    if seen[0] == 0:
+    if seen == 0:
         raise ValueError("texts is empty: train_tokenizer needs at least one non-blank text")
     if tok.get_vocab_size() > vocab_size:
         # The trainer never drops characters of the alphabet, so it overshoots instead of failing.
@@ -229,11 +230,13 @@ def encode(
         raise ValueError(f"max_len={max_len!r}: expected an int above {n_specials}, the special tokens added")
     if pad_to is not None and (not isinstance(pad_to, int) or pad_to < max_len):
         raise ValueError(f"pad_to={pad_to!r}: expected None or an int >= max_len ({max_len})")
-    inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+    pad = tok.token_to_id("[PAD]")
+    if pad is None:
+        raise ValueError("the tokenizer's vocabulary lacks [PAD], needed to pad the batch")
+    inputs = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
     with _truncating(tok, max_len):
         encodings = tok.encode_batch(inputs)
     width = pad_to if pad_to is not None else max(len(e.ids) for e in encodings)
-    pad = special_tokens(tok).pad
     batch = {
         key: torch.full((len(encodings), width), fill, dtype=torch.int64)
         for key, fill in (("input_ids", pad), ("attention_mask", 0), ("token_type_ids", 0))

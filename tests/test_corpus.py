@@ -49,6 +49,13 @@ def test_builtin_corpus_drops_doctest_lines(documents):
     assert example and not leaked and kept
 
 
+def test_cleaning_drops_doctest_examples_with_their_output():
+    docstring = (
+        "Add two numbers.\n\nIt is fast:\n>>> add(1,\n...     2)\n3\n\nTitle\n=====\n\n  Indented   prose\n  goes on."
+    )
+    assert corpus._clean(docstring) == "Add two numbers.\n\nIt is fast:\n\nTitle\n\nIndented prose goes on."
+
+
 def test_builtin_corpus_has_docstrings_and_pydoc_topics(documents):
     from pydoc_data.topics import topics
 

@@ -1,4 +1,4 @@
-"""Tests for model/objectives.py: BERT masking statistics, NSP/SOP/denoising batches, and losses against hand computation."""
+"""Tests for model/objectives.py: masking statistics, NSP/SOP/denoising batches, losses against hand computation."""
 
 import random
 import re
@@ -9,17 +9,10 @@ import torch
 from tokenizers import Tokenizer
 
 from model.objectives import (
-    LABEL_KEYS,
-    PretrainingData,
-    classification_loss,
-    mask_tokens,
-    mlm_loss,
-    pair_loss,
-    seq2seq_loss,
-    span_loss,
+    LABEL_KEYS, PretrainingData, classification_loss, mask_tokens, mlm_loss, pair_loss, seq2seq_loss, span_loss,
     task_losses,
 )
-from model.tokenizer import SpecialTokens, special_tokens, train_tokenizer
+from model.tokenizer import SpecialTokens, train_tokenizer
 
 SPECIAL = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
 MINILM_SPECIAL = SpecialTokens(pad=0, unk=100, cls=101, sep=102, mask=103)
@@ -69,7 +62,7 @@ def test_mask_tokens_is_deterministic_per_generator(mixed_ids):
     first = mask_tokens(ids, special=SPECIAL, vocab_size=1000, generator=_gen(7))
     again = mask_tokens(ids, special=SPECIAL, vocab_size=1000, generator=_gen(7))
     other = mask_tokens(ids, special=SPECIAL, vocab_size=1000, generator=_gen(8))
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[1], other[1])
 
 
@@ -86,7 +79,8 @@ def test_random_replacements_cover_non_special_ids_only():
     counts = torch.bincount(drawn, minlength=200)[sorted(expected)].double()
     assert (counts.std() / counts.mean()).item() < 0.15  # uniform: a Poisson spread near 1/sqrt(93)
     extra = torch.full((10, 10), 7)
-    assert (mask_tokens(extra, special=SPECIAL, vocab_size=20, generator=_gen(0), special_ids_extra=[7])[1] == -100).all()
+    _, labels = mask_tokens(extra, special=SPECIAL, vocab_size=20, generator=_gen(0), special_ids_extra=[7])
+    assert (labels == -100).all()
 
 
 def test_mask_tokens_errors():
@@ -141,7 +135,7 @@ def _examples(data: PretrainingData, tok: Tokenizer, steps: range):
 
 
 def _consecutive(marks: list[tuple[int, int]]) -> bool:
-    return all(b == (a[0], a[1] + 1) for a, b in zip(marks, marks[1:]))
+    return all(b == (a[0], a[1] + 1) for a, b in zip(marks, marks[1:], strict=False))
 
 
 def test_nsp_pairs_are_next_or_from_another_document(datasets, numbered):
@@ -155,6 +149,15 @@ def test_nsp_pairs_are_next_or_from_another_document(datasets, numbered):
             assert b[0] == (a[-1][0], a[-1][1] + 1)
         else:
             assert b[0][0] != a[-1][0]
+
+
+def test_nsp_random_segment_never_comes_from_the_same_document(numbered):
+    """With three documents a same-document draw would be frequent; none may happen."""
+    documents = [" ".join(f"Doc{d} sent{s} alpha." for s in range(100)) for d in range(3)]
+    data = PretrainingData(documents, numbered[1], max_len=32, batch_size=1, pair_task="nsp", seed=3)
+    random_pairs = [(a, b) for a, b, label in _examples(data, numbered[1], range(len(data))) if label == 1]
+    assert len(random_pairs) > 10
+    assert all(b[0][0] != a[-1][0] for a, b in random_pairs)
 
 
 def test_sop_pairs_are_in_order_or_swapped(datasets, numbered):
@@ -174,6 +177,23 @@ def test_single_segments_are_runs_of_one_document(datasets, numbered):
     assert ((batch["input_ids"] == data.special.sep).sum(1) == 1).all()
     for a, b, label in _examples(data, numbered[1], range(3)):
         assert a and _consecutive(a) and b == [] and label is None
+
+
+def test_truncation_keeps_the_junction_between_segments(numbered):
+    """Sentences far longer than the budget: A keeps its end, B its start, longest first."""
+    tok = numbered[1]
+    documents = [" ".join(f"Doc{d} sent{s} " + "alpha " * 40 + f"doc{d} sent{s}." for s in range(4)) for d in range(3)]
+    data = PretrainingData(documents, tok, max_len=32, batch_size=1, pair_task="sop", seed=1)
+    budget = 32 - 3
+    labels = []
+    for a, b, label in _examples(data, tok, range(data.n_examples)):
+        labels.append(label)
+        first, second = (a, b) if label == 0 else (b, a)
+        # The earlier sentence shows only its closing marker, the later only its opening one.
+        assert len(first) == len(second) == 1 and second[0] == (first[0][0], first[0][1] + 1)
+    assert data.n_examples == 6 and 0 < sum(labels) < 6  # (s0, s1) and (s2, s3) per document
+    lengths = data[0]["attention_mask"].sum().item(), (data[0]["token_type_ids"] == 1).sum().item()
+    assert lengths == (32, budget // 2 + 1 if labels[0] == 0 else (budget + 1) // 2 + 1)
 
 
 @pytest.mark.parametrize("task", ["nsp", "sop", None])
@@ -205,9 +225,8 @@ def test_denoising_keys_are_the_shifted_original(datasets):
     original = torch.where(batch["mlm_labels"] != -100, batch["mlm_labels"], batch["input_ids"])
     assert torch.equal(batch["decoder_input_ids"], original[:, :-1])
     assert torch.equal(batch["decoder_attention_mask"], batch["attention_mask"][:, :-1])
-    expected = original[:, 1:].clone()
-    expected[batch["attention_mask"][:, 1:] == 0] = -100
-    assert torch.equal(batch["decoder_labels"], expected)
+    padding = batch["attention_mask"][:, 1:] == 0
+    assert padding.any() and torch.equal(batch["decoder_labels"], torch.where(padding, -100, original[:, 1:]))
     assert (batch["input_ids"] != original).any()  # the encoder input is corrupted
 
 
@@ -234,18 +253,14 @@ def test_batches_are_a_function_of_step_and_seed(numbered, datasets):
     for step in (0, 7, len(data) + 1, 10 * len(data) + 3):
         batch = data[step]
         assert all(torch.equal(batch[k], data[step][k]) and torch.equal(batch[k], twin[step][k]) for k in batch)
-    assert not torch.equal(data[0]["pair_labels"], other[0]["pair_labels"]) or not torch.equal(
-        data[0]["input_ids"], other[0]["input_ids"]
-    )
-    assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(data, twin)] == [True] * len(data)
+    assert not all(torch.equal(data[0][k], other[0][k]) for k in ("input_ids", "pair_labels"))
+    assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(data, twin, strict=True)] == [True] * len(data)
 
 
 def test_each_epoch_is_a_new_permutation(datasets, numbered):
     data = datasets["nsp"]
-    epochs = [
-        [tuple(map(tuple, a + b)) for a, b, _ in _examples(data, numbered[1], range(e * len(data), (e + 1) * len(data)))]
-        for e in (0, 1)
-    ]
+    steps = [range(len(data)), range(len(data), 2 * len(data))]
+    epochs = [[tuple(a + b) for a, b, _ in _examples(data, numbered[1], epoch)] for epoch in steps]
     assert len(set(epochs[0])) == len(epochs[0])  # no example twice within an epoch
     assert epochs[0] != epochs[1]
     assert len(set(epochs[0]) & set(epochs[1])) >= len(epochs[0]) - 2 * data.batch_size
@@ -261,20 +276,14 @@ def test_minilm_tokenizer_with_stored_padding():
     assert raw.padding is not None  # the caller's tokenizer keeps its settings
     batch = data[0]
     assert "decoder_input_ids" not in batch
-    assert batch["input_ids"].shape[1] <= 64
-    assert batch["input_ids"][:, 0].eq(101).all()
+    assert batch["input_ids"].shape[1] <= 64 and batch["input_ids"][:, 0].eq(101).all()
 
 
 def test_pretraining_data_errors(numbered):
     documents, tok = numbered
-    for kwargs, name in [
-        ({"batch_size": 0}, "batch_size"),
-        ({"max_len": 7}, "max_len"),
-        ({"pair_task": "mlm"}, "pair_task"),
-        ({"mlm_prob": 0.0}, "mlm_prob"),
-        ({"seed": -1}, "seed"),
-        ({"batch_size": 10_000}, "batch_size=10000"),
-    ]:
+    bad = [({"batch_size": 0}, "batch_size"), ({"max_len": 7}, "max_len"), ({"pair_task": "mlm"}, "pair_task"),
+           ({"mlm_prob": 0.0}, "mlm_prob"), ({"seed": -1}, "seed"), ({"batch_size": 10_000}, "batch_size=10000")]
+    for kwargs, name in bad:
         with pytest.raises(ValueError, match=name):
             PretrainingData(documents, tok, **kwargs)
     with pytest.raises(ValueError, match="two"):
@@ -344,25 +353,19 @@ def test_loss_shape_errors():
 
 def test_task_losses_routes_labels_to_heads():
     g = _gen(4)
-    heads = {
-        "mlm": torch.randn(2, 5, 9, generator=g),
-        "pair": torch.randn(2, 2, generator=g),
-        "qa": torch.randn(2, 5, 2, generator=g),
-        "lm": torch.randn(2, 4, 9, generator=g),
-    }
-    labels = {
-        "input_ids": torch.zeros(2, 5, dtype=torch.long),
-        "mlm_labels": torch.tensor([[-100, 3, -100, 1, 8]] * 2),
-        "pair_labels": torch.tensor([1, 0]),
-        "start_positions": torch.tensor([0, 4]),
-        "end_positions": torch.tensor([1, 4]),
-    }
+    heads = {"mlm": torch.randn(2, 5, 9, generator=g), "pair": torch.randn(2, 2, generator=g),
+             "qa": torch.randn(2, 5, 2, generator=g), "lm": torch.randn(2, 4, 9, generator=g),
+             "classify": torch.randn(2, 3, generator=g)}
+    labels = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "mlm_labels": torch.tensor([[-100, 3, -100, 1, 8]] * 2),
+              "pair_labels": torch.tensor([1, 0]), "labels": torch.tensor([2, 0]),
+              "start_positions": torch.tensor([0, 4]), "end_positions": torch.tensor([1, 4])}
     losses = task_losses(heads, labels)
-    assert set(losses) == {"mlm", "pair", "qa"}  # "lm" has no decoder_labels
-    assert losses["mlm"].item() == pytest.approx(_ref_ce(heads["mlm"], labels["mlm_labels"]), rel=1e-6)
-    assert losses["pair"].item() == pytest.approx(_ref_ce(heads["pair"], labels["pair_labels"]), rel=1e-6)
+    assert set(losses) == {"mlm", "pair", "qa", "classify"}  # "lm" has no decoder_labels
+    for head, key in (("mlm", "mlm_labels"), ("pair", "pair_labels"), ("classify", "labels")):
+        assert losses[head].item() == pytest.approx(_ref_ce(heads[head], labels[key]), rel=1e-6)
     assert torch.equal(losses["qa"], span_loss(heads["qa"], labels["start_positions"], labels["end_positions"]))
-    assert set(LABEL_KEYS.values()) == {"mlm", "pair", "lm", "classify", "qa"}
+    assert dict(LABEL_KEYS) == {"mlm_labels": "mlm", "pair_labels": "pair", "decoder_labels": "lm",
+                                "labels": "classify", "start_positions": "qa", "end_positions": "qa"}
 
 
 def test_task_losses_errors():

@@ -40,8 +40,7 @@ def test_trained_tokenizer_round_trips_and_lowercases(tok):
     encoding = tok.encode("The lazy DOG jumps.")
     assert encoding.tokens[0] == "[CLS]" and encoding.tokens[-1] == "[SEP]"
     assert tok.decode(encoding.ids) == "the lazy dog jumps."
-    # A word outside the training text is split into known pieces or [UNK], never dropped.
-    assert tok.decode(tok.encode("zebra").ids) in ("zebra", "[UNK]", "")
+    assert tok.encode("€").tokens == ["[CLS]", "[UNK]", "[SEP]"]  # a character never seen
     assert tok.encode("[MASK] fox").tokens == ["[CLS]", "[MASK]", "fox", "[SEP]"]
 
 
