@@ -10,6 +10,7 @@ from typing import Any
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 HEADS = ("mlm", "pair", "lm", "classify", "qa")
+QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -36,6 +37,41 @@ class LayerShape:
         _check_int("n_heads", self.n_heads, 1)
         _check_int("head_dim", self.head_dim, 1)
         _check_int("ffn_dim", self.ffn_dim, 1)
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """One linear layer stored in integers: its module name, the mode, bits and (int4) group size.
+
+    Modes: "int8" weight-only per output channel, "int8-dynamic" (weights and activations),
+    "int4" group-wise weight-only, "cluster" (k-means codebook of 2**bits centroids + indices).
+    """
+
+    name: str
+    mode: str
+    bits: int
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"quantized layer name must be a module name string, got {self.name!r}")
+        _check_choice("quantized mode", self.mode, QUANT_MODES)
+        _check_int("bits", self.bits, 1)
+        if self.bits > 8:
+            raise ValueError(f"bits must be <= 8, got {self.bits}")
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, 1)
+
+
+def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
+    """Accept QuantizedLayers or dicts (from JSON); a layer may appear once."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"quantized must be a list of quantized layers, got {type(value).__name__}")
+    layers = tuple(item if isinstance(item, QuantizedLayer) else QuantizedLayer(**item) for item in value)
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"quantized lists a layer more than once: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return layers
 
 
 def _as_shapes(name: str, value: Any) -> tuple[LayerShape, ...]:
@@ -112,6 +148,7 @@ class Config:
     norm_eps: float = 1e-5
     heads: tuple[str, ...] = ("mlm",)
     n_labels: int = 0
+    quantized: tuple[QuantizedLayer, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
@@ -156,6 +193,7 @@ class Config:
                 f"n_labels must be >= 1 exactly when heads contains 'classify' (1 = regression); "
                 f"got n_labels={self.n_labels} with heads={list(self.heads)}"
             )
+        set_(self, "quantized", _as_quantized(self.quantized))
 
     @property
     def encoder_layers(self) -> int:
@@ -172,7 +210,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `Config.from_dict(c.to_dict()) == c`."""
         data = dataclasses.asdict(self)
-        for key in ("encoder_share", "decoder_share", "heads"):
+        for key in ("encoder_share", "decoder_share", "heads", "quantized"):
             data[key] = list(data[key])
         return data
 

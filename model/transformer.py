@@ -255,6 +255,10 @@ class Transformer(nn.Module):
         }
         self.heads = nn.ModuleDict({name: heads[name]() for name in config.heads})
         self.apply(self._init_weights)
+        if config.quantized:  # integer-storage layers; their values come from load_state_dict
+            from model.quantized import swap_quantized
+
+            swap_quantized(self, config.quantized)
 
     @property
     def attention_backend(self) -> str:
