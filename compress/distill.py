@@ -1,0 +1,217 @@
+"""Distill: knowledge distillation from the teacher into the student on the project's training loop.
+
+Losses (weights are settings): KL between temperature-softened logits of every head both models
+have; MSE between hidden states of mapped layers, through learned projections where widths
+differ; MiniLM-v2 attention relations (Q-Q, K-K, V-V self-relations split into relation heads,
+so head counts may differ) on the last mapped layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.pipeline import Context
+from model.objectives import LABEL_KEYS
+from model.train import TrainConfig, train
+from model.transformer import Transformer
+
+Tensor = torch.Tensor
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
+    """Student layer i learns from teacher layer round((i + 1) * Lt / Ls) - 1: the last maps to the last."""
+    return tuple(max(0, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers))
+
+
+class _QKVRecorder:
+    """Records the q/k/v projections of every encoder layer position, in execution order (shared blocks included)."""
+
+    def __init__(self, model: Transformer):
+        self.outputs: dict[str, list[Tensor]] = {"q": [], "k": [], "v": []}
+        self.handles = []
+        for block in model.encoder.blocks:
+            for name in "qkv":
+                proj = getattr(block.self_attn, f"{name}_proj")
+                self.handles.append(proj.register_forward_hook(lambda m, i, o, n=name: self.outputs[n].append(o)))
+
+    def take(self) -> dict[str, list[Tensor]]:
+        out = self.outputs
+        self.outputs = {"q": [], "k": [], "v": []}
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _relation(x: Tensor, heads: int, mask: Tensor) -> Tensor:
+    """Log of MiniLM-v2's self-relation softmax(x x^T / sqrt(d_r)) per relation head: (B,T,H*d) -> (B,R,T,T)."""
+    b, t, width = x.shape
+    x = x.view(b, t, heads, width // heads).transpose(1, 2)  # (B, R, T, d_r)
+    scores = x @ x.transpose(-1, -2) / math.sqrt(width // heads)
+    scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    return scores.log_softmax(-1)
+
+
+class DistillLoss(nn.Module):
+    """The distillation objective of one student/teacher pair; holds the learned hidden-state projections."""
+
+    def __init__(self, student: Transformer, teacher: Transformer, settings: Distill):
+        super().__init__()
+        self.student, self.settings = student, settings
+        self.teacher = [teacher]  # a list: not a submodule, so it is neither trained nor checkpointed
+        s, t = student.config, teacher.config
+        self.layer_map = settings.layer_map or uniform_layer_map(s.encoder_layers, t.encoder_layers)
+        if len(self.layer_map) != s.encoder_layers or not all(0 <= j < t.encoder_layers for j in self.layer_map):
+            raise ValueError(
+                f"layer_map must give one teacher layer in [0, {t.encoder_layers}) for each of the student's "
+                f"{s.encoder_layers} layers, got {list(self.layer_map)}"
+            )
+        self.project = nn.Linear(s.dim, t.dim, bias=False) if s.dim != t.dim else nn.Identity()
+        if s.dim != t.dim:  # start from a plain truncation/zero-padding so early steps are meaningful
+            nn.init.eye_(self.project.weight)
+        s_width = s.encoder[-1].n_heads * s.encoder[-1].head_dim
+        t_shape = t.encoder[self.layer_map[-1]]
+        t_width = t_shape.n_heads * t_shape.head_dim
+        self.relation_heads = settings.relation_heads or math.gcd(s_width, t_width, t_shape.n_heads)
+        for width, who in ((s_width, "student"), (t_width, "teacher")):
+            if width % self.relation_heads:
+                raise ValueError(f"relation_heads={self.relation_heads} must divide the {who}'s attention width {width}")
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every loss term for one batch, by name ("logits", "hidden", "attention", "task")."""
+        settings, teacher = self.settings, self.teacher[0]
+        inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
+        labels = {k: v for k, v in batch.items() if k in LABEL_KEYS} if settings.task else {}
+        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+        need_attention = settings.attention > 0
+        recorders = [_QKVRecorder(m) for m in (self.student, teacher)] if need_attention else []
+        try:
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=True)
+                t_qkv = recorders[1].take() if need_attention else None
+            s_out = self.student(**inputs, **labels, output_hidden_states=True)
+            s_qkv = recorders[0].take() if need_attention else None
+        finally:
+            for recorder in recorders:
+                recorder.remove()
+        losses: dict[str, Tensor] = {}
+        if settings.logits > 0:
+            shared = [h for h in s_out.head_logits if h in t_out.head_logits]
+            if shared:
+                losses["logits"] = settings.logits * sum(
+                    self._logit_loss(s_out.head_logits[h], t_out.head_logits[h], mask, inputs) for h in shared
+                ) / len(shared)
+        if settings.hidden > 0:
+            terms = [
+                _masked_mse(self.project(s_out.all_hidden_states[i + 1]), t_out.all_hidden_states[j + 1], mask)
+                for i, j in enumerate(self.layer_map)
+            ]
+            losses["hidden"] = settings.hidden * sum(terms) / len(terms)
+        if need_attention:
+            s_layer, t_layer = len(self.layer_map) - 1, self.layer_map[-1]
+            terms = []
+            for name in "qkv":
+                s_rel = _relation(s_qkv[name][s_layer], self.relation_heads, mask)
+                t_rel = _relation(t_qkv[name][t_layer], self.relation_heads, mask)
+                kl = F.kl_div(s_rel, t_rel, log_target=True, reduction="none").sum(-1)  # (B, R, T)
+                terms.append((kl * mask[:, None, :]).sum() / (mask.sum() * self.relation_heads))
+            losses["attention"] = settings.attention * sum(terms) / 3
+        if labels and s_out.loss is not None:
+            losses["task"] = settings.task * s_out.loss
+        if not losses:
+            raise ValueError("Distill has nothing to learn: every loss weight is 0 or the models share no head")
+        return losses
+
+    def _logit_loss(self, s: Tensor, t: Tensor, mask: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+        """KL(teacher || student) at temperature T, scaled by T^2; a 1-wide head (regression) uses MSE."""
+        if s.shape[-1] == 1:
+            return F.mse_loss(s, t)
+        temperature = self.settings.temperature
+        kl = F.kl_div(
+            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
+        ).sum(-1) * temperature**2
+        if kl.dim() == 1:  # sentence-level head (B,)
+            return kl.mean()
+        if kl.shape[1] == mask.shape[1]:  # token-level head on the encoder (B, T)
+            return (kl * mask).sum() / mask.sum()
+        dec_mask = inputs.get("decoder_attention_mask")  # the decoder's lm head (B, S)
+        dec_mask = torch.ones_like(kl) if dec_mask is None else dec_mask.to(kl.dtype)
+        return (kl * dec_mask).sum() / dec_mask.sum()
+
+
+def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error over real tokens only: padding positions carry no signal."""
+    m = mask[..., None].to(a.dtype)
+    return ((a - b) ** 2 * m).sum() / (m.sum() * a.shape[-1])
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Train the model (the student) to imitate the Pipeline's teacher on the context's data.
+
+    steps, lr, warmup_steps: the training loop's settings. temperature: logits softening.
+    logits, hidden, attention, task: loss weights (task = the student's own label loss when the
+    batches carry labels). layer_map: teacher layer for each student encoder layer (None =
+    uniform). relation_heads: MiniLM-v2 relation heads (0 = the largest count dividing both
+    attention widths and the teacher's head count). checkpoint_every: steps between
+    checkpoints in ctx.workdir/distill, from which an interrupted run resumes exactly.
+    """
+
+    steps: int = 1000
+    temperature: float = 2.0
+    lr: float = 1e-4
+    warmup_steps: int | None = None
+    logits: float = 1.0
+    hidden: float = 1.0
+    attention: float = 1.0
+    task: float = 0.0
+    layer_map: tuple[int, ...] | None = None
+    relation_heads: int = 0
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    needs_data: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"Distill steps must be an int >= 1, got {self.steps!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise ValueError(f"Distill temperature must be > 0, got {self.temperature!r}")
+        for name in ("logits", "hidden", "attention", "task"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"Distill loss weight {name} must be a number >= 0, got {value!r}")
+        if isinstance(self.relation_heads, bool) or not isinstance(self.relation_heads, int) or self.relation_heads < 0:
+            raise ValueError(f"Distill relation_heads must be an int >= 0, got {self.relation_heads!r}")
+        if self.layer_map is not None:
+            object.__setattr__(self, "layer_map", tuple(self.layer_map))
+
+    def __call__(self, model: Transformer, ctx: Context) -> Transformer:
+        objective = DistillLoss(model, ctx.teacher.to(ctx.device), self)
+        run = TrainConfig(
+            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, seed=ctx.seed, device=ctx.device,
+            checkpoint_dir=str(ctx.workdir / "distill") if ctx.workdir is not None else None,
+            checkpoint_every=self.checkpoint_every, progress=self.progress,
+        )
+        train(objective, ctx.data, run, loss_fn=lambda m, batch: sum(m(batch).values()))
+        return model.eval()
+
+
+@torch.no_grad()
+def distillation_loss(student: Transformer, teacher: Transformer, batches: list[dict[str, Tensor]], settings: Distill) -> dict[str, float]:
+    """Mean of each distillation loss term over `batches` (held-out evaluation; projections as initialized)."""
+    objective = DistillLoss(student, teacher, settings).eval()
+    student.eval()
+    totals: dict[str, float] = {}
+    for batch in batches:
+        for name, value in objective(batch).items():
+            totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
+    return totals

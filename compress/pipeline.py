@@ -1,0 +1,204 @@
+"""Pipeline: runs compression passes in order on a copy of a model, recording a Stage after each."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from model.io import save
+from model.transformer import Transformer
+
+Batch = dict[str, torch.Tensor]
+Evaluate = Callable[[Transformer], dict[str, float]]
+
+
+@dataclass
+class Context:
+    """What a pass may use besides the model.
+
+    data: batches (dicts of tensors) for training or calibration; a list, a step-indexed source
+    or an iterable. teacher: a frozen copy of the pipeline's input model (eval mode, no grad).
+    evaluate: model -> metrics. workdir: a folder the pass may write checkpoints into.
+    """
+
+    data: Any
+    teacher: Transformer
+    evaluate: Evaluate | None = None
+    device: str = "cpu"
+    seed: int = 0
+    workdir: Path | None = None
+
+    def batches(self, n: int) -> list[Batch]:
+        """Up to the first `n` batches of `data` (for calibration and importance estimates)."""
+        if self.data is None:
+            return []
+        if isinstance(self.data, (list, tuple)):
+            return list(self.data[:n])
+        if hasattr(self.data, "__getitem__") and hasattr(self.data, "__len__"):
+            return [self.data[i] for i in range(min(n, len(self.data)))]
+        out = []
+        for batch in self.data:
+            if len(out) == n:
+                break
+            out.append(batch)
+        return out
+
+
+class Pass(Protocol):
+    """A compression pass: a frozen dataclass (or any callable) taking (model, ctx) and returning a model.
+
+    A pass that trains or calibrates sets the class attribute `needs_data = True` (a ClassVar, so
+    not a recipe field); the Pipeline then refuses to start without data.
+    """
+
+    def __call__(self, model: Transformer, ctx: Context) -> Transformer: ...
+
+
+@dataclass
+class Stage:
+    """The record of one pass: settings, size before saving and after, metrics, time."""
+
+    name: str
+    settings: dict[str, Any]
+    params: int
+    unique_params: int
+    size_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def pass_name(p: Any) -> str:
+    return type(p).__name__ if dataclasses.is_dataclass(p) else getattr(p, "__name__", type(p).__name__)
+
+
+def pass_settings(p: Any) -> dict[str, Any]:
+    """What the manifest stores about a pass: its dataclass fields, or its repr for a plain function."""
+    return dataclasses.asdict(p) if dataclasses.is_dataclass(p) else {"repr": repr(p)}
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters counted at every use, unique parameter storage) of a model.
+
+    A shared block runs at several layer positions: it counts once per use in the first number
+    and once in the second. Integer-storage (quantized) buffers count as parameters too.
+    """
+    unique = sum(t.numel() for t in _weights(model))
+    per_use = unique
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        if stack is None:
+            continue
+        for block_index, block in enumerate(stack.blocks):
+            extra_uses = list(stack.share).count(block_index) - 1
+            per_use += extra_uses * sum(t.numel() for t in _weights(block))
+    return per_use, unique
+
+
+def _weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters plus persistent non-float buffers (quantized weights, scales), each storage once."""
+    seen, tensors = set(), []
+    for t in [*module.parameters(), *module.buffers()]:
+        key = t.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            tensors.append(t)
+    return tensors
+
+
+def saved_size(model: Transformer) -> int:
+    """Bytes of the model's safetensors file (what `save` writes for the weights)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, tmp)
+        return (Path(tmp) / "model.safetensors").stat().st_size
+
+
+class Pipeline:
+    """Compression passes run in order: `Pipeline([Share(...), Prune(...), ...]).run(model, data)`."""
+
+    def __init__(self, passes: Sequence[Pass]):
+        passes = list(passes)
+        for i, p in enumerate(passes):
+            if not callable(p):
+                raise TypeError(f"pass {i} ({p!r}) is not callable; a pass takes (model, ctx) and returns a model")
+        quantized_at = next((i for i, p in enumerate(passes) if pass_name(p) == "Quantize"), None)
+        if quantized_at is not None:
+            late = [pass_name(p) for p in passes[quantized_at + 1:] if pass_name(p) in ("Share", "Prune")]
+            if late:
+                raise ValueError(f"{late[0]} after Quantize is not allowed: structural passes must come before quantization")
+        self.passes = passes
+        self.stages: list[Stage] = []
+
+    def run(
+        self,
+        model: Transformer,
+        data: Any = None,
+        evaluate: Evaluate | None = None,
+        *,
+        device: str = "cpu",
+        seed: int = 0,
+        workdir: str | Path | None = None,
+        check: Batch | None = None,
+    ) -> Transformer:
+        """Run every pass on a copy of `model` (never mutated) and return the compressed model.
+
+        data: training/calibration batches. evaluate: model -> metrics, run after each pass.
+        check: a batch to prove the model still runs after each pass (default: the first batch).
+        Stages (one per pass, plus "input") are in `self.stages`.
+        """
+        if not isinstance(model, Transformer):
+            raise TypeError(f"model must be a model.Transformer, got {type(model).__name__}")
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        ctx = Context(data=data, teacher=teacher, evaluate=evaluate, device=device, seed=seed,
+                      workdir=Path(workdir) if workdir is not None else None)
+        hungry = [pass_name(p) for p in self.passes if getattr(p, "needs_data", False)]
+        if hungry and not ctx.batches(1):
+            raise ValueError(f"{hungry[0]} needs data (batches of token ids) but data is empty or None")
+        if check is None:
+            first = ctx.batches(1)
+            check = first[0] if first else None
+        current = copy.deepcopy(model)
+        self.stages = [self._stage("input", {}, current, ctx, 0.0)]
+        for p in self.passes:
+            start = time.perf_counter()
+            current = p(current, ctx)
+            if not isinstance(current, Transformer):
+                raise TypeError(f"pass {pass_name(p)} returned {type(current).__name__}, not a Transformer")
+            seconds = time.perf_counter() - start
+            if check is not None:
+                self._check_runs(current, check, pass_name(p))
+            self.stages.append(self._stage(pass_name(p), pass_settings(p), current, ctx, seconds))
+        return current.eval()
+
+    @staticmethod
+    def _check_runs(model: Transformer, batch: Batch, name: str) -> None:
+        keys = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+        with torch.no_grad():
+            was = model.training
+            out = model.eval()(**{k: v for k, v in batch.items() if k in keys})
+            model.train(was)
+        if not torch.isfinite(out.hidden_states).all():
+            raise RuntimeError(f"after pass {name} the model produces non-finite hidden states")
+
+    @staticmethod
+    def _stage(name: str, settings: dict, model: Transformer, ctx: Context, seconds: float) -> Stage:
+        params, unique = count_params(model)
+        metrics = ctx.evaluate(model) if ctx.evaluate is not None else {}
+        return Stage(name, settings, params, unique, saved_size(model), dict(metrics), seconds)
+
+    def manifest(self) -> dict[str, Any]:
+        """What `save(lite, dir, manifest=pipeline.manifest())` records: the passes and their stages."""
+        return {
+            "passes": [{"name": pass_name(p), "settings": pass_settings(p)} for p in self.passes],
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+        }
+
+    def save(self, model: Transformer, directory: str | Path) -> Path:
+        """Save the compressed model with the stages in manifest.json."""
+        return save(model, directory, manifest=self.manifest())
