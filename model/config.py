@@ -13,14 +13,14 @@ HEADS = ("mlm", "pair", "lm", "classify", "qa")
 QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
@@ -34,9 +34,9 @@ class LayerShape:
     ffn_dim: int
 
     def __post_init__(self) -> None:
-        _check_int("n_heads", self.n_heads, 1)
-        _check_int("head_dim", self.head_dim, 1)
-        _check_int("ffn_dim", self.ffn_dim, 1)
+        check_int("n_heads", self.n_heads, 1)
+        check_int("head_dim", self.head_dim, 1)
+        check_int("ffn_dim", self.ffn_dim, 1)
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ class QuantizedLayer:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"quantized layer name must be a module name string, got {self.name!r}")
-        _check_choice("quantized mode", self.mode, QUANT_MODES)
-        _check_int("bits", self.bits, 1)
+        check_choice("quantized mode", self.mode, QUANT_MODES)
+        check_int("bits", self.bits, 1)
         if self.bits > 8:
             raise ValueError(f"bits must be <= 8, got {self.bits}")
         if self.group_size is not None:
-            _check_int("group_size", self.group_size, 1)
+            check_int("group_size", self.group_size, 1)
 
 
 def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
@@ -152,24 +152,24 @@ class Config:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
-        _check_int("vocab_size", self.vocab_size, 1)
-        _check_int("dim", self.dim, 1)
+        check_int("vocab_size", self.vocab_size, 1)
+        check_int("dim", self.dim, 1)
         set_(self, "encoder", _as_shapes("encoder", self.encoder))
         set_(self, "decoder", _as_shapes("decoder", self.decoder))
         if not self.encoder:
             raise ValueError("encoder must have at least one layer")
         embed_dim = self.dim if self.embed_dim is None else self.embed_dim
-        _check_int("embed_dim", embed_dim, 1)
+        check_int("embed_dim", embed_dim, 1)
         if embed_dim > self.dim:
             raise ValueError(f"embed_dim must be <= dim ({self.dim}), got {embed_dim}")
         set_(self, "embed_dim", embed_dim)
         set_(self, "encoder_share", _check_share("encoder_share", self.encoder_share, self.encoder))
         set_(self, "decoder_share", _check_share("decoder_share", self.decoder_share, self.decoder))
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_int("max_positions", self.max_positions, 1)
-        _check_int("type_vocab_size", self.type_vocab_size, 0)
-        _check_int("pad_id", self.pad_id, 0)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_int("max_positions", self.max_positions, 1)
+        check_int("type_vocab_size", self.type_vocab_size, 0)
+        check_int("pad_id", self.pad_id, 0)
         if self.pad_id >= self.vocab_size:
             raise ValueError(f"pad_id must be < vocab_size ({self.vocab_size}), got {self.pad_id}")
         for name in ("dropout", "attention_dropout"):
@@ -182,12 +182,12 @@ class Config:
             raise TypeError(f"heads must be a list of head names from {HEADS}, got {self.heads!r}")
         set_(self, "heads", tuple(self.heads))
         for head in self.heads:
-            _check_choice("heads", head, HEADS)
+            check_choice("heads", head, HEADS)
         if len(set(self.heads)) != len(self.heads):
             raise ValueError(f"heads must not repeat a name, got {list(self.heads)}")
         if "lm" in self.heads and not self.decoder:
             raise ValueError("heads contains 'lm' (seq2seq LM) but the model has no decoder layers")
-        _check_int("n_labels", self.n_labels, 0)
+        check_int("n_labels", self.n_labels, 0)
         if ("classify" in self.heads) != (self.n_labels > 0):
             raise ValueError(
                 f"n_labels must be >= 1 exactly when heads contains 'classify' (1 = regression); "
@@ -204,7 +204,17 @@ class Config:
         return len(self.decoder)
 
     def replace(self, **changes: Any) -> Config:
-        """A validated copy with `changes` applied (passes use this to keep config and weights in sync)."""
+        """A validated copy with `changes` applied (passes use this to keep config and weights in sync).
+
+        Defaults that were filled in stay defaults: an unfactorized model (embed_dim == dim) stays
+        unfactorized when dim changes, and an unshared stack stays unshared when its layers change.
+        """
+        if "dim" in changes and "embed_dim" not in changes and self.embed_dim == self.dim:
+            changes["embed_dim"] = None
+        for share, layers in (("encoder_share", "encoder"), ("decoder_share", "decoder")):
+            unshared = getattr(self, share) == tuple(range(len(getattr(self, layers))))
+            if layers in changes and share not in changes and unshared:
+                changes[share] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,10 +262,10 @@ class Config:
         **rest: Any,
     ) -> Config:
         """A config whose layers all have one shape; dim must split evenly into n_heads heads."""
-        _check_int("n_heads", n_heads, 1)
-        _check_int("n_layers", n_layers, 1)
-        _check_int("decoder_layers", decoder_layers, 0)
-        _check_int("dim", dim, 1)
+        check_int("n_heads", n_heads, 1)
+        check_int("n_layers", n_layers, 1)
+        check_int("decoder_layers", decoder_layers, 0)
+        check_int("dim", dim, 1)
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
         shape = LayerShape(n_heads=n_heads, head_dim=dim // n_heads, ffn_dim=ffn_dim)

@@ -91,3 +91,12 @@ def test_wrong_types_are_type_errors():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ValueError, match="available: full, tiny"):
         Config.preset("huge")
+
+
+def test_replace_keeps_filled_in_defaults_as_defaults():
+    tiny = Config.preset("tiny")
+    wider = tiny.replace(dim=128, encoder=tiny.encoder[:1])
+    assert wider.embed_dim == 128 and wider.encoder_share == (0,)
+    factorized = Config.preset("tiny", embed_dim=32, encoder_share=(0, 0))
+    changed = factorized.replace(dim=96)
+    assert changed.embed_dim == 32 and changed.encoder_share == (0, 0)
