@@ -1,0 +1,271 @@
+"""Quantize: store a model's weights as integers (int8, int8 dynamic, int4 group-wise, QAT int8) or k-means codebooks.
+
+Every pass here is a module swap recorded in the Config: the chosen layers become the
+integer-storage twins of `model.quantized`, `config.quantized` lists them, and the result is a
+fresh `Transformer(new_config)` loaded with the quantized tensors, so `load(save(m))` rebuilds it.
+The quality cost is reported as SQNR in dB, 10*log10(||w||^2 / ||w - w_q||^2), per layer
+(`layer_sqnr`) and on the model's outputs (`output_sqnr`), and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compress.pipeline import Context
+from model.config import QuantizedLayer
+from model.quantized import (
+    GROUP_SIZES,
+    ClusteredEmbedding,
+    ClusteredLinear,
+    Int4Linear,
+    Int8DynamicLinear,
+    Int8Embedding,
+    Int8Linear,
+    quantize_int8,
+)
+from model.transformer import Transformer
+
+Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+MODES = ("int8", "int8-dynamic", "int4", "qat-int8")
+OUTPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Swap every Linear (blocks, cross-attention, pooler, heads) and, with `embeddings`, the embedding tables
+    for integer-storage modules.
+
+    mode: "int8" weight-only per output channel; "int8-dynamic" int8 weights and per-token int8
+    activations; "int4" weight-only, one scale and zero-point per `group_size` inputs
+    (`symmetric` picks zero-point 8 and max|w|/7 scales instead of min/max ones); "qat-int8" fake
+    int8 quantization (straight-through gradients) of the same weights while distilling from the
+    teacher for `steps` steps (`temperature`, `lr`), then conversion to int8.
+    embeddings: also store the word/position/token-type tables in int8 per row (and the
+    factorized `embeddings.word_proj` in `mode`). skip: module-name prefixes left in float.
+    Layers the mode cannot handle (int4: in_features not divisible by group_size; layers
+    already clustered) are left in float with a warning that names them.
+    """
+
+    mode: str = "int8"
+    group_size: int = 128
+    embeddings: bool = True
+    steps: int = 0
+    symmetric: bool = False
+    skip: tuple[str, ...] = ()
+    temperature: float = 2.0
+    lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Quantize mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
+            raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES}; got {self.group_size!r}")
+        for name in ("embeddings", "symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Quantize {name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"Quantize steps must be an int >= 0, got {self.steps!r}")
+        if self.mode == "qat-int8" and self.steps < 1:
+            raise ValueError(f"Quantize steps must be >= 1 for mode qat-int8 (distillation steps), got {self.steps}")
+        if self.mode != "qat-int8" and self.steps:
+            raise ValueError(f"Quantize steps={self.steps} applies only to mode qat-int8, not {self.mode!r}; leave it 0")
+        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
+            raise TypeError(f"Quantize skip must be a list of module-name prefixes, got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        for name in ("temperature", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"Quantize {name} must be a number > 0, got {value!r}")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.mode == "qat-int8"
+
+    def __call__(self, model: Transformer, ctx: Context | None = None) -> Transformer:
+        """Return a new model with the chosen layers in integer storage; `model` is left in float."""
+        _check_not_quantized(model)
+        targets = self._targets(model)
+        if self.mode == "qat-int8":
+            if ctx is None:
+                raise ValueError("Quantize('qat-int8') needs a Context with data and a teacher to distill from")
+            model = self._train_fake_quantized(model, targets, ctx)
+        twins = {name: self._twin(name, module) for name, module in targets.items()}
+        result = _rebuild(model, twins)
+        _log_sqnr(model, result, ctx)
+        return result
+
+    def _targets(self, model: Transformer) -> dict[str, nn.Module]:
+        """The modules this pass quantizes, by name; warns for each one it must leave in float."""
+        targets = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)) and not _is_clustered(module):
+                continue
+            if name.startswith("embeddings.") and not self.embeddings:
+                continue
+            if any(name.startswith(prefix) for prefix in self.skip):
+                continue
+            if _is_clustered(module):
+                warnings.warn(f"Quantize({self.mode!r}) skips {name}: it is already clustered (k-means codebook)", stacklevel=3)
+            elif self.mode == "int4" and isinstance(module, nn.Linear) and module.in_features % self.group_size:
+                warnings.warn(
+                    f"Quantize('int4') skips {name}: in_features {module.in_features} is not divisible by "
+                    f"group_size {self.group_size}; it stays in float",
+                    stacklevel=3,
+                )
+            else:
+                targets[name] = module
+        return targets
+
+    def _twin(self, name: str, module: nn.Module) -> tuple[QuantizedLayer, nn.Module]:
+        if isinstance(module, nn.Embedding):
+            return QuantizedLayer(name, "int8", 8), Int8Embedding.from_float(module)
+        if self.mode == "int8-dynamic":
+            return QuantizedLayer(name, "int8-dynamic", 8), Int8DynamicLinear.from_float(module)
+        if self.mode == "int4":
+            twin = Int4Linear.from_float(module, self.group_size, self.symmetric)
+            return QuantizedLayer(name, "int4", 4, self.group_size), twin
+        return QuantizedLayer(name, "int8", 8), Int8Linear.from_float(module)
+
+    def _train_fake_quantized(self, model: Transformer, targets: dict[str, nn.Module], ctx: Context) -> Transformer:
+        """Distill with every target's weight fake-quantized to int8; returns the model with trained float weights."""
+        from compress.distill import Distill
+
+        for module in targets.values():
+            parametrize.register_parametrization(module, "weight", FakeQuantInt8())
+        try:
+            model = Distill(steps=self.steps, temperature=self.temperature, lr=self.lr)(model, ctx)
+        finally:
+            for module in targets.values():
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        return model
+
+
+class FakeQuantInt8(nn.Module):
+    """Weight parametrization for QAT: forward gives the int8 per-row quantized weight, backward passes straight through."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        q, scale = quantize_int8(w)
+        return w + (q.to(w.dtype) * scale[:, None].to(w.dtype) - w).detach()
+
+
+def cluster_layers(model: Transformer, bits: int, *, layers: Iterable[str] | None = None) -> Transformer:
+    """Store each chosen weight matrix as a k-means codebook of 2**bits fp32 centroids + packed indices.
+
+    model: the model (left unchanged). bits: 1..8. layers: module names of Linear/Embedding
+    layers; None = every Linear and embedding table not yet quantized. One codebook per matrix;
+    k-means starts at evenly spaced quantiles and runs a fixed number of Lloyd steps, so the
+    result is deterministic. Returns a new model whose Config lists the layers with mode "cluster".
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"cluster bits must be an int in 1..8, got {bits!r}")
+    done = {layer.name for layer in model.config.quantized}
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in done]
+    else:
+        names = [layers] if isinstance(layers, str) else list(layers)
+    twins = {}
+    for name in names:
+        module = modules.get(name)
+        if name in done or not isinstance(module, (nn.Linear, nn.Embedding)):
+            what = "is already quantized" if name in done else "is not a Linear or Embedding of the model"
+            raise ValueError(f"cluster_layers: layer {name!r} {what}")
+        twin = ClusteredEmbedding.from_float(module, bits) if isinstance(module, nn.Embedding) else ClusteredLinear.from_float(module, bits)
+        twins[name] = (QuantizedLayer(name, "cluster", bits), twin)
+    return _rebuild(model, twins)
+
+
+def layer_sqnr(model_before: nn.Module, model_after: Transformer) -> dict[str, float]:
+    """SQNR in dB of every layer `model_after.config.quantized` lists, against the same layer's weight in `model_before`."""
+    return {
+        layer.name: sqnr(model_before.get_submodule(layer.name).weight, model_after.get_submodule(layer.name).weight)
+        for layer in model_after.config.quantized
+    }
+
+
+@torch.no_grad()
+def output_sqnr(a: Transformer, b: Transformer, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+    """SQNR in dB of model `b`'s outputs against model `a`'s (the reference) over `batches`, both in eval mode.
+
+    Keys: "hidden_states" always; "logits" and "decoder_hidden_states" when both models give them.
+    All positions count, padding included. Returns the SQNR over all batches pooled.
+    """
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    modes = a.training, b.training
+    a.eval(), b.eval()
+    try:
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k in OUTPUT_KEYS}
+            out_a, out_b = a(**inputs), b(**inputs)
+            for key in ("hidden_states", "logits", "decoder_hidden_states"):
+                x, y = getattr(out_a, key), getattr(out_b, key)
+                if x is not None and y is not None:
+                    x, y = x.double(), y.double()
+                    signal[key] = signal.get(key, 0.0) + float((x**2).sum())
+                    noise[key] = noise.get(key, 0.0) + float(((x - y) ** 2).sum())
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    if not signal:
+        raise ValueError("output_sqnr needs at least one batch")
+    return {key: _decibels(signal[key], noise[key]) for key in signal}
+
+
+def sqnr(reference: Tensor, approximation: Tensor) -> float:
+    """10*log10(||reference||^2 / ||reference - approximation||^2) in dB (inf when equal), computed in float64."""
+    x, y = reference.detach().double(), approximation.detach().double()
+    return _decibels(float((x**2).sum()), float(((x - y) ** 2).sum()))
+
+
+def _decibels(signal: float, noise: float) -> float:
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _is_clustered(module: nn.Module) -> bool:
+    return isinstance(module, (ClusteredLinear, ClusteredEmbedding))
+
+
+def _check_not_quantized(model: Transformer) -> None:
+    if not isinstance(model, Transformer):
+        raise TypeError(f"Quantize takes a model.Transformer, got {type(model).__name__}")
+    done = [layer.name for layer in model.config.quantized if layer.mode != "cluster"]
+    if done:
+        raise ValueError(
+            f"the model is already quantized ({len(done)} layers, e.g. {done[0]}); Quantize after Quantize is not "
+            f"allowed: quantize the float model once"
+        )
+
+
+def _rebuild(model: Transformer, twins: dict[str, tuple[QuantizedLayer, nn.Module]]) -> Transformer:
+    """A fresh Transformer from the config that lists `twins` as quantized, loaded (strict) with their tensors."""
+    state = model.state_dict()
+    for name, (_, twin) in twins.items():
+        state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
+        state.update({f"{name}.{k}": v for k, v in twin.state_dict().items()})
+    config = model.config.replace(quantized=(*model.config.quantized, *(layer for layer, _ in twins.values())))
+    result = Transformer(config, attention_backend=model.attention_backend)
+    result.load_state_dict(state, strict=True)
+    result.tokenizer = model.tokenizer
+    return result.train(model.training)
+
+
+def _log_sqnr(before: Transformer, after: Transformer, ctx: Context | None) -> None:
+    per_layer = layer_sqnr(before, after)
+    for name, value in per_layer.items():
+        log.info("SQNR %s: %.1f dB", name, value)
+    if per_layer:
+        log.info("weight SQNR over %d layers: min %.1f dB, mean %.1f dB", len(per_layer), min(per_layer.values()),
+                 sum(per_layer.values()) / len(per_layer))
+    batches = ctx.batches(2) if ctx is not None else []
+    if batches:
+        for key, value in output_sqnr(before, after, batches).items():
+            log.info("output SQNR %s: %.1f dB", key, value)

@@ -1,0 +1,352 @@
+"""Integer-storage twins of nn.Linear and nn.Embedding: int8, int8 dynamic, int4 group-wise, k-means codebook.
+
+Each module keeps its quantized weight in persistent buffers (integers + float scales or a
+codebook), so `model.safetensors` stores integers and `load(save(m))` is bit-identical. Every
+module has a `weight` property returning the dequantized float matrix (the tied MLM/LM heads
+read `embeddings.word.weight`); `from_float(...)` builds one from a float module and
+`swap_quantized` rebuilds them, empty, from the Config's `quantized` list so that
+`load_state_dict` can fill them. The bias stays a float Parameter, so it can still be trained.
+
+Formulas (w is one weight matrix (out, in); rows are output channels):
+  int8     per row r: s_r = max|w_r| / 127, q = clamp(round(w / s_r), -127, 127); w ~ q * s_r
+  int4     per group g of `group_size` inputs in a row, values 0..15, two per byte:
+           symmetric  s_g = max|w_g| / 7, z_g = 8, q = clamp(round(w / s_g) + 8, 0, 15)
+           asymmetric lo = min(w_g, 0), hi = max(w_g, 0), s_g = (hi - lo) / 15,
+                      z_g = clamp(round(-lo / s_g), 0, 15), q = clamp(round(w / s_g) + z_g, 0, 15)
+           w ~ (q - z_g) * s_g
+  cluster  2**bits centroids c (1-D k-means over the matrix), index i per weight; w ~ c[i]
+A zero row or group gets scale 1 (its integers are all zero-point, so it dequantizes to 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import QuantizedLayer
+
+Tensor = torch.Tensor
+GROUP_SIZES = (32, 64, 128)
+KMEANS_ITERATIONS = 100
+EMBEDDING_NAMES = ("embeddings.word", "embeddings.position", "embeddings.token_type")
+
+
+def pack(values: Tensor, width: int) -> Tensor:
+    """Pack unsigned integers of `width` bits (1, 2, 4 or 8) along the last dim: (..., n) uint8 -> (..., n*width/8).
+
+    Value j of each byte sits in bits [j*width, (j+1)*width); n must be a multiple of 8 // width.
+    """
+    per = 8 // width
+    if width not in (1, 2, 4, 8) or values.shape[-1] % per:
+        raise ValueError(f"cannot pack a last dim of {values.shape[-1]} at width {width} (need 1/2/4/8 and a multiple of {per})")
+    v = values.to(torch.uint8).reshape(*values.shape[:-1], values.shape[-1] // per, per)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=values.device)
+    return (v << shifts).sum(-1, dtype=torch.uint8)  # the fields do not overlap, so the sum is an OR
+
+
+def unpack(packed: Tensor, width: int) -> Tensor:
+    """Inverse of `pack`: (..., m) uint8 -> (..., m * 8 // width) uint8."""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+    v = (packed.unsqueeze(-1) >> shifts) & ((1 << width) - 1)  # (..., m, 8 // width)
+    return v.reshape(*packed.shape[:-1], -1)
+
+
+def storage_width(bits: int) -> int:
+    """Bits each index occupies once packed: the smallest of 1, 2, 4, 8 that holds `bits`."""
+    return next(w for w in (1, 2, 4, 8) if w >= bits)
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: w (out, in) float -> (q (out, in) int8, scale (out,) fp32)."""
+    w = w.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Group-wise int4: w (out, in) -> (packed (out, in/2) uint8, scale (out, in/g) fp32, zero (out, in/g) uint8)."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"in_features {in_features} is not divisible by group_size {group_size}")
+    g = w.detach().float().reshape(out_features, in_features // group_size, group_size)  # (out, groups, g)
+    if symmetric:
+        scale = g.abs().amax(-1) / 7
+        zero = torch.full_like(scale, 8)
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        scale = (hi - lo) / 15
+        zero = torch.clamp(torch.round(-lo / torch.where(scale > 0, scale, 1)), 0, 15)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, 15)
+    return pack(q.reshape(out_features, in_features), 4), scale, zero.to(torch.uint8)
+
+
+def kmeans_1d(values: Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on scalars: values (any shape) -> (centroids (k,) fp32 ascending, index (n,) int64 of the flattened values).
+
+    Deterministic: centroids start at the (i + 0.5) / k quantiles. In 1-D the clusters are runs
+    of the sorted values split at the midpoints between centroids, so after one sort each Lloyd
+    step costs O(k log n) (binary search + prefix sums). An emptied cluster keeps its centroid.
+    """
+    values = values.detach().float().flatten()
+    ordered = values.sort().values
+    n = ordered.numel()
+    prefix = F.pad(ordered.double().cumsum(0), (1, 0))  # prefix[i] = sum of the i smallest values
+    positions = ((torch.arange(k, dtype=torch.float64, device=values.device) + 0.5) / k * (n - 1)).round().long()
+    centroids = ordered[positions]
+    for _ in range(iterations):
+        cuts = torch.searchsorted(ordered, _midpoints(centroids), right=True)  # values <= midpoint i lie in clusters <= i
+        bounds = F.pad(cuts, (1, 0), value=0)
+        bounds = F.pad(bounds, (0, 1), value=n)
+        counts = bounds[1:] - bounds[:-1]
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        centroids = torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), centroids).sort().values
+    return centroids, torch.bucketize(values, _midpoints(centroids))
+
+
+def _midpoints(centroids: Tensor) -> Tensor:
+    """Boundaries between ascending centroids: a value goes to the nearest one (ties to the lower)."""
+    return (centroids[1:] + centroids[:-1]) / 2
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear (per output channel), as gpt-fast's WeightOnlyInt8Linear: y = (x @ q^T) * s + b."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        _register_int8_rows(self, out_features, in_features)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        """The int8 twin of `linear` (of type `cls`): per-row quantized weight, float bias copied."""
+        q, scale = quantize_int8(linear.weight)
+        return _linear_twin(cls(linear.in_features, linear.out_features, bias=linear.bias is not None), linear, weight_int8=q, scale=scale)
+
+    @property
+    def weight(self) -> Tensor:
+        return _dequantize_rows(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8DynamicLinear(Int8Linear):
+    """Int8 weights (per output channel) and int8 activations quantized per token at run time.
+
+    Storage and `from_float` are Int8Linear's; only the product differs:
+    y = (q_x @ q_w^T) * s_x * s_w + b with s_x = max|x_t| / 127 for each token t. The integer
+    product runs on `torch._int_mm` (int32 accumulation) where it is available, else as float64
+    matmul, which is exact for these integers, so both paths give the same numbers. In backward
+    the activation rounding is passed straight through (gradients as for the dequantized weight).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        with torch.no_grad():
+            absmax = rows.abs().amax(dim=1, keepdim=True).float()
+            x_scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))  # (N, 1)
+            x_int8 = torch.clamp(torch.round(rows.float() / x_scale), -127, 127).to(torch.int8)
+            acc = integer_matmul(x_int8, self.weight_int8.t())  # (N, out) exact integers
+            y = (acc.float() * x_scale * self.scale).to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:  # straight-through: adds exactly 0 in forward
+            z = F.linear(rows, self.weight.to(x.dtype))
+            y = y + (z - z.detach())
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def integer_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Exact int8 (N, K) @ int8 (K, M) -> int32 (N, M): torch._int_mm where it runs, else float64 (exact below 2**53)."""
+    if hasattr(torch, "_int_mm") and a.device.type in ("cpu", "cuda"):
+        try:
+            return torch._int_mm(a, b)
+        except RuntimeError:  # CUDA's kernel refuses some shapes (N <= 16, K or M not multiples of 8)
+            pass
+    return (a.double() @ b.double()).to(torch.int32)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear, group-wise with a scale and an integer zero-point per group; two values per byte."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, *, bias: bool = True):
+        super().__init__()
+        if group_size not in GROUP_SIZES or in_features % group_size:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide in_features {in_features}, got {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight_int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int, symmetric: bool = False) -> Int4Linear:
+        packed, scale, zero = quantize_int4(linear.weight, group_size, symmetric)
+        module = cls(linear.in_features, linear.out_features, group_size, bias=linear.bias is not None)
+        return _linear_twin(module, linear, weight_int4=packed, scale=scale, zero=zero)
+
+    @property
+    def weight(self) -> Tensor:
+        q = unpack(self.weight_int4, 4).float().view(self.out_features, -1, self.group_size)  # (out, groups, g)
+        w = (q - self.zero.float()[..., None]) * self.scale[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class ClusteredLinear(nn.Module):
+    """Linear whose weights are indices into a codebook of 2**bits fp32 centroids (packed when bits <= 4)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, *, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        _register_codebook(self, in_features * out_features, bits)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int) -> ClusteredLinear:
+        codebook, indices = _cluster(linear.weight, bits)
+        module = cls(linear.in_features, linear.out_features, bits, bias=linear.bias is not None)
+        return _linear_twin(module, linear, codebook=codebook, indices=indices)
+
+    @property
+    def weight(self) -> Tensor:
+        return _decode_clusters(self.codebook, self.indices, self.bits, (self.out_features, self.in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table in int8 with one scale per row (token); lookups dequantize only the rows they read."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        _register_int8_rows(self, num_embeddings, embedding_dim)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim)
+        module.weight_int8, module.scale = quantize_int8(embedding.weight)
+        return module
+
+    @property
+    def weight(self) -> Tensor:
+        return _dequantize_rows(self)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.weight_int8[ids].float() * self.scale[ids].unsqueeze(-1)  # (..., E)
+
+
+class ClusteredEmbedding(nn.Module):
+    """Embedding table stored as indices into a codebook of 2**bits fp32 centroids."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        _register_codebook(self, num_embeddings * embedding_dim, bits)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, bits: int) -> ClusteredEmbedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, bits)
+        module.codebook, module.indices = _cluster(embedding.weight, bits)
+        return module
+
+    @property
+    def weight(self) -> Tensor:
+        return _decode_clusters(self.codebook, self.indices, self.bits, (self.num_embeddings, self.embedding_dim))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def _register_int8_rows(module: nn.Module, rows: int, cols: int) -> None:
+    module.register_buffer("weight_int8", torch.zeros(rows, cols, dtype=torch.int8))
+    module.register_buffer("scale", torch.ones(rows))
+
+
+def _dequantize_rows(module: nn.Module) -> Tensor:
+    return module.weight_int8.float() * module.scale[:, None]
+
+
+def _register_codebook(module: nn.Module, numel: int, bits: int) -> None:
+    module.register_buffer("codebook", torch.zeros(2**bits))
+    module.register_buffer("indices", torch.zeros(_packed_length(numel, bits), dtype=torch.uint8))
+
+
+def _linear_twin(module: nn.Module, linear: nn.Linear, **buffers: Tensor) -> nn.Module:
+    """Fill a new integer-storage `module` with its quantized `buffers` and a float copy of `linear`'s bias."""
+    for name, value in buffers.items():
+        setattr(module, name, value)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().float().clone())
+    return module
+
+
+def _packed_length(n: int, bits: int) -> int:
+    return math.ceil(n * storage_width(bits) / 8)
+
+
+def _cluster(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """k-means codebook of one matrix and its packed, flattened indices (zero-padded to whole bytes)."""
+    width = storage_width(bits)
+    codebook, index = kmeans_1d(w, 2**bits)
+    padded = F.pad(index.to(torch.uint8), (0, -index.numel() % (8 // width)))
+    return codebook, pack(padded, width)
+
+
+def _decode_clusters(codebook: Tensor, indices: Tensor, bits: int, shape: tuple[int, int]) -> Tensor:
+    index = unpack(indices, storage_width(bits))[: shape[0] * shape[1]]
+    return codebook[index.long()].view(shape)
+
+
+def empty_twin(module: nn.Module, layer: QuantizedLayer) -> nn.Module:
+    """The integer-storage module that replaces `module` for `layer` (zero-filled buffers, for load_state_dict)."""
+    if isinstance(module, nn.Embedding):
+        if layer.mode == "int8":
+            return Int8Embedding(module.num_embeddings, module.embedding_dim)
+        if layer.mode == "cluster":
+            return ClusteredEmbedding(module.num_embeddings, module.embedding_dim, layer.bits)
+        raise ValueError(f"quantized layer {layer.name}: embeddings support modes int8 and cluster, not {layer.mode!r}")
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"quantized layer {layer.name} is a {type(module).__name__}; only Linear and Embedding can be quantized")
+    args, bias = (module.in_features, module.out_features), module.bias is not None
+    if layer.mode == "int8":
+        return Int8Linear(*args, bias=bias)
+    if layer.mode == "int8-dynamic":
+        return Int8DynamicLinear(*args, bias=bias)
+    if layer.mode == "int4":
+        if layer.group_size is None:
+            raise ValueError(f"quantized layer {layer.name}: mode int4 needs a group_size")
+        return Int4Linear(*args, layer.group_size, bias=bias)
+    return ClusteredLinear(*args, layer.bits, bias=bias)
+
+
+def swap_quantized(model: nn.Module, layers: Iterable[QuantizedLayer]) -> None:
+    """Replace each named module of `model` with its empty integer-storage twin, in place.
+
+    Called by `Transformer.__init__` for `config.quantized`; the buffers are then filled by
+    `load_state_dict`. A name that is not a Linear/Embedding of the model raises ValueError.
+    """
+    for layer in layers:
+        parent_name, _, child = layer.name.rpartition(".")
+        try:
+            module = model.get_submodule(layer.name)
+        except AttributeError:
+            raise ValueError(f"quantized layer {layer.name!r} is not a module of this model") from None
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise ValueError(f"quantized layer {layer.name} is a {type(module).__name__}; only Linear and Embedding can be quantized")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, empty_twin(module, layer))
+
