@@ -1,0 +1,169 @@
+"""Share: ALBERT-style cross-layer weight sharing, embedding factorization by truncated SVD, weight clustering."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from compress.pipeline import Context
+from compress.quantize import cluster_layers
+from model.config import Config, check_choice, check_int
+from model.transformer import Transformer
+
+logger = logging.getLogger(__name__)
+
+INITS = ("mean", "closest")
+STACKS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class Share:
+    """Tie groups of layers to one weight block, factorize the word embeddings, cluster the weights.
+
+    layers_per_group: k consecutive layers run one weight block (layers 0..k-1, k..2k-1, ...),
+    in the encoder and in the decoder (whose blocks include cross-attention). When k does not
+    divide a stack's layer count, its last group is smaller (6 layers, k=4: groups of 4 and 2).
+    1 leaves the layers as they are (any existing sharing included). An already-shared model
+    is regrouped by layer position, so a coarser existing map is split again where the new
+    groups say (each block then starts from its members, as below).
+    init: how a group's block starts: "mean" (element-wise mean of the members' weights, one
+    member per layer position) or "closest" (a copy of the member nearest that mean, L2 over
+    all its parameters).
+    embed_dim: factorize the word embeddings to rank E by truncated SVD (vocab x E, then E x dim);
+    must be below the current embedding width. The tied MLM / LM heads follow automatically.
+    cluster_bits: k-means weight clustering with a codebook of 2**bits centroids per matrix
+    (done by `compress.quantize.cluster_layers`, after sharing and factorization).
+    """
+
+    layers_per_group: int = 1
+    init: str = "mean"
+    embed_dim: int | None = None
+    cluster_bits: int | None = None
+    needs_data: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_int("layers_per_group", self.layers_per_group, 1)
+        check_choice("init", self.init, INITS)
+        if self.embed_dim is not None:
+            check_int("embed_dim", self.embed_dim, 1)
+        if self.cluster_bits is not None:
+            check_int("cluster_bits", self.cluster_bits, 1)
+            if self.cluster_bits > 8:
+                raise ValueError(f"cluster_bits must be <= 8 (a codebook of at most 256 centroids), got {self.cluster_bits}")
+
+    def __call__(self, model: Transformer, ctx: Context | None = None) -> Transformer:
+        """Apply the settings to `model` (not modified) and return a new Transformer with a new Config."""
+        if model.config.quantized:
+            names = [layer.name for layer in model.config.quantized]
+            raise ValueError(f"Share needs float weights but the model has quantized layers {names}; share before quantizing")
+        if self.layers_per_group > 1:
+            model = share_layers(model, self.layers_per_group, init=self.init)
+        if self.embed_dim is not None:
+            model, error = factorize_embeddings(model, self.embed_dim)
+            logger.info("Share: word embeddings factorized to rank %d, relative Frobenius error %.4f", self.embed_dim, error)
+        if self.cluster_bits is not None:
+            model = cluster_layers(model, self.cluster_bits)
+        return model
+
+
+def share_layers(model: Transformer, layers_per_group: int, *, init: str = "mean") -> Transformer:
+    """A new model whose encoder and decoder layers run one weight block per group of `layers_per_group`.
+
+    model: any unquantized Transformer (not modified). init: "mean" or "closest" (see `Share`).
+    Returns a fresh Transformer built from the new Config (`encoder_share`, `decoder_share`).
+    Raises ValueError when a group's layers differ in shape or k exceeds a stack's layer count.
+    """
+    check_int("layers_per_group", layers_per_group, 1)
+    check_choice("init", init, INITS)
+    config = model.config
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(f"{s}.blocks." for s in STACKS))}
+    changes = {}
+    for name in STACKS:
+        shapes = getattr(config, name)
+        if not shapes:
+            continue
+        if layers_per_group > len(shapes):
+            raise ValueError(f"layers_per_group={layers_per_group} is larger than the {name}'s {len(shapes)} layers")
+        stack = getattr(model, name)
+        share = tuple(layer // layers_per_group for layer in range(len(shapes)))
+        if share[-1] + 1 > len(stack.blocks):
+            logger.warning(
+                "Share: regrouping the %s by position splits its %d weight blocks into %d (its sharing was coarser)",
+                name, len(stack.blocks), share[-1] + 1,
+            )
+        for group in range(share[-1] + 1):
+            members = [layer for layer, g in enumerate(share) if g == group]
+            for layer in members[1:]:
+                if shapes[layer] != shapes[members[0]]:
+                    raise ValueError(
+                        f"{name} layers {members[0]} and {layer} cannot share weights: their shapes differ "
+                        f"({shapes[members[0]]} vs {shapes[layer]})"
+                    )
+            block = _init_block([stack.blocks[stack.share[layer]].state_dict() for layer in members], init)
+            state.update({f"{name}.blocks.{group}.{key}": value for key, value in block.items()})
+        changes[f"{name}_share"] = share
+        logger.info("Share: %s layers %s -> blocks %s", name, list(stack.share), list(share))
+    return _rebuild(model, config.replace(**changes), state)
+
+
+def factorize_embeddings(model: Transformer, embed_dim: int) -> tuple[Transformer, float]:
+    """Factorize the word embeddings to rank `embed_dim` by truncated SVD.
+
+    The word matrix W (vocab x dim; word @ word_proj.T when already factorized) becomes
+    A (vocab x E) in `embeddings.word.weight` and B (E x dim), stored as B.T in
+    `embeddings.word_proj.weight`. embed_dim must be in [1, current embed_dim) and <= vocab_size.
+    Returns (a fresh Transformer with `embed_dim` in its Config, ||W - A B||_F / ||W||_F).
+    """
+    config = model.config
+    check_int("embed_dim", embed_dim, 1)
+    if embed_dim >= config.embed_dim:
+        raise ValueError(
+            f"embed_dim must be smaller than the current embedding width {config.embed_dim} (dim={config.dim}); got {embed_dim}"
+        )
+    if embed_dim > config.vocab_size:
+        raise ValueError(f"embed_dim must be <= vocab_size ({config.vocab_size}); got {embed_dim}")
+    embeddings = model.embeddings
+    with torch.no_grad():
+        w = embeddings.word.weight.double()  # (V, E')
+        if embeddings.word_proj is not None:
+            w = w @ embeddings.word_proj.weight.double().T  # (V, E') @ (E', dim) -> (V, dim)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # u (V, r), s (r,), vh (r, dim), r = min(V, dim)
+        # Any split of the singular values gives the same product A @ B (and the same tied-head
+        # logits), but the symmetric one is the balanced factorization: A and B get equal norms
+        # (the smallest ||A||^2 + ||B||^2, the point weight decay pulls towards), so neither factor
+        # holds all the scale. That keeps both near the magnitude training and quantization expect
+        # and gives their gradients comparable size when distillation trains them afterwards.
+        root = s[:embed_dim].sqrt()
+        a = u[:, :embed_dim] * root  # (V, E)
+        b = root[:, None] * vh[:embed_dim]  # (E, dim)
+        total = s.square().sum().sqrt()
+        error = float(s[embed_dim:].square().sum().sqrt() / total) if total > 0 else 0.0
+    dtype = embeddings.word.weight.dtype
+    state = model.state_dict()
+    state["embeddings.word.weight"] = a.to(dtype)
+    state["embeddings.word_proj.weight"] = b.T.contiguous().to(dtype)  # Linear(E, dim).weight is (dim, E)
+    return _rebuild(model, config.replace(embed_dim=embed_dim), state), error
+
+
+def _init_block(states: list[dict[str, torch.Tensor]], init: str) -> dict[str, torch.Tensor]:
+    """The starting weights of a shared block from its members' block state dicts (one per layer)."""
+    keys = list(states[0])
+    # float64 so that the mean of up to a dozen fp32 members is exact to fp32 rounding
+    mean = {key: torch.stack([s[key].double() for s in states]).mean(dim=0) for key in keys}
+    if init == "mean":
+        return {key: mean[key].to(states[0][key].dtype) for key in keys}
+    distances = torch.stack([sum((s[key].double() - mean[key]).square().sum() for key in keys) for s in states])
+    closest = int(distances.argmin())
+    return {key: value.clone() for key, value in states[closest].items()}
+
+
+def _rebuild(model: Transformer, config: Config, state: dict[str, torch.Tensor]) -> Transformer:
+    """A fresh Transformer for `config` holding `state` (strict), on the old model's device, dtype and mode."""
+    reference = model.embeddings.word.weight
+    new = Transformer(config, attention_backend=model.attention_backend).to(device=reference.device, dtype=reference.dtype)
+    new.load_state_dict(state, strict=True)
+    new.tokenizer = model.tokenizer
+    return new.train(model.training)

