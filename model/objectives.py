@@ -102,6 +102,8 @@ class PretrainingData:
         seed: the seed of the examples, the epoch orders and the masking (>= 0).
     """
 
+    step_indexed = True  # the training loop passes the global step; epochs are handled here
+
     def __init__(
         self, documents: list[str], tokenizer: Tokenizer, *, max_len: int = 128, batch_size: int = 32,
         pair_task: str | None = "nsp", mlm_prob: float = 0.15, denoise: bool = True, seed: int = 0,

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.io import atomic_write_text, load_tensors, save_tensors
+from model.config import check_int
+from model.io import atomic_write_text, fsync_dir, load_tensors, save_tensors
 
 Batch = dict[str, torch.Tensor]
 SCHEDULES = ("linear", "cosine", "constant")
@@ -53,27 +54,35 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: Any, minimum: int) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-        positive_int("steps", self.steps, 1)
-        positive_int("checkpoint_every", self.checkpoint_every, 0)
-        positive_int("keep_checkpoints", self.keep_checkpoints, 1)
-        positive_int("seed", self.seed, 0)
+        check_int("steps", self.steps, 1)
+        check_int("checkpoint_every", self.checkpoint_every, 0)
+        check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        check_int("seed", self.seed, 0)
         if self.warmup_steps is not None:
-            positive_int("warmup_steps", self.warmup_steps, 0)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive float, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            check_int("warmup_steps", self.warmup_steps, 0)
+        for name in ("lr", "weight_decay", "clip"):
+            value = getattr(self, name)
+            if value is None and name == "clip":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
-            raise ValueError(f"clip must be a positive float or None, got {self.clip!r}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be > 0 or None (no clipping), got {self.clip!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas
+        ):
             raise ValueError(f"betas must be two floats in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", tuple(self.betas))
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
 
     @property
     def warmup(self) -> int:
@@ -115,42 +124,61 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class _Batches:
-    """Turns `data` into batch(step): lists cycle, step-indexed sources are indexed, iterables are re-iterated."""
+    """Turns `data` into batch(step), the same batch for the same step in a resumed run.
 
-    def __init__(self, data: Any):
-        self.data, self._iter, self._consumed = data, None, 0
+    Step-indexed sources (`step_indexed = True`, like PretrainingData) get the global step and
+    handle epochs themselves; other sequences (lists, map-style datasets of batches) cycle;
+    iterables are re-iterated each epoch, each epoch started under an RNG seeded by (seed, epoch)
+    so that a shuffling DataLoader yields the same order after a resume.
+    """
+
+    def __init__(self, data: Any, seed: int):
+        self.data, self.seed = data, seed
+        self._iter, self._consumed, self._epoch, self._batch = None, 0, 0, None
         if isinstance(data, dict):
             raise TypeError("data must be a collection of batches, got a single batch dict; wrap it in a list")
-        if isinstance(data, (list, tuple)):
-            if not data:
-                raise ValueError("data is an empty list of batches")
-            self.kind = "list"
-        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if getattr(data, "step_indexed", False):
             self.kind = "indexed"
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+            if len(data) == 0:
+                raise ValueError("data is an empty collection of batches")
+            self.kind = "sequence"
         elif isinstance(data, Iterable):
             self.kind = "iterable"
         else:
             raise TypeError(f"data must be a list of batches, a step-indexed source or an iterable, got {type(data).__name__}")
 
     def __call__(self, step: int) -> Batch:
-        if self.kind == "list":
-            return self.data[step % len(self.data)]
         if self.kind == "indexed":
             return self.data[step]
+        if self.kind == "sequence":
+            return self.data[step % len(self.data)]
         while self._consumed <= step:  # an iterable has no random access: skip forward (resume)
-            batch = self._next()
+            self._batch = self._next()
             self._consumed += 1
-        return batch
+        return self._batch
 
     def _next(self) -> Batch:
-        for _ in range(2):
-            if self._iter is None:
-                self._iter = iter(self.data)
+        if self._iter is not None:
             try:
                 return next(self._iter)
             except StopIteration:
-                self._iter = None
-        raise ValueError("data yielded no batches")
+                pass
+        if self._epoch > 0 and iter(self.data) is self.data:
+            raise ValueError(
+                f"data is a one-shot iterator that ran out after {self._consumed} batches; "
+                "pass a list or a re-iterable (e.g. a DataLoader) for more steps"
+            )
+        # Samplers draw their seeds from the global RNG when iteration starts: fork it so the
+        # order depends only on (seed, epoch), not on how many dropout draws came before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 100_003 + self._epoch)
+            self._iter = iter(self.data)
+            first = next(self._iter, None)
+        self._epoch += 1
+        if first is None:
+            raise ValueError("data yielded no batches")
+        return first
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -197,7 +225,7 @@ def train(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     device = torch.device(config.device)
     model.to(device).train()
-    batches = _Batches(data)
+    batches = _Batches(data, config.seed)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     autocast, scaler = _autocast(config, device)
     result = TrainResult()
@@ -206,7 +234,7 @@ def train(
     if ckpt_dir is not None:
         latest = _latest_checkpoint(ckpt_dir)
         if latest is not None:
-            result.resumed_from, result.losses = _restore(latest, model, optimizer, device)
+            result.resumed_from, result.losses = _restore(latest, model, optimizer, scaler, config, device)
             result.checkpoint = latest
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(total=config.steps, initial=result.resumed_from, disable=not config.progress, desc="train", unit="step")
@@ -241,9 +269,10 @@ def train(
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
             done = step + 1
             if ckpt_dir is not None and (done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                result.checkpoint = _save_checkpoint(ckpt_dir, done, model, optimizer, result.losses, config)
-            if callback is not None:
-                callback(done, result.losses[-1])
+                result.checkpoint = _save_checkpoint(ckpt_dir, done, model, optimizer, scaler, result.losses, config)
+            if callback is not None:  # forked RNG: a callback that samples must not shift the run
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    callback(done, result.losses[-1])
     finally:
         bar.close()
     return result
@@ -259,7 +288,13 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float], config: TrainConfig) -> Path:
+# Settings that shape the loss sequence: a resumed run must use the checkpoint's values.
+_RESUME_FIELDS = ("steps", "lr", "warmup_steps", "schedule", "weight_decay", "betas", "clip", "seed")
+
+
+def _save_checkpoint(
+    ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, losses: list[float], config: TrainConfig
+) -> Path:
     """Write step-N/ as a whole: files go into a temp folder that is renamed once complete."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:08d}"
@@ -273,28 +308,41 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: tor
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
     save_tensors(tmp / "optimizer.safetensors", tensors)
-    trainer = {"step": step, "losses": losses, "param_groups": state["param_groups"], "config": asdict(config)}
+    trainer = {
+        "step": step, "losses": losses, "param_groups": state["param_groups"],
+        "settings": {name: getattr(config, name) for name in _RESUME_FIELDS},
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
     atomic_write_text(tmp / "trainer.json", json.dumps(trainer))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    fd = os.open(ckpt_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(ckpt_dir)
     old = sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -config.keep_checkpoints]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     return final
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, list[float]]:
-    """Load a checkpoint into model and optimizer; returns (step, losses so far)."""
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, config: TrainConfig, device: torch.device) -> tuple[int, list[float]]:
+    """Load a checkpoint into model, optimizer and loss scaler; returns (step, losses so far)."""
     trainer = json.loads((path / "trainer.json").read_text())
+    saved = trainer["settings"]
+    for name in _RESUME_FIELDS:
+        value = getattr(config, name)
+        if (list(value) if isinstance(value, tuple) else value) != saved[name]:
+            raise ValueError(
+                f"checkpoint {path} was written with {name}={saved[name]!r} but this run has {name}={value!r}; "
+                "use the same settings to resume, or another checkpoint_dir to start afresh"
+            )
     weights = load_tensors(path / "model.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not match the model: {err}") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if scaler is not None and trainer["scaler"] is not None:
+        scaler.load_state_dict(trainer["scaler"])
     tensors = load_tensors(path / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
