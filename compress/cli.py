@@ -50,15 +50,17 @@ def _pretrain(args: argparse.Namespace) -> int:
     )
     model, run = result.model, result.train
     params = sum(p.numel() for p in model.parameters())
-    window = max(1, min(20, len(result.head_losses) // 4))
-    first, last = result.head_losses[:window], result.head_losses[-window:]
-    print(f"\npretrained preset {args.preset!r}: {params / 1e6:.1f}M parameters, {len(run.losses)} steps, "
-          f"{run.tokens_per_second:.0f} tokens/s over {run.seconds:.0f} s")
-    print(f"{'objective':<10} {'train first':>12} {'train last':>11} {'held-out before':>16} {'held-out after':>15}")
-    for name in result.eval_after:
-        mean = lambda rows: sum(r[name] for r in rows) / len(rows)  # noqa: E731
-        print(f"{name:<10} {mean(first):>12.3f} {mean(last):>11.3f} {result.eval_before[name]:>16.3f} {result.eval_after[name]:>15.3f}")
-    print(f"(train first/last: mean over the first/last {window} steps)")
+    print(f"\npretrained preset {args.preset!r}: {params / 1e6:.1f}M parameters (vocabulary {model.config.vocab_size}), "
+          f"{len(run.losses)} steps" + (f" (resumed at step {run.resumed_from})" if run.resumed_from else ""))
+    if run.seconds:
+        print(f"this run: {run.tokens_per_second:.0f} tokens/s over {run.seconds:.0f} s")
+    print(f"{'held-out loss':<14} {'before':>8} {'after':>8}")
+    for name, after in result.eval_after.items():
+        print(f"{name:<14} {result.eval_before[name]:>8.3f} {after:>8.3f}")
+    window = max(1, min(20, len(run.losses) // 4))
+    first, last = run.losses[:window], run.losses[-window:]
+    print(f"training loss (all objectives): {sum(first) / len(first):.3f} over the first {window} steps, "
+          f"{sum(last) / len(last):.3f} over the last {window}")
     if args.out:
         manifest = {"pretraining": {
             "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ import torch
 from model.config import Config
 from model.corpus import load_corpus
 from model.objectives import PretrainingData
-from model.tokenizer import special_tokens, train_tokenizer
+from model.io import atomic_write_text
+from model.tokenizer import load_tokenizer, special_tokens, train_tokenizer
 from model.train import TrainConfig, TrainResult, train
 from model.transformer import Transformer
 
@@ -43,6 +45,62 @@ def evaluate_losses(model: Transformer, data: PretrainingData, n_batches: int) -
     return totals
 
 
+@dataclass
+class Prepared:
+    """Everything a pretraining run needs before its first step."""
+
+    config: Config
+    tokenizer: Tokenizer
+    train_data: PretrainingData
+    eval_data: PretrainingData
+
+
+def prepare(
+    config: Config | str,
+    corpus: Any = None,
+    *,
+    batch_size: int = 32,
+    max_len: int = 128,
+    pair_task: str | None = "sop",
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+    holdout: float = 0.05,
+) -> Prepared:
+    """Split the corpus, train (or take) the tokenizer, fit the config to it and build the batches.
+
+    The config's vocab_size and pad_id follow the tokenizer; the "pair" head is dropped when
+    pair_task is None. A `holdout` fraction of the documents (at least 2) is kept for evaluation.
+    """
+    if isinstance(config, str):
+        config = Config.preset(config)
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    if max_len > config.max_positions:
+        raise ValueError(f"max_len={max_len} is longer than the model's max_positions={config.max_positions}")
+    if pair_task is not None and "pair" not in config.heads:
+        raise ValueError(f"pair_task={pair_task!r} needs a 'pair' head, but the config's heads are {list(config.heads)}")
+    documents = load_corpus(corpus)
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(2, round(holdout * len(documents)))
+    eval_docs = [documents[i] for i in order[:n_eval]]
+    train_docs = [documents[i] for i in order[n_eval:]]
+    if tokenizer is None:
+        tokenizer = train_tokenizer(train_docs, vocab_size=config.vocab_size)
+    heads = config.heads if pair_task else tuple(h for h in config.heads if h != "pair")
+    config = config.replace(vocab_size=tokenizer.get_vocab_size(), pad_id=special_tokens(tokenizer).pad, heads=heads)
+    options = dict(max_len=max_len, pair_task=pair_task, denoise="lm" in config.heads)
+    train_data = PretrainingData(train_docs, tokenizer, batch_size=batch_size, seed=seed, **options)
+    try:
+        eval_data = PretrainingData(eval_docs, tokenizer, batch_size=batch_size, seed=seed + 1, **options)
+    except ValueError as err:
+        raise ValueError(
+            f"holdout={holdout} keeps {n_eval} of {len(documents)} documents for evaluation, too few for one "
+            f"batch of {batch_size} ({err}); raise holdout, lower batch_size or give more text"
+        ) from None
+    return Prepared(config, tokenizer, train_data, eval_data)
+
+
 def pretrain(
     config: Config | str = "full",
     corpus: Any = None,
@@ -63,35 +121,24 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain a fresh model on `corpus` (None = the built-in corpus, a path, or a list of texts).
 
-    config: a Config or a preset name. The tokenizer is trained on the corpus unless given; the
-    config's vocab_size and pad_id follow the tokenizer. The decoder (if any) learns denoising
-    seq2seq; the encoder MLM and `pair_task` ("nsp", "sop" or None). A `holdout` fraction of the
-    documents measures held-out losses before and after training.
+    config: a Config or a preset name. The decoder (if any) learns denoising seq2seq; the encoder
+    MLM and `pair_task` ("nsp", "sop" or None). See `prepare` for the tokenizer and holdout.
+    With checkpoint_dir, an interrupted run resumes there with the tokenizer it started with.
     Returns a PretrainResult whose model has its tokenizer attached.
     """
-    if isinstance(config, str):
-        config = Config.preset(config)
-    if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-    documents = load_corpus(corpus)
-    order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(holdout * len(documents)))
-    eval_docs = [documents[i] for i in order[:n_eval]]
-    train_docs = [documents[i] for i in order[n_eval:]]
-    if tokenizer is None:
-        tokenizer = train_tokenizer(train_docs, vocab_size=config.vocab_size)
-    config = config.replace(vocab_size=tokenizer.get_vocab_size(), pad_id=special_tokens(tokenizer).pad)
-    heads = config.heads if pair_task else tuple(h for h in config.heads if h != "pair")
-    config = config.replace(heads=heads)
-    options = dict(max_len=max_len, batch_size=batch_size, pair_task=pair_task, denoise="lm" in config.heads)
-    train_data = PretrainingData(train_docs, tokenizer, seed=seed, **options)
-    eval_data = PretrainingData(eval_docs, tokenizer, seed=seed + 1, **options)
+    saved_tokenizer = Path(checkpoint_dir) / "tokenizer.json" if checkpoint_dir else None
+    if tokenizer is None and saved_tokenizer is not None and saved_tokenizer.is_file():
+        tokenizer = load_tokenizer(saved_tokenizer)
+    run = prepare(config, corpus, batch_size=batch_size, max_len=max_len, pair_task=pair_task, seed=seed,
+                  tokenizer=tokenizer, holdout=holdout)
+    if saved_tokenizer is not None and not saved_tokenizer.is_file():
+        saved_tokenizer.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved_tokenizer, run.tokenizer.to_str())
 
     torch.manual_seed(seed)
-    model = Transformer(config)
-    model.tokenizer = tokenizer
-    eval_before = evaluate_losses(model, eval_data, eval_batches)
+    model = Transformer(run.config)
+    model.tokenizer = run.tokenizer
+    eval_before = evaluate_losses(model, run.eval_data, eval_batches)
     head_losses: list[dict[str, float]] = []
 
     def loss_fn(m: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,11 +146,11 @@ def pretrain(
         head_losses.append({name: loss.item() for name, loss in out.losses.items()})
         return out.loss
 
-    run = TrainConfig(
+    settings = TrainConfig(
         steps=steps, lr=lr, seed=seed, device=device, progress=progress,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
     )
-    result = train(model, train_data, run, loss_fn=loss_fn)
+    result = train(model, run.train_data, settings, loss_fn=loss_fn)
     model.cpu()
-    eval_after = evaluate_losses(model, eval_data, eval_batches)
+    eval_after = evaluate_losses(model, run.eval_data, eval_batches)
     return PretrainResult(model.eval(), result, eval_before, eval_after, head_losses)

@@ -105,27 +105,33 @@ def train_tokenizer(
             f"vocab_size={vocab_size!r}: expected an int above {len(SPECIAL_TOKENS)}, "
             "the number of special tokens"
         )
-    seen = 0
-
-    def counted(items: Iterable[str]) -> Iterator[str]:
-        nonlocal seen  # counted while the trainer streams the texts, which may be read only once
-        for text in items:
-            seen += bool(text.strip())
-            yield text
-
+    texts = list(texts)
+    if not any(text.strip() for text in texts):
+        raise ValueError("texts is empty: train_tokenizer needs at least one non-blank text")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=_PREFIX))
     _set_bert_text_handling(tok, lowercase)
+    # `tokenizers` numbers the "##c" pieces in hash-map order and breaks merge ties by id
+    # (huggingface/tokenizers#1794), so training is not repeatable. Registering every piece up
+    # front, sorted, fixes their ids and with them the merges.
+    inner = {
+        char
+        for text in texts
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))
+        for char in word[1:]
+    }
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *(_PREFIX + c for c in sorted(inner))],
         limit_alphabet=limit_alphabet,
         continuing_subword_prefix=_PREFIX,
         show_progress=False,
     )
-    tok.train_from_iterator(counted(texts), trainer=trainer)
-    if seen == 0:
-        raise ValueError("texts is empty: train_tokenizer needs at least one non-blank text")
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Registered as special only to fix their ids: as added tokens they would match literal "##c".
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+    tok = Tokenizer.from_str(json.dumps(data))
     if tok.get_vocab_size() > vocab_size:
         # The trainer never drops characters of the alphabet, so it overshoots instead of failing.
         raise ValueError(
