@@ -14,9 +14,8 @@ import time
 import torch
 
 from model.config import Config
-from model.corpus import load_corpus
 from model.objectives import PretrainingData
-from model.tokenizer import special_tokens, train_tokenizer
+from model.pretrain import prepare
 from model.train import TrainConfig, train
 from model.transformer import Transformer
 
@@ -51,11 +50,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=128)
     args = parser.parse_args()
 
-    config = Config.preset(args.preset)
-    documents = load_corpus(None)
-    tokenizer = train_tokenizer(documents, vocab_size=config.vocab_size)
-    config = config.replace(vocab_size=tokenizer.get_vocab_size(), pad_id=special_tokens(tokenizer).pad)
-    data = PretrainingData(documents, tokenizer, max_len=args.max_len, batch_size=args.batch_size, pair_task="sop")
+    prepared = prepare(args.preset, max_len=args.max_len, batch_size=args.batch_size, pair_task="sop")
+    config, data = prepared.config, prepared.train_data
     params = sum(p.numel() for p in Transformer(config).parameters())
 
     rates: dict[str, list[float]] = {"sdpa": [], "reference": []}
@@ -64,7 +60,7 @@ def main() -> None:
             rates[backend].append(measure(config, data, backend, args.steps, start=round_ * args.steps))
     best = {name: max(values) for name, values in rates.items()}
 
-    print(f"preset {args.preset}: {params / 1e6:.1f}M parameters, batch {args.batch_size} x up to {args.max_len} tokens, "
+    print(f"preset {args.preset}: {params / 1e6:.1f}M parameters (vocabulary {config.vocab_size}), batch {args.batch_size} x up to {args.max_len} tokens, "
           f"MLM + SOP + denoising, {args.steps} steps x {args.rounds} rounds per backend")
     print("| attention backend | tokens/s (best round) | all rounds | ratio vs reference |")
     print("|---|---|---|---|")

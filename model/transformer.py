@@ -173,19 +173,24 @@ class Stack(nn.Module):
         self.share = share
         self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if config.norm == "pre" else None
 
-    def forward(self, x, key_mask, *, causal=False, memory=None, memory_mask=None, backend="auto", collect=False):
+    def forward(
+        self, x, key_mask, *, causal=False, memory=None, memory_mask=None, backend="auto",
+        hidden_states=False, attentions=False,
+    ):
         """Returns (last hidden (B,T,dim), [input + each layer's output] or None, [each layer's weights] or None)."""
-        hiddens, weights = ([x], []) if collect else (None, None)
+        hiddens = [x] if hidden_states else None
+        weights = [] if attentions else None
         for block_index in self.share:
             x, w = self.blocks[block_index](
-                x, key_mask, causal=causal, memory=memory, memory_mask=memory_mask, backend=backend, need_weights=collect
+                x, key_mask, causal=causal, memory=memory, memory_mask=memory_mask, backend=backend, need_weights=attentions
             )
-            if collect:
+            if hidden_states:
                 hiddens.append(x)
+            if attentions:
                 weights.append(w)
         if self.final_norm is not None:
             x = self.final_norm(x)
-            if collect:
+            if hidden_states:
                 hiddens[-1] = x
         return x, hiddens, weights
 
@@ -285,14 +290,17 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         *,
-        collect: bool = False,
+        hidden_states: bool = False,
+        attentions: bool = False,
     ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
         """Run the encoder: returns (hidden (B,T,dim), all hidden states or None, attention maps or None)."""
         attention_mask = _check_ids(self.config, input_ids, attention_mask, "input_ids", "attention_mask")
         if token_type_ids is not None:
             _check_token_types(self.config, token_type_ids, input_ids)
         x = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(x, attention_mask.bool(), backend=self.attention_backend, collect=collect)
+        return self.encoder(
+            x, attention_mask.bool(), backend=self.attention_backend, hidden_states=hidden_states, attentions=attentions
+        )
 
     def decode(
         self,
@@ -330,8 +338,11 @@ class Transformer(nn.Module):
             raise TypeError(f"unexpected batch keys {unknown}; allowed keys: {allowed}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids) if isinstance(input_ids, Tensor) else None
-        collect = output_hidden_states or output_attentions
-        h, hiddens, weights = self.encode(input_ids, attention_mask, token_type_ids, collect=collect)
+        if decoder_input_ids is None and ("decoder_labels" in labels or decoder_attention_mask is not None):
+            raise ValueError("decoder_labels and decoder_attention_mask need decoder_input_ids (the decoder's input)")
+        h, hiddens, weights = self.encode(
+            input_ids, attention_mask, token_type_ids, hidden_states=output_hidden_states, attentions=output_attentions
+        )
         out = Output(
             hidden_states=h,
             all_hidden_states=tuple(hiddens) if output_hidden_states else None,
@@ -390,7 +401,8 @@ def _check_ids(config: Config, ids: Tensor, mask: Tensor | None, name: str, mask
 
 def _check_token_types(config: Config, types: Tensor, ids: Tensor) -> None:
     if not isinstance(types, Tensor) or types.dtype not in (torch.int64, torch.int32):
-        raise TypeError("token_type_ids must be an int64 tensor")
+        got = types.dtype if isinstance(types, Tensor) else type(types).__name__
+        raise TypeError(f"token_type_ids must be an int64 tensor, got {got}")
     if types.shape != ids.shape:
         raise ValueError(f"token_type_ids has shape {tuple(types.shape)} but input_ids has {tuple(ids.shape)}")
     limit = max(config.type_vocab_size, 1)  # with no token-type embedding only zeros are meaningful

@@ -198,3 +198,17 @@ def test_decoder_input_on_encoder_only_model_is_refused():
 def test_unknown_attention_backend_is_refused():
     with pytest.raises(ValueError, match="backend must be"):
         Transformer(Config.preset("tiny"), attention_backend="fast")
+
+
+def test_decoder_labels_without_decoder_input_are_refused():
+    config = Config.preset("tiny")
+    batch = batch_for(config)
+    with pytest.raises(ValueError, match="need decoder_input_ids"):
+        Transformer(config)(**batch, decoder_labels=batch["input_ids"])
+
+
+def test_hidden_states_on_request_keep_the_fast_path():
+    config = Config.preset("tiny")
+    model = Transformer(config, attention_backend="sdpa").eval()
+    batch = batch_for(config)
+    assert torch.equal(model(**batch, output_hidden_states=True).hidden_states, model(**batch).hidden_states)
