@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from model.config import Config, LayerShape
+from model.io import load_tensors
 from model.tokenizer import load_tokenizer
 from model.transformer import Transformer
 
@@ -149,15 +149,23 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     """Tensors from model.safetensors (single or sharded), else pytorch_model.bin without running pickled code."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a safetensors shard index (needs a 'weight_map' object): {err!r}") from None
+        if any(Path(shard).name != shard for shard in shards):
+            raise ValueError(f"{index} names shards outside {folder}: {[s for s in shards if Path(s).name != s]}")
+        return {name: t for shard in shards for name, t in load_tensors(folder / shard).items()}
     if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
+        return load_tensors(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         try:
             state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise ValueError(f"{folder / 'pytorch_model.bin'} holds more than tensors and was refused: {err}") from None
+        except (RuntimeError, EOFError, OSError) as err:  # truncated or corrupt archives
+            raise ValueError(f"{folder / 'pytorch_model.bin'} is not a readable torch checkpoint: {err}") from None
         if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
             raise ValueError(f"{folder / 'pytorch_model.bin'} is not a state dict (a mapping of names to tensors)")
         return state

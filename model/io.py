@@ -165,9 +165,12 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", st
     config = _read_config(folder / CONFIG)
     data = (folder / WEIGHTS).read_bytes()
     header = _check_safetensors(data, folder / WEIGHTS)
-    _check_manifest(folder, data)
     model = Transformer(config)
+    floats = {_DTYPES[e["dtype"]] for n, e in header.items() if n != "__metadata__" and _DTYPES[e["dtype"]].is_floating_point}
+    if len(floats) == 1:  # a model saved in half precision loads in half precision
+        model.to(floats.pop())
     _check_matches(model, header, folder, strict)
+    _check_manifest(folder, data)
     model.load_state_dict(_deserialize(data, folder / WEIGHTS, "cpu"), strict=strict)
     if (folder / TOKENIZER).is_file():
         try:
@@ -308,19 +311,23 @@ def _deserialize(data: bytes, path: Path, device: str | torch.device) -> dict[st
 
 
 def _check_manifest(folder: Path, weights: bytes) -> None:
+    """Every file the manifest records must be unchanged (a save interrupted midway leaves a mix)."""
     manifest = read_manifest(folder)
     if manifest is None:
         return  # hand-made folders have no manifest, and that is allowed
     entry = manifest["files"].get(WEIGHTS)
-    expected = entry.get("sha256") if isinstance(entry, dict) else None
-    if not isinstance(expected, str):
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
         raise ValueError(f"{folder / MANIFEST} does not record the sha256 of {WEIGHTS}")
-    actual = hashlib.sha256(weights).hexdigest()
-    if actual != expected:
-        raise ValueError(
-            f"{folder / WEIGHTS}: file changed since it was saved (sha256 {actual[:12]}..., {MANIFEST} says "
-            f"{expected[:12]}...); re-save the model, or delete {MANIFEST} if the change is intended"
-        )
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if name != WEIGHTS and (not isinstance(entry, dict) or not path.is_file() or path.parent != folder):
+            continue  # a file deleted on purpose (e.g. the tokenizer) is not a mix
+        actual = hashlib.sha256(weights if name == WEIGHTS else path.read_bytes()).hexdigest()
+        if actual != entry.get("sha256"):
+            raise ValueError(
+                f"{path}: file changed since it was saved (sha256 {actual[:12]}..., {MANIFEST} says "
+                f"{str(entry.get('sha256'))[:12]}...); re-save the model, or delete {MANIFEST} if the change is intended"
+            )
 
 
 def _check_matches(model: Transformer, header: dict[str, Any], folder: Path, strict: bool) -> None:

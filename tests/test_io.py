@@ -265,6 +265,7 @@ def test_weights_that_do_not_match_config_are_listed(folder):
     assert "unexpected 4: heads.pair.bias, heads.pair.weight, pooler.dense.bias, pooler.dense.weight" in text
     config["vocab_size"] = 512
     (folder / "config.json").write_text(json.dumps(config))
+    (folder / "manifest.json").unlink()  # the edit is intended
     partial = load(folder, strict=False)  # names that exist in both are loaded; the rest stays initialized
     saved = safetensors.torch.load_file(folder / "model.safetensors")
     assert torch.equal(partial.embeddings.word.weight, saved["embeddings.word.weight"])
@@ -359,3 +360,20 @@ def test_arbitrary_bytes_only_ever_raise_value_error(raw, header, data, length_d
             except ValueError:
                 continue
             assert isinstance(tensors, dict)  # a blob that happens to be valid safetensors may load
+
+
+def test_half_precision_models_round_trip(tmp_path):
+    model = Transformer(Config.preset("tiny")).eval().half()
+    save(model, tmp_path)
+    loaded = load(tmp_path)
+    assert all(p.dtype == torch.float16 for p in loaded.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_a_changed_config_is_caught_by_the_manifest(tmp_path):
+    save(Transformer(Config.preset("tiny")), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dropout"] = 0.0  # same shapes: only the manifest can tell
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: file changed since it was saved"):
+        load(tmp_path)
