@@ -43,6 +43,7 @@ class Share:
     embed_dim: int | None = None
     cluster_bits: int | None = None
     needs_data: ClassVar[bool] = False
+    restructures: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_int("layers_per_group", self.layers_per_group, 1)
