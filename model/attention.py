@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Callable
 
 import torch
@@ -65,16 +67,91 @@ def _sdpa(q, k, v, *, key_mask, causal, scale, dropout):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
-BACKENDS: dict[str, Callable[..., Tensor]] = {"reference": _reference, "sdpa": _sdpa}
+# The Triton kernels are imported on first use: a CPU-only install never imports triton, and
+# TRITON_INTERPRET (which triton reads when a module's kernels are defined) can still be set by then.
+def _flash(q, k, v, *, key_mask, causal, scale, dropout):
+    from model.attention_flash import flash_attention
+
+    return flash_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)
 
 
-def choose_backend(q: Tensor, requested: str = "auto") -> tuple[str, str]:
-    """The backend `attend` will run for `q` and why: returns (name, reason)."""
-    if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {requested!r}")
+def _flash_int8(q, k, v, *, key_mask, causal, scale, dropout):
+    from model.attention_int8 import int8_attention
+
+    return int8_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)
+
+
+def _flash_lsh(q, k, v, *, key_mask, causal, scale, dropout):
+    from model.attention_lsh import lsh_attention
+
+    return lsh_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)
+
+
+BACKENDS: dict[str, Callable[..., Tensor]] = {
+    "reference": _reference,
+    "sdpa": _sdpa,
+    "flash": _flash,
+    "flash-int8": _flash_int8,
+    "flash-lsh": _flash_lsh,
+}
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_MAX_HEAD_DIM = 128  # the kernels' register tiles are sized for head_dim <= 128
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, as in the tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _exporting() -> bool:
+    """Whether an exporter is tracing: ONNX (TorchScript) export, or torch.export (the dynamo ONNX exporter)."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def _kernel_unsupported(q: Tensor) -> str | None:
+    """Why the Triton kernels cannot take q (B,H,Tq,D) here, or None when they can."""
+    if not _HAS_TRITON:
+        return "triton is not installed"
+    if not q.is_cuda and not _interpreting():
+        return f"the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests); q is on {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take float16, bfloat16 or float32; q is {q.dtype}"
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        return "bfloat16 needs a GPU: Triton's CPU interpreter has no bfloat16 dot"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} is over {_MAX_HEAD_DIM}, the largest the kernels take"
+    return None
+
+
+def choose_backend(q: Tensor, requested: str = "auto", *, dropout: float = 0.0) -> tuple[str, str]:
+    """The backend `attend` will run for `q` (B,H,Tq,D) and why: returns (name, reason).
+
+    "auto" picks flash for fp16/bf16 on CUDA with head_dim <= 128 and sdpa otherwise; a named
+    kernel backend that cannot run on q raises ValueError with the reason. Dropout > 0 always
+    runs sdpa (the kernels have none), and so does export: ONNX or torch.export tracing gets
+    exact attention whatever was asked for. A q that is not 4-D only has the name checked
+    (`Transformer` validates its `attention_backend` that way).
+    """
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {requested!r}")
+    if requested in ("reference", "sdpa"):
         return requested, "requested"
-    return "sdpa", "no Triton backend is installed for this device"
+    if _exporting():
+        return "sdpa", "exporting: the exported graph always holds exact attention"
+    if q.dim() != 4:
+        return (requested, "requested") if requested != "auto" else ("sdpa", "q is not (B, H, T, D)")
+    if dropout > 0.0:
+        return "sdpa", f"dropout={dropout}: the Triton kernels have no dropout"
+    reason = _kernel_unsupported(q)
+    if requested != "auto":
+        if reason is not None:
+            raise ValueError(f"backend {requested!r} cannot run here: {reason}")
+        return requested, "requested"
+    if reason is not None or not q.is_cuda:
+        return "sdpa", reason or f"q is on {q.device}: auto uses the Triton kernels on CUDA only"
+    if q.dtype == torch.float32:
+        return "sdpa", "float32: flash computes fp32 products without tensor cores; sdpa is the fp32 path"
+    return "flash", f"CUDA, {q.dtype}, head_dim {q.shape[-1]}: the Triton flash kernel"
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> None:
@@ -85,6 +162,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim")
     if key_mask is not None:
@@ -110,8 +189,10 @@ def attend(
     key_mask: (B,Tk) bool, True = a real token to attend to (the polarity of attention_mask).
     causal: query i sees keys j <= i + Tk - Tq. scale: defaults to 1/sqrt(D).
     dropout: probability of dropping attention weights (training only).
-    backend: "auto", "reference" or "sdpa"; "auto" picks the fastest exact backend available.
+    backend: "auto", or one of BACKENDS: "reference", "sdpa", "flash" (exact), "flash-int8" and
+    "flash-lsh" (approximate, inference only); see `choose_backend` for what "auto" picks and
+    when a request is overridden (dropout, export).
     """
     _check(q, k, v, key_mask)
-    name, _ = choose_backend(q, backend)
+    name, _ = choose_backend(q, backend, dropout=dropout)
     return BACKENDS[name](q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout=dropout)
