@@ -19,6 +19,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch_pruning as tp
@@ -91,6 +92,7 @@ class Prune:
     round_to: int = 8
     params: float | int | None = None
     batches: int = 8
+    restructures: ClassVar[bool] = True  # the Pipeline refuses it after a quantizing pass
 
     def __post_init__(self) -> None:
         for name in ("heads", "ffn", "hidden"):
