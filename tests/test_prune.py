@@ -8,6 +8,7 @@ import torch
 from compress.pipeline import Context, Pipeline, count_params
 from compress.prune import Prune
 from model import Config, LayerShape, Transformer, load, save
+from model.config import QuantizedLayer
 
 torch.set_num_threads(1)  # shared 2-core machine; these models are small
 
@@ -376,6 +377,9 @@ def test_settings_the_model_cannot_take_are_refused():
         Prune(importance="taylor")(model, Context(data=[], teacher=model))
     with pytest.raises(TypeError, match="heads"):
         Prune(heads="half")
+    quantized = Transformer(Config.preset("tiny", quantized=(QuantizedLayer("encoder.blocks.0.ffn.up", "int8", 8),)))
+    with pytest.raises(ValueError, match="float weights"):
+        Prune(heads=0.5)(quantized, ctx)
     assert Prune(importance="taylor").needs_data and not Prune().needs_data and Prune.restructures
     assert dataclasses.asdict(Prune(heads=0.5))["heads"] == 0.5
 
