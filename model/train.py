@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from model.config import check_int
+from model.distributed import World, agree_all_have_data, barrier, gather_rng_states, join, reduce_step
 from model.io import atomic_write_text, fsync_dir, load_tensors, save_tensors
 
 Batch = dict[str, torch.Tensor]
@@ -36,6 +38,8 @@ class TrainConfig:
     clip: max gradient norm (None = no clipping). checkpoint_every: steps between checkpoints
     (0 = only at the end) when checkpoint_dir is set; keep_checkpoints: how many to keep.
     amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+    shard: under torchrun, rank r of W trains on batches r, r+W, r+2W, ... of the data (so the
+    global batch of a step is W consecutive batches); False = every rank brings its own data.
     """
 
     steps: int
@@ -52,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     progress: bool = True
+    shard: bool = True
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, 1)
@@ -132,8 +137,8 @@ class _Batches:
     so that a shuffling DataLoader yields the same order after a resume.
     """
 
-    def __init__(self, data: Any, seed: int):
-        self.data, self.seed = data, seed
+    def __init__(self, data: Any, seed: int, world: World):
+        self.data, self.seed, self.world = data, seed, world
         self._iter, self._consumed, self._epoch, self._batch = None, 0, 0, None
         if isinstance(data, dict):
             raise TypeError("data must be a collection of batches, got a single batch dict; wrap it in a list")
@@ -149,11 +154,12 @@ class _Batches:
             raise TypeError(f"data must be a list of batches, a step-indexed source or an iterable, got {type(data).__name__}")
 
     def __call__(self, step: int) -> Batch:
+        index = step * self.world.size + self.world.rank  # this rank's share of the step's global batch
         if self.kind == "indexed":
-            return self.data[step]
+            return self.data[index]
         if self.kind == "sequence":
-            return self.data[step % len(self.data)]
-        while self._consumed <= step:  # an iterable has no random access: skip forward (resume)
+            return self.data[index % len(self.data)]
+        while self._consumed <= index:  # an iterable has no random access: skip forward (resume)
             self._batch = self._next()
             self._consumed += 1
         return self._batch
@@ -223,21 +229,30 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    device = torch.device(config.device)
+    world, device = join(config.device)
     model.to(device).train()
-    batches = _Batches(data, config.seed)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     autocast, scaler = _autocast(config, device)
     result = TrainResult()
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + world.rank)  # dropout masks differ by rank, reproducibly
     if ckpt_dir is not None:
-        latest = _latest_checkpoint(ckpt_dir)
+        latest = _latest_checkpoint(ckpt_dir, world)
         if latest is not None:
-            result.resumed_from, result.losses = _restore(latest, model, optimizer, scaler, config, device)
+            result.resumed_from, result.losses = _restore(latest, model, optimizer, scaler, config, world, device)
             result.checkpoint = latest
+    problem = None
+    try:  # every rank must have data before any collective call, or the others wait forever
+        batches = _Batches(data, config.seed, world if config.shard else World())
+        if result.resumed_from < config.steps:
+            batches(result.resumed_from)
+    except (ValueError, TypeError) as err:
+        problem = err
+    agree_all_have_data(world, problem)
+    runner = DistributedDataParallel(model, find_unused_parameters=True) if world.distributed else model
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    bar = tqdm(total=config.steps, initial=result.resumed_from, disable=not config.progress, desc="train", unit="step")
+    bar = tqdm(total=config.steps, initial=result.resumed_from, disable=not (config.progress and world.main),
+               desc="train", unit="step")
     start = time.perf_counter()
     try:
         for step in range(result.resumed_from, config.steps):
@@ -245,9 +260,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             with autocast:
-                loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"loss is {loss.item()} at step {step + 1}; stopped before updating the weights")
+                loss = loss_fn(runner, batch)
+            mean_loss, non_finite, tokens = reduce_step(world, loss.detach(), _tokens(batch))
+            if non_finite:  # decided together, so no rank is left waiting in backward
+                raise NonFiniteError(f"loss is {mean_loss if world.size == 1 else 'non-finite on some rank'} "
+                                     f"at step {step + 1}; stopped before updating the weights")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -258,32 +275,34 @@ def train(
             if scaler is not None:  # fp16: the scaler skips steps with inf gradients by design
                 scaler.step(optimizer)
                 scaler.update()
-            elif not torch.isfinite(norm):
+            elif not torch.isfinite(norm):  # gradients are all-reduced: every rank sees the same norm
                 raise NonFiniteError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before updating the weights")
             else:
                 optimizer.step()
-            result.losses.append(loss.item())
-            result.tokens += _tokens(batch)
+            result.losses.append(mean_loss)
+            result.tokens += tokens
             result.seconds = time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
             done = step + 1
             if ckpt_dir is not None and (done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                result.checkpoint = _save_checkpoint(ckpt_dir, done, model, optimizer, scaler, result.losses, config)
+                result.checkpoint = _save_checkpoint(ckpt_dir, done, model, optimizer, scaler, result.losses, config, world)
             if callback is not None:  # forked RNG: a callback that samples must not shift the run
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    callback(done, result.losses[-1])
+                    callback(done, mean_loss)
     finally:
         bar.close()
     return result
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint; leftovers of an interrupted write are removed."""
+def _latest_checkpoint(ckpt_dir: Path, world: World) -> Path | None:
+    """The newest complete checkpoint; rank 0 removes leftovers of an interrupted write."""
     if not ckpt_dir.is_dir():
         return None
-    for leftover in ckpt_dir.glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    if world.main:
+        for leftover in ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    barrier(world)
     complete = [p for p in ckpt_dir.glob("step-*") if (p / "trainer.json").is_file()]
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
@@ -293,17 +312,22 @@ _RESUME_FIELDS = ("steps", "lr", "warmup_steps", "schedule", "weight_decay", "be
 
 
 def _save_checkpoint(
-    ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, losses: list[float], config: TrainConfig
+    ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, losses: list[float],
+    config: TrainConfig, world: World,
 ) -> Path:
-    """Write step-N/ as a whole: files go into a temp folder that is renamed once complete."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Rank 0 writes step-N/ as a whole: files go into a temp folder that is renamed once complete."""
+    rng_states = gather_rng_states(world)  # collective: every rank takes part
     final = ckpt_dir / f"step-{step:08d}"
+    if not world.main:
+        barrier(world)
+        return final
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     state = optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors.update({f"rng.cpu.{rank}": state for rank, state in enumerate(rng_states)})
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
@@ -312,6 +336,7 @@ def _save_checkpoint(
         "step": step, "losses": losses, "param_groups": state["param_groups"],
         "settings": {name: getattr(config, name) for name in _RESUME_FIELDS},
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "world_size": world.size,
     }
     atomic_write_text(tmp / "trainer.json", json.dumps(trainer))
     shutil.rmtree(final, ignore_errors=True)
@@ -320,12 +345,21 @@ def _save_checkpoint(
     old = sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -config.keep_checkpoints]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
+    barrier(world)
     return final
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, config: TrainConfig, device: torch.device) -> tuple[int, list[float]]:
+def _restore(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, config: TrainConfig, world: World,
+    device: torch.device,
+) -> tuple[int, list[float]]:
     """Load a checkpoint into model, optimizer and loss scaler; returns (step, losses so far)."""
     trainer = json.loads((path / "trainer.json").read_text())
+    if trainer["world_size"] != world.size:
+        raise ValueError(
+            f"checkpoint {path} was written by {trainer['world_size']} processes but this run has {world.size}; "
+            "the data order depends on it, so resume with the same number of processes"
+        )
     saved = trainer["settings"]
     for name in _RESUME_FIELDS:
         value = getattr(config, name)
@@ -350,7 +384,7 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sca
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value.to(device) if value.dim() else value
     optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
+    torch.set_rng_state(tensors[f"rng.cpu.{world.rank}"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)

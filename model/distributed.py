@@ -1,0 +1,86 @@
+"""torch.distributed plumbing for the training loop: join the group torchrun describes, shard data, agree across ranks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 logs, shows progress and writes checkpoints."""
+        return self.rank == 0
+
+
+def join(device: str) -> tuple[World, torch.device]:
+    """Join the process group that torchrun's environment describes (gloo on CPU, nccl on CUDA).
+
+    Returns (world, device); under torchrun a "cuda" device becomes this process's local GPU.
+    Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) nothing is initialized.
+    """
+    target = torch.device(device)
+    if not dist.is_available():
+        return World(), target
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return World(), target
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    world = World(dist.get_rank(), dist.get_world_size())
+    if target.type == "cuda" and target.index is None and world.distributed:
+        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", world.rank % torch.cuda.device_count())))
+        torch.cuda.set_device(target)
+    return world, target
+
+
+def agree_all_have_data(world: World, error: Exception | None) -> None:
+    """Raise on every rank when any rank has no data, instead of leaving the others waiting forever."""
+    if not world.distributed:
+        if error is not None:
+            raise error
+        return
+    flags = [None] * world.size
+    dist.all_gather_object(flags, None if error is None else str(error))
+    failed = {rank: message for rank, message in enumerate(flags) if message is not None}
+    if failed:
+        raise ValueError(f"ranks {sorted(failed)} have no usable data (an empty shard?): {failed}")
+
+
+def reduce_step(world: World, loss: torch.Tensor, tokens: int) -> tuple[float, bool, int]:
+    """(mean loss over ranks, whether any rank's loss is non-finite, tokens on all ranks) for one step."""
+    finite = bool(torch.isfinite(loss))
+    if not world.distributed:
+        return loss.item(), not finite, tokens
+    stats = torch.tensor(
+        [loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(tokens)], dtype=torch.float64, device=loss.device
+    )
+    dist.all_reduce(stats)
+    return stats[0].item() / world.size, stats[1].item() > 0, int(stats[2].item())
+
+
+def gather_rng_states(world: World) -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (dropout masks differ by rank), on every rank."""
+    state = torch.get_rng_state()
+    if not world.distributed:
+        return [state]
+    states = [None] * world.size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
