@@ -1,4 +1,4 @@
-"""Triton attention kernels (flash, flash-int8, flash-lsh) against a float64 reference, their dispatch, custom ops and export.
+"""Triton attention kernels (flash, flash-int8, flash-lsh) against float64, their dispatch, custom ops and export.
 
 The kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set only while this module
 imports them and during its tests). With TRITON_INTERPRET=0 on a CUDA machine the same tests
@@ -6,7 +6,7 @@ run the compiled kernels on the GPU, and the `gpu` tests (bf16) run too.
 """
 
 import importlib
-import math
+import io
 import os
 
 import pytest
@@ -36,7 +36,8 @@ def _import_kernels():
 
 
 flash_mod, int8_mod, lsh_mod = _import_kernels()
-flash_attention, int8_attention, lsh_attention = flash_mod.flash_attention, int8_mod.int8_attention, lsh_mod.lsh_attention
+flash_attention, int8_attention = flash_mod.flash_attention, int8_mod.int8_attention
+lsh_attention = lsh_mod.lsh_attention
 
 
 def gpu(test):
@@ -203,9 +204,8 @@ def test_lsh_buckets_find_the_keys_that_matter():
     """Clustered queries and keys: nearly all attention mass is within each cluster, so bucketing keeps it."""
     b, h, t, d, n_clusters = 1, 2, 96, 32, 4
     centers = F.normalize(torch.randn(n_clusters, d, device=DEVICE), dim=-1) * 8  # in-cluster scores ~11
-    q_cluster, k_cluster = torch.randint(n_clusters, (b, h, t), device=DEVICE), torch.randint(n_clusters, (b, h, t), device=DEVICE)
-    q = centers[q_cluster] + 0.1 * torch.randn(b, h, t, d, device=DEVICE)
-    k = centers[k_cluster] + 0.1 * torch.randn(b, h, t, d, device=DEVICE)
+    q, k = (centers[torch.randint(n_clusters, (b, h, t), device=DEVICE)] + 0.1 * torch.randn(b, h, t, d, device=DEVICE)
+            for _ in range(2))
     v = torch.randn(b, h, t, d, device=DEVICE)
     exact = reference_attention(q.double(), k.double(), v.double())[0]
     got = lsh_attention(q, k, v, n_buckets=8)
@@ -316,6 +316,20 @@ def test_export_traces_exact_attention_whatever_the_backend():
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not any("flashlite" in target for target in targets) and any("attention" in t for t in targets)
     torch.testing.assert_close(program.module()(q, k, v, key_mask), attend(q, k, v, key_mask=key_mask, backend="sdpa"))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_holds_exact_attention(dynamo):
+    onnx = pytest.importorskip("onnx")
+    q, k, v, key_mask = make_inputs(1, 2, 9, 11, 16, mask="pad")
+    if dynamo:
+        model = torch.onnx.export(_Attend().eval(), (q, k, v, key_mask), dynamo=True, verbose=False).model_proto
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(_Attend().eval(), (q, k, v, key_mask), buffer, dynamo=False)
+        model = onnx.load_from_string(buffer.getvalue())
+    ops = {(node.domain, node.op_type) for node in model.graph.node}
+    assert ("", "Softmax") in ops and all(domain in ("", "ai.onnx") for domain, _ in ops)
 
 
 @gpu
