@@ -1,6 +1,6 @@
 """A training run launched by torchrun from tests/test_distributed.py (not a test module itself).
 
-Usage: torchrun --nproc-per-node 2 tests/distributed_worker.py OUT_DIR {train|empty-shard}
+Usage: torchrun --nproc-per-node 2 tests/distributed_worker.py OUT_DIR {train|distill|empty-shard}
 """
 
 import os
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from compress import Context, Distill, Prune
 from model.config import Config
 from model.io import save_tensors
 from model.train import TrainConfig, train
@@ -40,6 +41,10 @@ def main() -> None:
     if mode == "train":
         train(net, classification_batches(2 * STEPS), TrainConfig(steps=STEPS, lr=1e-3, progress=False))
         save_tensors(out / f"rank{dist.get_rank()}.safetensors", dict(net.state_dict()))
+    elif mode == "distill":  # the Distill pass, unchanged, under DDP
+        student = Prune(heads=0.5, ffn=0.5)(net, Context(data=None, teacher=net))
+        Distill(steps=STEPS, progress=False)(student, Context(data=classification_batches(2 * STEPS), teacher=net.eval()))
+        save_tensors(out / f"rank{dist.get_rank()}.safetensors", dict(student.state_dict()))
     else:  # rank 1 brings an empty shard of its own
         data = classification_batches(STEPS) if os.environ["RANK"] == "0" else []
         train(net, data, TrainConfig(steps=STEPS, progress=False, shard=False))

@@ -53,3 +53,10 @@ def test_an_empty_shard_fails_fast_on_every_rank(tmp_path):
     done = torchrun(tmp_path, "empty-shard")
     assert done.returncode != 0
     assert "ranks [1] have no usable data" in done.stderr
+
+
+def test_distillation_runs_unchanged_under_torchrun(tmp_path):
+    done = torchrun(tmp_path, "distill")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (load_tensors(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
