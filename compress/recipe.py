@@ -1,0 +1,125 @@
+"""Recipes: YAML files that name the passes, their settings, the data and the export, validated against the pass dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compress.distill import Distill
+from compress.prune import Prune
+from compress.quantize import Quantize
+from compress.share import Share
+
+# The passes a recipe may name: the YAML key is the file (and verb) the pass lives in.
+PASSES = {"share": Share, "prune": Prune, "distill": Distill, "quantize": Quantize}
+EXPORT_QUANTIZATION = ("int8-dynamic", "int8-static", "int4")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The text a recipe trains and calibrates on: `corpus` (None = built-in corpus, or a path), `task` (a GLUE task name for labelled data, read from `glue_dir`), sizes."""
+
+    corpus: str | None = None
+    task: str | None = None
+    glue_dir: str | None = None
+    max_len: int = 64
+    batch_size: int = 16
+    limit: int | None = 20000
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What to export after the passes: an ONNX file (verified against PyTorch), optionally quantized by ONNX Runtime."""
+
+    onnx: bool = True
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in EXPORT_QUANTIZATION:
+            raise ValueError(f"export.quantize must be one of {', '.join(EXPORT_QUANTIZATION)} or null; got {self.quantize!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed, validated recipe: the passes in order, the data and the export settings."""
+
+    passes: tuple[Any, ...]
+    data: DataSpec = field(default_factory=DataSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    description: str = ""
+
+
+def _build(cls: type, settings: Any, where: str) -> Any:
+    """Instantiate a settings dataclass, naming unknown keys and the allowed ones; lists become tuples."""
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        raise TypeError(f"{where} must be a mapping of settings, got {type(settings).__name__} {settings!r}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; allowed: {', '.join(allowed)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict (parsed YAML); errors name the key and what is allowed."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{source} must be a mapping with a 'passes' list, got {type(data).__name__}")
+    allowed = ("description", "passes", "data", "export")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level key(s) {unknown}; allowed: {', '.join(allowed)}")
+    steps = data.get("passes")
+    if not isinstance(steps, list) or not steps:
+        raise ValueError(f"{source}: 'passes' must be a non-empty list like [{{share: {{layers_per_group: 2}}}}, ...]")
+    passes = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or len(step) != 1:
+            raise ValueError(f"{source}: passes[{i}] must be a one-key mapping {{pass name: settings}}, got {step!r}")
+        (name, settings), = step.items()
+        if name not in PASSES:
+            raise ValueError(f"{source}: passes[{i}] names unknown pass {name!r}; allowed: {', '.join(PASSES)}")
+        passes.append(_build(PASSES[name], settings, f"{source}: passes[{i}].{name}"))
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise TypeError(f"{source}: description must be a string")
+    return Recipe(
+        passes=tuple(passes),
+        data=_build(DataSpec, data.get("data"), f"{source}: data"),
+        export=_build(ExportSpec, data.get("export"), f"{source}: export"),
+        description=description,
+    )
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes that ship with flashlite (compress/recipes/*.yaml)."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("compress.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """Load a recipe from a YAML file, or a built-in one by name (e.g. "flash-lite")."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        name = str(path_or_name)
+        if name not in builtin_recipes():
+            raise FileNotFoundError(
+                f"recipe {name!r} is neither a file nor a built-in recipe; built-in: {', '.join(builtin_recipes())}"
+            )
+        text, source = resources.files("compress.recipes").joinpath(f"{name}.yaml").read_text(), f"recipe {name}"
+    else:
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source} is not valid YAML: {err}") from None
+    return parse_recipe(data, source)

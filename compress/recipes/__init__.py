@@ -1,0 +1,1 @@
+"""Built-in recipes (YAML files read by compress.recipe.load_recipe)."""

@@ -1,0 +1,53 @@
+"""Recipes: the built-in YAML files parse into the pass dataclasses; mistakes name the key and what is allowed."""
+
+import pytest
+
+from compress import Distill, Prune, Quantize, Share
+from compress.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe
+
+
+def test_builtin_recipes_parse_into_passes():
+    names = builtin_recipes()
+    assert {"flash-lite", "prune-only", "quantize-only", "minilm-embedding", "glue-task"} <= set(names)
+    default = load_recipe("flash-lite")
+    assert [type(p) for p in default.passes] == [Share, Prune, Distill, Quantize]
+    assert default.export.quantize == "int8-dynamic" and default.description
+
+
+def test_a_recipe_file_round_trips_its_settings(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("passes:\n  - prune: {heads: 0.5}\n  - distill: {steps: 7, layer_map: [1, 1]}\ndata: {max_len: 32}\n")
+    recipe = load_recipe(path)
+    assert recipe == Recipe(passes=(Prune(heads=0.5), Distill(steps=7, layer_map=(1, 1))), data=recipe.data)
+    assert recipe.data.max_len == 32 and recipe.data.batch_size == 16
+
+
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        ("passes:\n  - prune: {head: 0.5}\n", ValueError, r"passes\[0\]\.prune: unknown setting\(s\) \['head'\]; allowed: heads, ffn"),
+        ("passes:\n  - prune: {heads: half}\n", TypeError, r"passes\[0\]\.prune: .*heads"),
+        ("passes:\n  - distill: {steps: 0}\n", ValueError, r"passes\[0\]\.distill: .*steps"),
+        ("passes:\n  - squeeze: {}\n", ValueError, "unknown pass 'squeeze'; allowed: share, prune, distill, quantize"),
+        ("passes: []\n", ValueError, "'passes' must be a non-empty list"),
+        ("pases:\n  - prune: {}\n", ValueError, r"unknown top-level key\(s\) \['pases'\]"),
+        ("passes:\n  - quantize: {mode: int3}\n", ValueError, "mode must be one of"),
+        ("passes:\n  - prune: {}\nexport: {quantize: int2}\n", ValueError, "export.quantize must be one of"),
+        ("passes: [\n", ValueError, "not valid YAML"),
+    ],
+)
+def test_mistakes_name_the_key(tmp_path, text, error, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(error, match=message):
+        load_recipe(path)
+
+
+def test_unknown_recipe_name_lists_the_builtin_ones():
+    with pytest.raises(FileNotFoundError, match="built-in: flash-lite"):
+        load_recipe("flash-heavy")
+
+
+def test_parse_refuses_non_mappings():
+    with pytest.raises(TypeError, match="must be a mapping"):
+        parse_recipe(["prune"])
