@@ -94,6 +94,8 @@ BACKENDS: dict[str, Callable[..., Tensor]] = {
     "flash-int8": _flash_int8,
     "flash-lsh": _flash_lsh,
 }
+# Inference-only approximations: never picked by "auto", and their reason says so when requested.
+APPROXIMATE_BACKENDS = frozenset({"flash-int8", "flash-lsh"})
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _MAX_HEAD_DIM = 128  # the kernels' register tiles are sized for head_dim <= 128
 
@@ -146,11 +148,11 @@ def choose_backend(q: Tensor, requested: str = "auto", *, dropout: float = 0.0) 
     if requested != "auto":
         if reason is not None:
             raise ValueError(f"backend {requested!r} cannot run here: {reason}")
-        return requested, "requested"
+        return requested, "requested (approximate)" if requested in APPROXIMATE_BACKENDS else "requested"
     if reason is not None or not q.is_cuda:
         return "sdpa", reason or f"q is on {q.device}: auto uses the Triton kernels on CUDA only"
     if q.dtype == torch.float32:
-        return "sdpa", "float32: flash computes fp32 products without tensor cores; sdpa is the fp32 path"
+        return "sdpa", "float32: auto keeps sdpa; 'flash' takes fp32 too (3xTF32 products), unmeasured against it"
     return "flash", f"CUDA, {q.dtype}, head_dim {q.shape[-1]}: the Triton flash kernel"
 
 

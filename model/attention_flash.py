@@ -45,8 +45,9 @@ def _block_d(head_dim: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get IEEE products so that fp32 stays exact to ~1e-6 (TF32 would cost ~1e-3).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs get 3xTF32 products (split-precision tensor-core passes, accurate to ~1e-6):
+    # plain TF32 would cost ~1e-3, and IEEE FMA products spill registers badly on sm_90.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -289,17 +290,19 @@ def _strides(t: Tensor) -> tuple[int, int, int, int]:
 
 
 def _launch_config(q: Tensor, kind: str) -> dict:
-    """Tile sizes and launch options per kernel: small tiles in the CPU interpreter, FA2-style ones on GPU."""
+    """Tiles and launch options for kind "fwd", "dkdv" or "dq": small tiles in the CPU interpreter;
+    on GPU the largest that compile for sm_90 without spilling registers (checked with ptxas)."""
     if not q.is_cuda:
         return dict(BLOCK_M=16, BLOCK_N=16)
     wide = q.shape[-1] > 64
-    if q.dtype == torch.float32:  # IEEE fp32 dots run without tensor cores and need more registers
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if q.dtype == torch.float32:  # 3xTF32 products hold more operand tiles: smaller tiles
+        block_m = {"fwd": 32 if wide else 64, "dkdv": 16, "dq": 32 if wide else 64}[kind]
+        return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
     if kind == "fwd":
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if kind == "dkdv":
-        return dict(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=8 if wide else 4, num_stages=3)
-    return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
 
 
 def _mask_arg(key_mask: Tensor | None, q: Tensor) -> Tensor:
