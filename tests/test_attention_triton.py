@@ -134,20 +134,25 @@ def test_flash_fp32_forward_and_gradients_match_float64(tq, tk, d, causal, mask,
     assert max(max_errors(got, expected)) <= 1e-4
 
 
-@pytest.mark.parametrize("tq, tk, d, causal, mask, transposed", CASES[:3], ids=CASE_IDS[:3])
-def test_flash_fp16_error_at_most_twice_torch_fp16(tq, tk, d, causal, mask, transposed):
-    """fp16 error against float64, output and each gradient, within 2x the better of torch's fp16 paths."""
-    q, k, v, key_mask = make_inputs(2, 2, tq, tk, d, mask=mask, transposed=transposed)
+def assert_within_twice_torch(dtype, b, h, tq, tk, d, causal, mask, transposed=False):
+    """Error against float64, output and each gradient, within 2x the better of torch's own paths in dtype."""
+    q, k, v, key_mask = make_inputs(b, h, tq, tk, d, mask=mask, transposed=transposed)
     d_out = torch.randn_like(q)
     expected = reference64(q, k, v, d_out, key_mask=key_mask, causal=causal)
-    half = [x.half() for x in (q, k, v, d_out)]
+    low = [x.to(dtype) for x in (q, k, v, d_out)]
     ours = max_errors(forward_backward(
-        lambda a, b, c: flash_attention(a, b, c, key_mask=key_mask, causal=causal), *half[:3], half[3]), expected)
+        lambda a, b, c: flash_attention(a, b, c, key_mask=key_mask, causal=causal), *low[:3], low[3]), expected)
+    # Two baselines, as each has its weak spot (fp16 SDPA on CPU with fully masked rows, for one).
     torch_errors = [max_errors(forward_backward(
-        lambda a, b, c: attend(a, b, c, key_mask=key_mask, causal=causal, backend=name), *half[:3], half[3]), expected)
+        lambda a, b, c: attend(a, b, c, key_mask=key_mask, causal=causal, backend=name), *low[:3], low[3]), expected)
         for name in ("sdpa", "reference")]
     for name, err, sdpa_err, ref_err in zip(("out", "dq", "dk", "dv"), ours, *torch_errors):
         assert err <= 2 * min(sdpa_err, ref_err), (name, err, sdpa_err, ref_err)
+
+
+@pytest.mark.parametrize("tq, tk, d, causal, mask, transposed", CASES[:3], ids=CASE_IDS[:3])
+def test_flash_fp16_error_at_most_twice_torch_fp16(tq, tk, d, causal, mask, transposed):
+    assert_within_twice_torch(torch.float16, 2, 2, tq, tk, d, causal, mask, transposed)
 
 
 @pytest.mark.parametrize("causal, tq, tk", [(False, 19, 19), (True, 19, 19), (True, 40, 18)])
@@ -241,7 +246,7 @@ def test_inference_kernels_refuse_backward_clearly(fn, name):
                                          ("flash-lsh", lsh_attention)])
 def test_attend_runs_each_kernel_backend(backend, fn):
     q, k, v, key_mask = make_inputs(2, 2, 19, 23, 32, mask="pad")
-    assert choose_backend(q, backend) == (backend, "requested")
+    assert choose_backend(q, backend) == (backend, "requested (approximate)" if fn is not flash_attention else "requested")
     torch.testing.assert_close(attend(q, k, v, key_mask=key_mask, causal=True, backend=backend),
                                fn(q, k, v, key_mask=key_mask, causal=True))
 
@@ -333,19 +338,12 @@ def test_onnx_export_holds_exact_attention(dynamo):
 
 
 @gpu
-@pytest.mark.parametrize("causal", [False, True])
-def test_flash_bf16_error_at_most_twice_torch_bf16(causal):
-    q, k, v, key_mask = make_inputs(2, 4, 300, 300, 128, mask="pad")
-    d_out = torch.randn_like(q)
-    expected = reference64(q, k, v, d_out, key_mask=key_mask, causal=causal)
-    bf16 = [x.bfloat16() for x in (q, k, v, d_out)]
-    ours = max_errors(forward_backward(
-        lambda a, b, c: flash_attention(a, b, c, key_mask=key_mask, causal=causal), *bf16[:3], bf16[3]), expected)
-    theirs = max_errors(forward_backward(
-        lambda a, b, c: attend(a, b, c, key_mask=key_mask, causal=causal, backend="sdpa"), *bf16[:3], bf16[3]),
-        expected)
-    for err, torch_err in zip(ours, theirs):
-        assert err <= 2 * torch_err
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tq, tk, d, causal, mask", [(300, 300, 128, False, "pad"), (300, 300, 64, True, "holes"),
+                                                     (200, 517, 64, True, "holes"), (517, 200, 32, True, "pad")])
+def test_flash_on_gpu_tiles_within_twice_torch(tq, tk, d, causal, mask, dtype):
+    """The GPU's large tiles, several per sequence, in both half-precision types."""
+    assert_within_twice_torch(dtype, 2, 4, tq, tk, d, causal, mask)
 
 
 @gpu
