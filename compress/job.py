@@ -1,0 +1,123 @@
+"""A compression job: a recipe applied to a model, with its data, per-stage evaluation, report files and ONNX export."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from compress.evaluate import glue
+from compress.measure import time_model
+from compress.pipeline import Pipeline
+from compress.recipe import DataSpec, Recipe
+from compress.report import write_report
+from model.corpus import load_corpus
+from model.tokenizer import encode
+from model.transformer import Transformer
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class JobResult:
+    """What a job produced: the Lite model, its pipeline (stages), and the files written."""
+
+    model: Transformer
+    pipeline: Pipeline
+    files: dict[str, Path] = field(default_factory=dict)
+    onnx: Any = None
+
+
+def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tuple[list[Batch], list[Batch]]:
+    """(training batches, held-out batches) for a recipe: GLUE rows when `spec.task` is set, else text.
+
+    Text comes from `spec.corpus` (None = the built-in corpus), shuffled with `seed`, at most
+    `spec.limit` documents; a tenth (at most 8 batches) is held out for evaluation. Models with a
+    decoder also get `decoder_input_ids` (the input itself) so their seq2seq head is distilled.
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer attached (model.tokenizer); import or pretrain it with flashlite first")
+    if spec.task is not None:
+        if spec.glue_dir is None:
+            raise ValueError(f"data.task={spec.task!r} needs data.glue_dir, the folder with GLUE's task folders")
+        rows = glue.load(spec.task, "train", spec.glue_dir)[: spec.limit]
+        held = glue.load(spec.task, "dev", spec.glue_dir)[: 8 * spec.batch_size]
+        options = dict(max_len=spec.max_len, batch_size=spec.batch_size)
+        return glue.batches(rows, tokenizer, spec.task, shuffle=True, seed=seed, **options), glue.batches(held, tokenizer, spec.task, **options)
+    texts = load_corpus(spec.corpus)
+    random.Random(seed).shuffle(texts)
+    texts = texts[: spec.limit]
+    n_held = min(8 * spec.batch_size, max(spec.batch_size, len(texts) // 10))
+    if len(texts) < n_held + spec.batch_size:
+        raise ValueError(f"the corpus has {len(texts)} texts; need at least {n_held + spec.batch_size} for batch_size={spec.batch_size}")
+
+    def batched(items: list[str]) -> list[Batch]:
+        out = []
+        for i in range(0, len(items) - spec.batch_size + 1, spec.batch_size):
+            batch = encode(tokenizer, items[i: i + spec.batch_size], max_len=spec.max_len)
+            if model.config.decoder:
+                batch["decoder_input_ids"] = batch["input_ids"]
+                batch["decoder_attention_mask"] = batch["attention_mask"]
+            out.append(batch)
+        return out
+
+    return batched(texts[n_held:]), batched(texts[:n_held])
+
+
+@torch.no_grad()
+def pooled(model: Transformer, batch: Batch) -> torch.Tensor:
+    """Mean-pooled last encoder layer over real tokens: (B, dim)."""
+    model.eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    hidden = model(**inputs).hidden_states
+    mask = batch["attention_mask"][..., None].to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+class FidelityEvaluator:
+    """model -> {"fidelity": mean cosine of pooled hidden states vs the teacher's, plus the task metric};
+    each call also times the model on a held-out batch into `latencies_ms` (reported apart from metrics)."""
+
+    def __init__(self, teacher: Transformer, held_out: list[Batch], spec: DataSpec):
+        self.held_out, self.spec = held_out, spec
+        self.references = [pooled(teacher, b) for b in held_out]
+        self.latencies_ms: list[float] = []
+
+    def __call__(self, model: Transformer) -> dict[str, float]:
+        cosines = [F.cosine_similarity(pooled(model, b), ref, dim=-1) for b, ref in zip(self.held_out, self.references)]
+        metrics = {"fidelity": torch.cat(cosines).mean().item()}
+        spec = self.spec
+        if spec.task is not None and "classify" in model.config.heads:
+            metrics.update(glue.evaluate(model, spec.task, "dev", spec.glue_dir, max_len=spec.max_len, limit=8 * spec.batch_size))
+        self.latencies_ms.append(time_model(model, self.held_out[0], warmup=3, repeat=20)["p50_ms"])
+        return metrics
+
+
+def run_job(recipe: Recipe, teacher: Transformer, out: str | Path, *, seed: int = 0, device: str = "cpu") -> JobResult:
+    """Apply `recipe` to `teacher`; write the Lite model, report.json/.md, plots and (per the recipe) ONNX into `out`."""
+    out = Path(out)
+    train_batches, held_out = recipe_batches(recipe.data, teacher, seed=seed)
+    pipeline = Pipeline(recipe.passes)
+    evaluate = FidelityEvaluator(teacher, held_out, recipe.data)
+    lite = pipeline.run(teacher, data=train_batches, evaluate=evaluate, device=device, seed=seed, workdir=out / "work")
+    result = JobResult(lite, pipeline)
+    pipeline.save(lite, out / "model")
+    metric = recipe.data.task and next(iter(glue.get_task(recipe.data.task).metrics))
+    result.files = write_report(pipeline.stages, out, metric=metric or "fidelity", latencies=evaluate.latencies_ms)
+    if recipe.export.onnx:
+        from model.export import export_onnx  # ONNX tooling is only needed when exporting
+
+        result.onnx = export_onnx(lite, out / "onnx")
+        result.files["onnx"] = out / "onnx"
+        if recipe.export.quantize:
+            from model.ort_quantize import quantize_onnx
+
+            calibration = held_out if recipe.export.quantize == "int8-static" else None
+            quantize_onnx(out / "onnx", out / f"onnx-{recipe.export.quantize}", recipe.export.quantize, calibration=calibration)
+            result.files["onnx_quantized"] = out / f"onnx-{recipe.export.quantize}"
+    return result
