@@ -55,8 +55,10 @@ class Context:
 class Pass(Protocol):
     """A compression pass: a frozen dataclass (or any callable) taking (model, ctx) and returning a model.
 
-    A pass that trains or calibrates sets the class attribute `needs_data = True` (a ClassVar, so
-    not a recipe field); the Pipeline then refuses to start without data.
+    Class attributes (ClassVars, so not recipe fields) tell the Pipeline what a pass does:
+    `needs_data = True` (it trains or calibrates: refused without data), `restructures = True`
+    (it changes shapes or sharing) and `quantizes = True` (it stores integers); a restructuring
+    pass after a quantizing one is refused.
     """
 
     def __call__(self, model: Transformer, ctx: Context) -> Transformer: ...
@@ -127,11 +129,14 @@ class Pipeline:
         for i, p in enumerate(passes):
             if not callable(p):
                 raise TypeError(f"pass {i} ({p!r}) is not callable; a pass takes (model, ctx) and returns a model")
-        quantized_at = next((i for i, p in enumerate(passes) if pass_name(p) == "Quantize"), None)
+        quantized_at = next((i for i, p in enumerate(passes) if getattr(p, "quantizes", False)), None)
         if quantized_at is not None:
-            late = [pass_name(p) for p in passes[quantized_at + 1:] if pass_name(p) in ("Share", "Prune")]
+            late = [pass_name(p) for p in passes[quantized_at + 1:] if getattr(p, "restructures", False)]
             if late:
-                raise ValueError(f"{late[0]} after Quantize is not allowed: structural passes must come before quantization")
+                raise ValueError(
+                    f"{late[0]} after {pass_name(passes[quantized_at])} is not allowed: "
+                    "passes that change the structure must come before quantization"
+                )
         self.passes = passes
         self.stages: list[Stage] = []
 
