@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from model.io import save
+from model.io import atomic_write_text, load, save
 from model.transformer import Transformer
 
 Batch = dict[str, torch.Tensor]
@@ -121,6 +122,19 @@ def saved_size(model: Transformer) -> int:
         return (Path(tmp) / "model.safetensors").stat().st_size
 
 
+def _finished_stage(folder: Path | None, p: Any) -> Stage | None:
+    """The recorded Stage of a pass that already finished in `folder` with the same settings, else None."""
+    if folder is None or not (folder / "stage.json").is_file():
+        return None
+    record = json.loads((folder / "stage.json").read_text())
+    if record.get("settings") != json.loads(json.dumps(pass_settings(p))):
+        raise ValueError(
+            f"{folder} holds a finished {pass_name(p)} run with settings {record.get('settings')}, but this pipeline "
+            f"has {pass_settings(p)}; use another workdir to start afresh"
+        )
+    return Stage(**record)
+
+
 class Pipeline:
     """Compression passes run in order: `Pipeline([Share(...), Prune(...), ...]).run(model, data)`."""
 
@@ -155,6 +169,9 @@ class Pipeline:
 
         data: training/calibration batches. evaluate: model -> metrics, run after each pass.
         check: a batch to prove the model still runs after each pass (default: the first batch).
+        workdir: each pass gets its own folder there (`NN-Name/`, for its checkpoints) and its
+        result is saved in it; a rerun with the same workdir and passes resumes at the first
+        unfinished pass (finished ones are loaded, not redone).
         Stages (one per pass, plus "input") are in `self.stages`.
         """
         if not isinstance(model, Transformer):
@@ -170,15 +187,25 @@ class Pipeline:
             check = first[0] if first else None
         current = copy.deepcopy(model)
         self.stages = [self._stage("input", {}, current, ctx, 0.0)]
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
+            folder = ctx.workdir / f"{i:02d}-{pass_name(p)}" if ctx.workdir is not None else None
+            finished = _finished_stage(folder, p)
+            if finished is not None:
+                current = load(folder / "model", device="cpu")
+                current.attention_backend = model.attention_backend
+                self.stages.append(finished)
+                continue
             start = time.perf_counter()
-            current = p(current, ctx)
+            current = p(current, dataclasses.replace(ctx, workdir=folder))
             if not isinstance(current, Transformer):
                 raise TypeError(f"pass {pass_name(p)} returned {type(current).__name__}, not a Transformer")
             seconds = time.perf_counter() - start
             if check is not None:
                 self._check_runs(current, check, pass_name(p))
             self.stages.append(self._stage(pass_name(p), pass_settings(p), current, ctx, seconds))
+            if folder is not None:  # the stage record goes last: its presence marks the pass finished
+                save(current, folder / "model")
+                atomic_write_text(folder / "stage.json", json.dumps(dataclasses.asdict(self.stages[-1])))
         return current.eval()
 
     @staticmethod

@@ -142,3 +142,28 @@ def test_the_design_api_runs_end_to_end_on_tiny(tmp_path):
     again = load(tmp_path)
     batch = batches[0]
     assert torch.equal(again(**batch).head_logits["lm"], lite(**batch).head_logits["lm"])
+
+
+def test_a_rerun_resumes_at_the_first_unfinished_pass(tmp_path):
+    model = Transformer(Config.preset("tiny"))
+    calls = []
+
+    def counted(m, ctx):
+        calls.append(ctx.workdir.name)
+        return scale_weights(m, ctx)
+
+    def crash(m, ctx):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline([counted, tie_encoder, crash]).run(model, data(model.config), workdir=tmp_path)
+    pipeline = Pipeline([counted, tie_encoder, scale_weights])
+    lite = pipeline.run(model, data(model.config), workdir=tmp_path)
+    assert calls == ["00-counted"]  # finished passes were loaded, not redone
+    assert [s.name for s in pipeline.stages] == ["input", "counted", "tie_encoder", "scale_weights"]
+    straight = Pipeline([scale_weights, tie_encoder, scale_weights]).run(model, data(model.config))
+    batch = data(model.config)[0]
+    assert torch.equal(lite(**batch).hidden_states, straight(**batch).hidden_states)
+    Pipeline([Distill(steps=1, progress=False)]).run(model, data(model.config), workdir=tmp_path / "d")
+    with pytest.raises(ValueError, match="holds a finished Distill run with settings"):
+        Pipeline([Distill(steps=2, progress=False)]).run(model, data(model.config), workdir=tmp_path / "d")
