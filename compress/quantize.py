@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compress.distill import Distill
 from compress.pipeline import Context
 from model.config import QuantizedLayer
 from model.quantized import (
@@ -29,6 +30,7 @@ from model.quantized import (
     Int8DynamicLinear,
     Int8Embedding,
     Int8Linear,
+    dequantize_int8,
     quantize_int8,
 )
 from model.transformer import Transformer
@@ -44,11 +46,13 @@ class Quantize:
     """Swap every Linear (blocks, cross-attention, pooler, heads) and, with `embeddings`, the embedding tables
     for integer-storage modules.
 
-    mode: "int8" weight-only per output channel; "int8-dynamic" int8 weights and per-token int8
-    activations; "int4" weight-only, one scale and zero-point per `group_size` inputs
-    (`symmetric` picks zero-point 8 and max|w|/7 scales instead of min/max ones); "qat-int8" fake
-    int8 quantization (straight-through gradients) of the same weights while distilling from the
-    teacher for `steps` steps (`temperature`, `lr`), then conversion to int8.
+    mode: "int8" weight-only; "int8-dynamic" int8 weights and per-token int8 activations; "int4"
+    weight-only with a scale and zero-point per group (`symmetric` picks zero-point 8 and
+    max|w|/7 scales instead of min/max ones); "qat-int8" fake int8 quantization (straight-through
+    gradients) of the same weights while distilling from the teacher for `steps` steps
+    (`temperature`, `lr`), then conversion to int8.
+    group_size: inputs per scale (32, 64, 128). int8 layers whose in_features it does not divide,
+    and every int8 layer with group_size=None, get one scale per output channel; int4 needs it.
     embeddings: also store the word/position/token-type tables in int8 per row (and the
     factorized `embeddings.word_proj` in `mode`). skip: module-name prefixes left in float.
     Layers the mode cannot handle (int4: in_features not divisible by group_size; layers
@@ -56,7 +60,7 @@ class Quantize:
     """
 
     mode: str = "int8"
-    group_size: int = 128
+    group_size: int | None = 128
     embeddings: bool = True
     steps: int = 0
     symmetric: bool = False
@@ -67,8 +71,10 @@ class Quantize:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"Quantize mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
-            raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES}; got {self.group_size!r}")
+        if isinstance(self.group_size, bool) or self.group_size not in (*GROUP_SIZES, None):
+            raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES} (or None: per channel, int8 only); got {self.group_size!r}")
+        if self.mode == "int4" and self.group_size is None:
+            raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES} for mode int4; got None")
         for name in ("embeddings", "symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Quantize {name} must be True or False, got {getattr(self, name)!r}")
@@ -104,43 +110,48 @@ class Quantize:
         return result
 
     def _targets(self, model: Transformer) -> dict[str, nn.Module]:
-        """The modules this pass quantizes, by name; warns for each one it must leave in float."""
-        targets = {}
+        """The modules this pass quantizes, by name; warns once per reason, naming each module it leaves in float."""
+        targets: dict[str, nn.Module] = {}
+        left: dict[str, list[str]] = {}
         for name, module in model.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Embedding)) and not _is_clustered(module):
+            clustered = isinstance(module, (ClusteredLinear, ClusteredEmbedding))
+            if not (clustered or isinstance(module, (nn.Linear, nn.Embedding))):
                 continue
-            if name.startswith("embeddings.") and not self.embeddings:
+            if (name.startswith("embeddings.") and not self.embeddings) or any(name.startswith(p) for p in self.skip):
                 continue
-            if any(name.startswith(prefix) for prefix in self.skip):
-                continue
-            if _is_clustered(module):
-                warnings.warn(f"Quantize({self.mode!r}) skips {name}: it is already clustered (k-means codebook)", stacklevel=3)
+            if clustered:
+                left.setdefault("already clustered (k-means codebook)", []).append(name)
             elif self.mode == "int4" and isinstance(module, nn.Linear) and module.in_features % self.group_size:
-                warnings.warn(
-                    f"Quantize('int4') skips {name}: in_features {module.in_features} is not divisible by "
-                    f"group_size {self.group_size}; it stays in float",
-                    stacklevel=3,
-                )
+                reason = f"in_features not divisible by group_size {self.group_size}"
+                left.setdefault(reason, []).append(f"{name} (in_features {module.in_features})")
             else:
                 targets[name] = module
+        for reason, names in left.items():
+            warnings.warn(f"Quantize({self.mode!r}) leaves {len(names)} layers in float, {reason}: {', '.join(names)}", stacklevel=3)
         return targets
 
     def _twin(self, name: str, module: nn.Module) -> tuple[QuantizedLayer, nn.Module]:
         if isinstance(module, nn.Embedding):
             return QuantizedLayer(name, "int8", 8), Int8Embedding.from_float(module)
-        if self.mode == "int8-dynamic":
-            return QuantizedLayer(name, "int8-dynamic", 8), Int8DynamicLinear.from_float(module)
         if self.mode == "int4":
             twin = Int4Linear.from_float(module, self.group_size, self.symmetric)
             return QuantizedLayer(name, "int4", 4, self.group_size), twin
-        return QuantizedLayer(name, "int8", 8), Int8Linear.from_float(module)
+        group = self._int8_group(module)
+        if self.mode == "int8-dynamic":
+            return QuantizedLayer(name, "int8-dynamic", 8, group), Int8DynamicLinear.from_float(module, group)
+        return QuantizedLayer(name, "int8", 8, group), Int8Linear.from_float(module, group)
+
+    def _int8_group(self, module: nn.Module) -> int | None:
+        """The int8 group size of a layer: `group_size` where it splits the inputs in several groups, else None (per channel)."""
+        inputs = module.in_features if isinstance(module, nn.Linear) else 0
+        if self.group_size and inputs > self.group_size and inputs % self.group_size == 0:
+            return self.group_size
+        return None
 
     def _train_fake_quantized(self, model: Transformer, targets: dict[str, nn.Module], ctx: Context) -> Transformer:
         """Distill with every target's weight fake-quantized to int8; returns the model with trained float weights."""
-        from compress.distill import Distill
-
         for module in targets.values():
-            parametrize.register_parametrization(module, "weight", FakeQuantInt8())
+            parametrize.register_parametrization(module, "weight", FakeQuantInt8(self._int8_group(module)))
         try:
             model = Distill(steps=self.steps, temperature=self.temperature, lr=self.lr)(model, ctx)
         finally:
@@ -150,11 +161,15 @@ class Quantize:
 
 
 class FakeQuantInt8(nn.Module):
-    """Weight parametrization for QAT: forward gives the int8 per-row quantized weight, backward passes straight through."""
+    """Weight parametrization for QAT: forward gives the weight as int8 stores it (per row, or per
+    `group_size` inputs of a row), backward passes the gradient straight through to the float weight."""
+
+    def __init__(self, group_size: int | None = None):
+        super().__init__()
+        self.group_size = group_size
 
     def forward(self, w: Tensor) -> Tensor:
-        q, scale = quantize_int8(w)
-        return w + (q.to(w.dtype) * scale[:, None].to(w.dtype) - w).detach()
+        return w + (dequantize_int8(*quantize_int8(w, self.group_size)).to(w.dtype) - w).detach()
 
 
 def cluster_layers(model: Transformer, bits: int, *, layers: Iterable[str] | None = None) -> Transformer:
@@ -197,7 +212,8 @@ def output_sqnr(a: Transformer, b: Transformer, batches: Iterable[dict[str, Tens
     """SQNR in dB of model `b`'s outputs against model `a`'s (the reference) over `batches`, both in eval mode.
 
     Keys: "hidden_states" always; "logits" and "decoder_hidden_states" when both models give them.
-    All positions count, padding included. Returns the SQNR over all batches pooled.
+    Padding positions (attention_mask / decoder_attention_mask 0) are left out of per-token
+    outputs: they hold no token. Signal and noise are pooled over all batches.
     """
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
@@ -207,12 +223,17 @@ def output_sqnr(a: Transformer, b: Transformer, batches: Iterable[dict[str, Tens
         for batch in batches:
             inputs = {k: v for k, v in batch.items() if k in OUTPUT_KEYS}
             out_a, out_b = a(**inputs), b(**inputs)
-            for key in ("hidden_states", "logits", "decoder_hidden_states"):
+            masks = {"hidden_states": inputs.get("attention_mask"), "decoder_hidden_states": inputs.get("decoder_attention_mask")}
+            masks["logits"] = masks["hidden_states"]
+            for key, mask in masks.items():
                 x, y = getattr(out_a, key), getattr(out_b, key)
-                if x is not None and y is not None:
-                    x, y = x.double(), y.double()
-                    signal[key] = signal.get(key, 0.0) + float((x**2).sum())
-                    noise[key] = noise.get(key, 0.0) + float(((x - y) ** 2).sum())
+                if x is None or y is None:
+                    continue
+                x, y = x.double(), y.double()
+                if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:  # per-token output
+                    x, y = x[mask.bool()], y[mask.bool()]
+                signal[key] = signal.get(key, 0.0) + float((x**2).sum())
+                noise[key] = noise.get(key, 0.0) + float(((x - y) ** 2).sum())
     finally:
         a.train(modes[0]), b.train(modes[1])
     if not signal:
@@ -228,10 +249,6 @@ def sqnr(reference: Tensor, approximation: Tensor) -> float:
 
 def _decibels(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
-def _is_clustered(module: nn.Module) -> bool:
-    return isinstance(module, (ClusteredLinear, ClusteredEmbedding))
 
 
 def _check_not_quantized(model: Transformer) -> None:
