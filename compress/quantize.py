@@ -9,11 +9,13 @@ The quality cost is reported as SQNR in dB, 10*log10(||w||^2 / ||w - w_q||^2), p
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -68,6 +70,8 @@ class Quantize:
     temperature: float = 2.0
     lr: float = 1e-5
 
+    quantizes: ClassVar[bool] = True  # the Pipeline refuses Share/Prune after it
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"Quantize mode must be one of {', '.join(MODES)}; got {self.mode!r}")
@@ -103,8 +107,8 @@ class Quantize:
         if self.mode == "qat-int8":
             if ctx is None:
                 raise ValueError("Quantize('qat-int8') needs a Context with data and a teacher to distill from")
-            model = self._train_fake_quantized(model, targets, ctx)
-        twins = {name: self._twin(name, module) for name, module in targets.items()}
+            model = self._train_fake_quantized(model, list(targets), ctx)
+        twins = {name: self._twin(name, model.get_submodule(name)) for name in targets}
         result = _rebuild(model, twins)
         _log_sqnr(model, result, ctx)
         return result
@@ -148,8 +152,10 @@ class Quantize:
             return self.group_size
         return None
 
-    def _train_fake_quantized(self, model: Transformer, targets: dict[str, nn.Module], ctx: Context) -> Transformer:
-        """Distill with every target's weight fake-quantized to int8; returns the model with trained float weights."""
+    def _train_fake_quantized(self, model: Transformer, names: list[str], ctx: Context) -> Transformer:
+        """Distill a copy of `model` with the named layers' weights fake-quantized to int8; returns the copy, in float."""
+        model = copy.deepcopy(model)  # training must not change the caller's model
+        targets = {name: model.get_submodule(name) for name in names}
         for module in targets.values():
             parametrize.register_parametrization(module, "weight", FakeQuantInt8(self._int8_group(module)))
         try:

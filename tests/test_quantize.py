@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compress.pipeline import Context, Pipeline
+from compress.share import Share
 from compress.quantize import FakeQuantInt8, Quantize, cluster_layers, layer_sqnr, output_sqnr, sqnr
 from model.config import Config
 from model.io import load, save
@@ -262,12 +263,14 @@ def test_settings_are_validated_and_quantizing_twice_is_refused():
         Quantize("int4")(q)
 
 
-def test_pipeline_records_the_smaller_quantized_model():
+def test_pipeline_records_the_smaller_quantized_model_and_refuses_sharing_after_it():
     model = tiny()
     pipeline = Pipeline([Quantize("int8")])
     lite = pipeline.run(model, batches(model.config))
     assert [layer.mode for layer in lite.config.quantized][:3] == ["int8"] * 3
     assert pipeline.stages[-1].size_bytes < pipeline.stages[0].size_bytes * 0.3
+    with pytest.raises(ValueError, match="after"):
+        Pipeline([Quantize("int8"), Share(layers_per_group=2)])
 
 
 # ---------- QAT ----------
@@ -290,9 +293,11 @@ def test_fake_quant_gradient_is_straight_through():
 
 def test_qat_int8_distills_then_converts_to_int8(tmp_path):
     model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     data = batches(model.config, n=2)
     teacher = tiny()
     q = Quantize("qat-int8", steps=2, lr=1e-3)(model, Context(data=data, teacher=teacher))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # trained a copy
     assert {type(q.get_submodule(layer.name)) for layer in q.config.quantized} == {Int8Linear, Int8Embedding}
     assert {layer.mode for layer in q.config.quantized} == {"int8"}
     assert len(q.config.quantized) == len([m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))])
