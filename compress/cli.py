@@ -108,7 +108,7 @@ def _compress(args: argparse.Namespace) -> int:
     from compress.job import run_job
     from compress.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)  # validated before the (slow) model load
+    recipe = load_recipe(args.recipe, args.set)  # validated before the (slow) model load
     torch.manual_seed(args.seed)
     result = run_job(recipe, _teacher(args), args.out, seed=args.seed, device=args.device)
     print()
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe YAML file or a built-in recipe name (flash-lite, prune-only, quantize-only, "
                                   "minilm-embedding, glue-task)")
     add_source(p, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe setting, e.g. --set distill.steps=50 --set data.max_len=32 (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="folder for model/, report.json, report.md, plots, onnx/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device for the training passes (default: cpu)")

@@ -106,8 +106,31 @@ def builtin_recipes() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("compress.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(path_or_name: str | Path) -> Recipe:
-    """Load a recipe from a YAML file, or a built-in one by name (e.g. "flash-lite")."""
+def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
+    """Apply "SECTION.KEY=VALUE" overrides to a parsed recipe, e.g. "distill.steps=50" or "data.max_len=32".
+
+    SECTION is "data", "export" or a pass name (the first pass of that name); VALUE is read as YAML.
+    """
+    for item in overrides:
+        target, sep, text = item.partition("=")
+        section, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"override {item!r} must look like SECTION.KEY=VALUE, e.g. distill.steps=50")
+        value = yaml.safe_load(text)
+        if section in ("data", "export"):
+            data.setdefault(section, {})
+            data[section] = {**(data[section] or {}), key: value}
+            continue
+        steps = [step for step in data.get("passes", []) if isinstance(step, dict) and section in step]
+        if not steps:
+            names = [next(iter(step)) for step in data.get("passes", []) if isinstance(step, dict) and step]
+            raise ValueError(f"override {item!r}: {source} has no {section!r} pass; its passes: {names}, plus data and export")
+        steps[0][section] = {**(steps[0][section] or {}), key: value}
+    return data
+
+
+def load_recipe(path_or_name: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe from a YAML file, or a built-in one by name (e.g. "flash-lite"), with optional overrides."""
     path = Path(path_or_name)
     if not path.is_file():
         name = str(path_or_name)
@@ -122,4 +145,8 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"{source} is not valid YAML: {err}") from None
+    if overrides:
+        if not isinstance(data, dict):
+            raise TypeError(f"{source} must be a mapping with a 'passes' list, got {type(data).__name__}")
+        data = apply_overrides(data, list(overrides), source)
     return parse_recipe(data, source)

@@ -51,3 +51,15 @@ def test_unknown_recipe_name_lists_the_builtin_ones():
 def test_parse_refuses_non_mappings():
     with pytest.raises(TypeError, match="must be a mapping"):
         parse_recipe(["prune"])
+
+
+def test_overrides_change_one_setting_and_name_mistakes():
+    recipe = load_recipe("flash-lite", ["distill.steps=7", "data.max_len=32", "export.quantize=null"])
+    assert recipe.passes[2] == Distill(steps=7, lr=3e-4, temperature=2.0)
+    assert recipe.data.max_len == 32 and recipe.export.quantize is None
+    with pytest.raises(ValueError, match="has no 'squash' pass"):
+        load_recipe("flash-lite", ["squash.steps=1"])
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        load_recipe("flash-lite", ["steps=1"])
+    with pytest.raises(ValueError, match="steps"):
+        load_recipe("flash-lite", ["distill.steps=0"])
