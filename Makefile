@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 60
+DEMO_DISTILL_STEPS ?= 150
 
 .PHONY: demo test install clean
 
@@ -23,8 +24,12 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest
 
+# The main job: pretrain the full-size model, compress it with the default Flash-Lite recipe,
+# export and verify ONNX, and print the stage table with the report's paths.
 demo: install
 	$(VENV)/bin/flashlite pretrain --preset full --steps $(DEMO_STEPS) --batch-size 16 --out $(DEMO_OUT)/full
+	$(VENV)/bin/flashlite compress flash-lite --model $(DEMO_OUT)/full --out $(DEMO_OUT)/lite \
+		--set distill.steps=$(DEMO_DISTILL_STEPS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
