@@ -36,6 +36,9 @@ def _import_kernels():
 
 
 flash_mod, int8_mod, lsh_mod = _import_kernels()
+if not ON_GPU and type(flash_mod._attn_fwd).__name__ != "InterpretedFunction":
+    raise RuntimeError("model.attention_flash was imported before TRITON_INTERPRET=1 was set: its kernels are "
+                       "compiled for a GPU and cannot run on CPU; import it only through this module or attend()")
 flash_attention, int8_attention = flash_mod.flash_attention, int8_mod.int8_attention
 lsh_attention = lsh_mod.lsh_attention
 
