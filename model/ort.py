@@ -1,0 +1,342 @@
+"""OrtModel: run a flashlite ONNX export on ONNX Runtime behind the PyTorch model's batch interface.
+
+File layout (what `export_onnx` writes and `OrtModel` reads): a model is addressed by its
+encoder file `NAME.onnx`; an encoder-decoder model adds `NAME.decoder.onnx` beside it. A
+folder stands for `folder/model.onnx` (+ `folder/model.decoder.onnx`). External data, when
+there is any, lives in the same folder. Every file carries its Config as metadata, so the
+runner validates inputs (names, dtypes, shapes, id ranges) before ONNX Runtime sees them.
+
+Loading refuses hostile or broken files with a ValueError before any tensor data is read:
+corrupted or truncated protobufs, graphs that fail the ONNX checker, files that are not
+flashlite exports, and external-data locations that are absolute, use `..`, or resolve
+(through symlinks) outside the model's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from google.protobuf.message import DecodeError
+
+from model.config import Config, check_int
+from model.objectives import LABEL_KEYS
+from model.transformer import Output, Transformer, _check_ids, _check_token_types
+
+CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+DECODER_INPUTS = ("decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask")
+
+
+def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
+    """Where the graphs of one export live: {"encoder": NAME.onnx, "decoder": NAME.decoder.onnx}.
+
+    path: a `.onnx` file (the encoder graph), or a folder (then NAME is `model` inside it).
+    """
+    path = Path(path)
+    if path.suffix != ".onnx":
+        path = path / "model.onnx"
+    if path.name.endswith(".decoder.onnx"):
+        raise ValueError(f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix('.decoder.onnx')}.onnx")
+    return {"encoder": path, "decoder": path.with_name(path.name.removesuffix(".onnx") + ".decoder.onnx")}
+
+
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse and check one ONNX file without loading external data; returns the ModelProto (weights left on disk).
+
+    Raises FileNotFoundError when `path` is not a file and ValueError (naming the file) when it
+    is not a valid flashlite ONNX file or names external data outside its own folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file {path} does not exist (or is not a regular file)")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid ONNX file (corrupted or truncated): {err}") from None
+    _check_external_data(proto, path)
+    try:
+        onnx.checker.check_model(str(path))  # by path, so external data is looked up beside the file
+    except onnx.checker.ValidationError as err:
+        raise ValueError(f"{path} fails the ONNX checker (corrupted, truncated or hand-edited): {_first_line(err)}") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if CONFIG_KEY not in meta or meta.get(GRAPH_KEY) not in ("encoder", "decoder"):
+        raise ValueError(f"{path} is not a flashlite export (no {CONFIG_KEY!r} / {GRAPH_KEY!r} metadata); write it with export_onnx")
+    return proto
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers, tensor attributes, and those of subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data entries that could read outside the model's folder, or past a file's end."""
+    folder = path.resolve().parent
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        location = entry.get("location", "")
+        where = f"{path}: tensor {tensor.name!r} has external data location {location!r}"
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise ValueError(f"{where}; only relative paths inside the model's folder are allowed")
+        if ".." in Path(location.replace("\\", "/")).parts:
+            raise ValueError(f"{where}; '..' is not allowed: external data must stay inside the model's folder")
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise ValueError(f"{where}, which resolves to {target} outside {folder} (a symlink?); refusing to read it")
+        if not target.is_file():
+            raise ValueError(f"{where}, but {target} is missing or not a regular file")
+        try:
+            offset, length = int(entry.get("offset", 0)), int(entry.get("length", -1))
+        except ValueError:
+            raise ValueError(f"{where} with a non-integer offset or length") from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+            raise ValueError(f"{where} reading bytes [{offset}, {offset + max(length, 0)}) of a {size}-byte file (truncated?)")
+
+
+@dataclass
+class _Graph:
+    """One ONNX Runtime session with the names and metadata of its graph."""
+
+    path: Path
+    session: ort.InferenceSession
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    config: Config
+
+
+def _open(path: Path, threads: int | None) -> _Graph:
+    proto = read_onnx(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    config = Config.from_json(meta[CONFIG_KEY])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are noise for exported graphs
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    # ORT fuses an int4 DequantizeLinear + MatMul (our Int4Linear export) into MatMulNBits, by
+    # default with int8 activations; level 0 keeps fp32 activations, as PyTorch's Int4Linear does.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        raise ValueError(f"ONNX Runtime cannot load {path}: {_first_line(err)}") from None
+    return _Graph(
+        path,
+        session,
+        tuple(i.name for i in session.get_inputs()),
+        tuple(o.name for o in session.get_outputs()),
+        config,
+    )
+
+
+class OrtModel:
+    """A flashlite ONNX export on ONNX Runtime (CPU), called like the PyTorch model.
+
+    `OrtModel(path)(batch)` or `OrtModel(path)(**batch)` takes the batch dict (input_ids,
+    attention_mask, token_type_ids, optional decoder_input_ids / decoder_attention_mask; label
+    keys are ignored) as numpy arrays or torch tensors and returns an `Output` with
+    hidden_states, logits, head_logits and decoder_hidden_states, as torch tensors when the
+    input_ids were a tensor and numpy arrays otherwise. No losses are computed.
+    """
+
+    def __init__(self, path_or_dir: str | os.PathLike, *, threads: int | None = None):
+        """path_or_dir: the `.onnx` encoder file or a folder (see `graph_paths`); its decoder file is used when present.
+        threads: ONNX Runtime's intra-op thread count (None: ONNX Runtime's default, one per core)."""
+        if threads is not None:
+            check_int("threads", threads, 1)
+        self.threads = threads
+        paths = graph_paths(path_or_dir)
+        self.encoder = _open(paths["encoder"], threads)
+        self.decoder = _open(paths["decoder"], threads) if paths["decoder"].exists() else None
+        self.config = self.encoder.config
+        if self.decoder is not None and self.decoder.config != self.config:
+            raise ValueError(f"{paths['decoder']} was exported from another model than {paths['encoder']} (configs differ)")
+
+    def __repr__(self) -> str:
+        graphs = "encoder" + (" + decoder" if self.decoder is not None else "")
+        return f"OrtModel({str(self.encoder.path)!r}, {graphs}, threads={self.threads})"
+
+    def __call__(self, batch: dict[str, Any] | None = None, /, **inputs: Any) -> Output:
+        """Run the graphs on one batch (a dict and/or keyword arrays); returns an `Output`."""
+        if batch is not None:
+            if not isinstance(batch, dict):
+                raise TypeError(f"batch must be a dict of arrays, got {type(batch).__name__}")
+            inputs = {**batch, **inputs}
+        allowed = (*ENCODER_INPUTS, "decoder_input_ids", "decoder_attention_mask")
+        unknown = sorted(set(inputs) - set(allowed) - set(LABEL_KEYS))
+        if unknown:
+            raise TypeError(f"unexpected batch keys {unknown}; allowed keys: {list(allowed)} (label keys are ignored)")
+        if "input_ids" not in inputs:
+            raise TypeError("the batch has no input_ids")
+        as_torch = isinstance(inputs["input_ids"], torch.Tensor)
+        feeds = self.encoder_feeds(inputs)
+        values = self._run(self.encoder, feeds)
+        out = Output(hidden_states=values.pop("hidden_states"))
+        decoder_ids = inputs.get("decoder_input_ids")
+        if decoder_ids is None and inputs.get("decoder_attention_mask") is not None:
+            raise ValueError("decoder_attention_mask needs decoder_input_ids (the decoder's input)")
+        if decoder_ids is not None:
+            ids = self._decoder_ids(decoder_ids, inputs.get("decoder_attention_mask"))
+            decoded = self._run(self.decoder, {
+                "decoder_input_ids": ids,
+                "encoder_hidden_states": out.hidden_states,
+                "encoder_attention_mask": feeds["attention_mask"],
+            })
+            out.decoder_hidden_states = decoded.pop("decoder_hidden_states")
+            values.update(decoded)
+        heads = {name.removesuffix("_logits"): value for name, value in values.items()}
+        out.head_logits = {name: heads[name] for name in self.config.heads if name in heads}
+        out.logits = next(iter(out.head_logits.values()), None)
+        if as_torch:
+            out.hidden_states = torch.from_numpy(out.hidden_states)
+            out.head_logits = {k: torch.from_numpy(v) for k, v in out.head_logits.items()}
+            out.logits = None if out.logits is None else torch.from_numpy(out.logits)
+            if out.decoder_hidden_states is not None:
+                out.decoder_hidden_states = torch.from_numpy(out.decoder_hidden_states)
+        return out
+
+    def generate(
+        self, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int, start_id: int, end_id: int
+    ) -> Any:
+        """Greedy decoding on the encoder-decoder graphs (no key/value cache: each step reruns the decoder on the prefix).
+
+        Returns the decoder sequences (B, 1 + steps) int64, starting with start_id; a row that
+        produced end_id is padded with the config's pad_id; decoding stops early once every row
+        has ended. A tensor comes back as a tensor, an array as an array.
+        """
+        if self.decoder is None:
+            raise ValueError(f"{self.encoder.path} has no decoder graph ({graph_paths(self.encoder.path)['decoder'].name}); "
+                             "generate() needs an encoder-decoder export")
+        if "lm_logits" not in self.decoder.outputs:
+            raise ValueError("the decoder graph has no lm_logits output (the model has no 'lm' head)")
+        feeds = self.encoder_feeds({"input_ids": input_ids, "attention_mask": attention_mask})
+        memory = self._run(self.encoder, feeds)["hidden_states"]
+
+        def next_logits(prefix: np.ndarray) -> np.ndarray:
+            step = {"decoder_input_ids": prefix, "encoder_hidden_states": memory, "encoder_attention_mask": feeds["attention_mask"]}
+            return self._run(self.decoder, step)["lm_logits"][:, -1]
+
+        tokens = greedy_loop(next_logits, len(memory), self.config, max_new_tokens, start_id, end_id)
+        return torch.from_numpy(tokens) if isinstance(input_ids, torch.Tensor) else tokens
+
+    def encoder_feeds(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Validated int64 arrays for the encoder graph, with the defaults the PyTorch model uses."""
+        ids = _as_tensor("input_ids", inputs["input_ids"])
+        mask = inputs.get("attention_mask")
+        mask = _check_ids(self.config, ids, None if mask is None else _as_tensor("attention_mask", mask), "input_ids", "attention_mask")
+        types = inputs.get("token_type_ids")
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            types = _as_tensor("token_type_ids", types)
+            _check_token_types(self.config, types, ids)
+        if "token_type_ids" in self.encoder.inputs:
+            feeds["token_type_ids"] = torch.zeros_like(ids) if types is None else types
+        elif types is not None and bool((types != 0).any()):
+            raise ValueError("token_type_ids must be all zeros: this model has no token-type embedding (type_vocab_size=0)")
+        return {name: t.to(torch.int64).numpy() for name, t in feeds.items()}
+
+    def _decoder_ids(self, decoder_ids: Any, decoder_mask: Any) -> np.ndarray:
+        if self.decoder is None:
+            raise ValueError("decoder_input_ids given but this export has no decoder graph")
+        ids = _as_tensor("decoder_input_ids", decoder_ids)
+        mask = _check_ids(self.config, ids, None if decoder_mask is None else _as_tensor("decoder_attention_mask", decoder_mask),
+                          "decoder_input_ids", "decoder_attention_mask")
+        # The decoder graph masks causally only; that equals the PyTorch model's masked decoder at
+        # every real position exactly when padding is on the right (ones, then zeros).
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError("decoder_attention_mask must pad on the right (each row: ones, then zeros); the decoder graph is causal only")
+        return ids.to(torch.int64).numpy()
+
+    def _run(self, graph: _Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: feeds[name] for name in graph.inputs}
+        if "encoder_hidden_states" in feeds:
+            feeds["encoder_hidden_states"] = np.ascontiguousarray(feeds["encoder_hidden_states"], dtype=np.float32)
+        return dict(zip(graph.outputs, graph.session.run(list(graph.outputs), feeds)))
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    """A numpy array or torch tensor as a CPU tensor (no copy for arrays); anything else is a TypeError naming `name`."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        if value.dtype == object or value.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {value.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
+
+
+def greedy_loop(
+    next_logits: Callable[[np.ndarray], np.ndarray], batch: int, config: Config, max_new_tokens: int, start_id: int, end_id: int
+) -> np.ndarray:
+    """Greedy decoding given `next_logits(prefix (B,S) int64) -> (B,vocab)`; returns (B, 1 + steps) int64.
+
+    Shared by ONNX Runtime and PyTorch generation so that both decode by exactly the same rule:
+    argmax (lowest id on ties), rows that have produced end_id continue with pad_id.
+    """
+    check_int("max_new_tokens", max_new_tokens, 1)
+    if max_new_tokens + 1 > config.max_positions:
+        raise ValueError(f"max_new_tokens + 1 must be <= max_positions ({config.max_positions}), got {max_new_tokens} + 1")
+    for name, value in (("start_id", start_id), ("end_id", end_id)):
+        check_int(name, value, 0)
+        if value >= config.vocab_size:
+            raise ValueError(f"{name} must be < vocab_size ({config.vocab_size}), got {value}")
+    tokens = np.full((batch, 1), start_id, dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    for _ in range(max_new_tokens):
+        step = np.asarray(next_logits(tokens)).argmax(axis=-1).astype(np.int64)
+        step[done] = config.pad_id
+        tokens = np.concatenate([tokens, step[:, None]], axis=1)
+        done |= step == end_id
+        if done.all():
+            break
+    return tokens
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+    max_new_tokens: int, start_id: int, end_id: int,
+) -> torch.Tensor:
+    """Greedy decoding with the PyTorch model, by the same rule as `OrtModel.generate`; returns (B, 1 + steps) int64.
+
+    model: an encoder-decoder Transformer with an 'lm' head (run in its current mode; call eval()
+    first for deterministic output). input_ids/attention_mask: the encoder batch (B,T).
+    """
+    if "lm" not in model.config.heads or model.decoder is None:
+        raise ValueError("greedy_generate needs an encoder-decoder model with an 'lm' head")
+    memory, _, _ = model.encode(input_ids, attention_mask)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+    def next_logits(prefix: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(prefix).to(input_ids.device)
+        hidden = model.decode(ids, memory, mask)
+        return model.heads["lm"](hidden[:, -1:], model.embeddings)[:, -1].float().cpu().numpy()
+
+    return torch.from_numpy(greedy_loop(next_logits, len(input_ids), model.config, max_new_tokens, start_id, end_id)).to(input_ids.device)
+
+
+def graph_metadata(config: Config, graph: str) -> dict[str, str]:
+    """The metadata every flashlite ONNX file carries: its Config (JSON) and which graph it is."""
+    return {CONFIG_KEY: config.to_json(), GRAPH_KEY: graph}
