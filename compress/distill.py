@@ -1,8 +1,8 @@
 """Distill: knowledge distillation from the teacher into the student on the project's training loop.
 
 Losses (weights are settings): KL between temperature-softened logits of every head both models
-have; MSE between hidden states of mapped layers, through learned projections where widths
-differ; MiniLM-v2 attention relations (Q-Q, K-K, V-V self-relations split into relation heads,
+have; MSE between the embedding outputs and between the hidden states of mapped layers, through
+learned projections where widths differ; MiniLM-v2 attention relations (Q-Q, K-K, V-V self-relations split into relation heads,
 so head counts may differ) on the last mapped layer.
 """
 
@@ -110,9 +110,11 @@ class DistillLoss(nn.Module):
                     self._logit_loss(s_out.head_logits[h], t_out.head_logits[h], mask, inputs) for h in shared
                 ) / len(shared)
         if settings.hidden > 0:
+            # The embedding outputs (index 0) are matched too: the direct signal that retrains
+            # factorized or pruned embedding tables (TinyBERT's embedding-layer distillation).
+            pairs = [(0, 0), *((i + 1, j + 1) for i, j in enumerate(self.layer_map))]
             terms = [
-                _masked_mse(self.project(s_out.all_hidden_states[i + 1]), t_out.all_hidden_states[j + 1], mask)
-                for i, j in enumerate(self.layer_map)
+                _masked_mse(self.project(s_out.all_hidden_states[i]), t_out.all_hidden_states[j], mask) for i, j in pairs
             ]
             losses["hidden"] = settings.hidden * sum(terms) / len(terms)
         if need_attention:
