@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from model.config import Config, check_int
 from model.objectives import LABEL_KEYS
-from model.transformer import Output, Transformer, _check_ids, _check_token_types
+from model.transformer import Output, Transformer, check_ids, check_token_types
 
 CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -245,12 +245,12 @@ class OrtModel:
         """Validated int64 arrays for the encoder graph, with the defaults the PyTorch model uses."""
         ids = _as_tensor("input_ids", inputs["input_ids"])
         mask = inputs.get("attention_mask")
-        mask = _check_ids(self.config, ids, None if mask is None else _as_tensor("attention_mask", mask), "input_ids", "attention_mask")
+        mask = check_ids(self.config, ids, None if mask is None else _as_tensor("attention_mask", mask), "input_ids", "attention_mask")
         types = inputs.get("token_type_ids")
         feeds = {"input_ids": ids, "attention_mask": mask}
         if types is not None:
             types = _as_tensor("token_type_ids", types)
-            _check_token_types(self.config, types, ids)
+            check_token_types(self.config, types, ids)
         if "token_type_ids" in self.encoder.inputs:
             feeds["token_type_ids"] = torch.zeros_like(ids) if types is None else types
         elif types is not None and bool((types != 0).any()):
@@ -261,7 +261,7 @@ class OrtModel:
         if self.decoder is None:
             raise ValueError("decoder_input_ids given but this export has no decoder graph")
         ids = _as_tensor("decoder_input_ids", decoder_ids)
-        mask = _check_ids(self.config, ids, None if decoder_mask is None else _as_tensor("decoder_attention_mask", decoder_mask),
+        mask = check_ids(self.config, ids, None if decoder_mask is None else _as_tensor("decoder_attention_mask", decoder_mask),
                           "decoder_input_ids", "decoder_attention_mask")
         # The decoder graph masks causally only; that equals the PyTorch model's masked decoder at
         # every real position exactly when padding is on the right (ones, then zeros).

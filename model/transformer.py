@@ -294,9 +294,9 @@ class Transformer(nn.Module):
         attentions: bool = False,
     ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
         """Run the encoder: returns (hidden (B,T,dim), all hidden states or None, attention maps or None)."""
-        attention_mask = _check_ids(self.config, input_ids, attention_mask, "input_ids", "attention_mask")
+        attention_mask = check_ids(self.config, input_ids, attention_mask, "input_ids", "attention_mask")
         if token_type_ids is not None:
-            _check_token_types(self.config, token_type_ids, input_ids)
+            check_token_types(self.config, token_type_ids, input_ids)
         x = self.embeddings(input_ids, token_type_ids)
         return self.encoder(
             x, attention_mask.bool(), backend=self.attention_backend, hidden_states=hidden_states, attentions=attentions
@@ -312,7 +312,7 @@ class Transformer(nn.Module):
         """Run the decoder over encoder output `memory` (B,T,dim): returns the last decoder layer (B,S,dim)."""
         if self.decoder is None:
             raise ValueError("decoder_input_ids given but this model has no decoder layers (decoder=[])")
-        mask = _check_ids(self.config, decoder_input_ids, decoder_attention_mask, "decoder_input_ids", "decoder_attention_mask")
+        mask = check_ids(self.config, decoder_input_ids, decoder_attention_mask, "decoder_input_ids", "decoder_attention_mask")
         y = self.embeddings(decoder_input_ids)
         y, _, _ = self.decoder(
             y, mask.bool(), causal=True, memory=memory, memory_mask=memory_mask.bool(), backend=self.attention_backend
@@ -368,7 +368,7 @@ class Transformer(nn.Module):
         return out
 
 
-def _check_ids(config: Config, ids: Tensor, mask: Tensor | None, name: str, mask_name: str) -> Tensor:
+def check_ids(config: Config, ids: Tensor, mask: Tensor | None, name: str, mask_name: str) -> Tensor:
     """Validate token ids and their mask before any kernel runs; returns the mask (all ones if None)."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
@@ -399,7 +399,7 @@ def _check_ids(config: Config, ids: Tensor, mask: Tensor | None, name: str, mask
     return mask
 
 
-def _check_token_types(config: Config, types: Tensor, ids: Tensor) -> None:
+def check_token_types(config: Config, types: Tensor, ids: Tensor) -> None:
     if not isinstance(types, Tensor) or types.dtype not in (torch.int64, torch.int32):
         got = types.dtype if isinstance(types, Tensor) else type(types).__name__
         raise TypeError(f"token_type_ids must be an int64 tensor, got {got}")
