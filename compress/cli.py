@@ -111,6 +111,8 @@ def _compress(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)  # validated before the (slow) model load
     torch.manual_seed(args.seed)
     result = run_job(recipe, _teacher(args), args.out, seed=args.seed, device=args.device)
+    if not result.files:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print()
     print(result.files["markdown"].read_text())
     if result.onnx is not None:

@@ -16,6 +16,7 @@ from compress.pipeline import Pipeline
 from compress.recipe import DataSpec, Recipe
 from compress.report import write_report
 from model.corpus import load_corpus
+from model.distributed import is_main
 from model.tokenizer import encode
 from model.transformer import Transformer
 
@@ -106,6 +107,8 @@ def run_job(recipe: Recipe, teacher: Transformer, out: str | Path, *, seed: int 
     evaluate = FidelityEvaluator(teacher, held_out, recipe.data)
     lite = pipeline.run(teacher, data=train_batches, evaluate=evaluate, device=device, seed=seed, workdir=out / "work")
     result = JobResult(lite, pipeline)
+    if not is_main():  # under torchrun the other ranks trained along; rank 0 writes the files
+        return result
     pipeline.save(lite, out / "model")
     metric = recipe.data.task and next(iter(glue.get_task(recipe.data.task).metrics))
     result.files = write_report(pipeline.stages, out, metric=metric or "fidelity", latencies=evaluate.latencies_ms)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from model.distributed import is_main
 from model.io import atomic_write_text, load, save
 from model.transformer import Transformer
 
@@ -203,7 +204,7 @@ class Pipeline:
             if check is not None:
                 self._check_runs(current, check, pass_name(p))
             self.stages.append(self._stage(pass_name(p), pass_settings(p), current, ctx, seconds))
-            if folder is not None:  # the stage record goes last: its presence marks the pass finished
+            if folder is not None and is_main():  # the stage record goes last: it marks the pass finished
                 save(current, folder / "model")
                 atomic_write_text(folder / "stage.json", json.dumps(dataclasses.asdict(self.stages[-1])))
         return current.eval()

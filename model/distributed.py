@@ -26,6 +26,11 @@ class World:
         return self.rank == 0
 
 
+def is_main() -> bool:
+    """True in the process that writes files: rank 0, or the only process when not distributed."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def join(device: str) -> tuple[World, torch.device]:
     """Join the process group that torchrun's environment describes (gloo on CPU, nccl on CUDA).
 
