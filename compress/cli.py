@@ -39,6 +39,7 @@ def _plot_losses(losses: list[float], path: Path) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from model import save
     from model.config import Config
+    from model.distributed import is_main
     from model.pretrain import pretrain
 
     config = Config.preset(args.preset)
@@ -49,6 +50,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device,
     )
     model, run = result.model, result.train
+    if not is_main():  # a torchrun rank other than 0: rank 0 reports and saves
+        return 0
     params = sum(p.numel() for p in model.parameters())
     print(f"\npretrained preset {args.preset!r}: {params / 1e6:.1f}M parameters (vocabulary {model.config.vocab_size}), "
           f"{len(run.losses)} steps" + (f" (resumed at step {run.resumed_from})" if run.resumed_from else ""))

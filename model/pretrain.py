@@ -12,6 +12,7 @@ import torch
 from model.config import Config
 from model.corpus import load_corpus
 from model.objectives import PretrainingData
+from model.distributed import is_main
 from model.io import atomic_write_text
 from model.tokenizer import load_tokenizer, special_tokens, train_tokenizer
 from model.train import TrainConfig, TrainResult, train
@@ -131,7 +132,7 @@ def pretrain(
         tokenizer = load_tokenizer(saved_tokenizer)
     run = prepare(config, corpus, batch_size=batch_size, max_len=max_len, pair_task=pair_task, seed=seed,
                   tokenizer=tokenizer, holdout=holdout)
-    if saved_tokenizer is not None and not saved_tokenizer.is_file():
+    if saved_tokenizer is not None and not saved_tokenizer.is_file() and is_main():
         saved_tokenizer.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved_tokenizer, run.tokenizer.to_str())
 
