@@ -110,7 +110,7 @@ def main() -> None:
             lite_params=lite_params, teacher_bytes=teacher_bytes, int8_bytes=int8_bytes,
             speedup=min(eager) / min(ort), parity=max(exported.parity.values()), seconds=time.perf_counter() - task_began,
         ))
-        print(f"{task}: done in {rows_out[-1]['seconds']:.0f} s", flush=True)
+        print(f"{task}: done in {rows_out[-1]['seconds']:.0f} s: {rows_out[-1]}", flush=True)  # survives an interrupted run
 
     print(f"\nall-MiniLM-L6-v2 teacher fine-tuned {args.finetune_steps} steps on {args.train_rows} train rows per task "
           f"(batch {args.batch_size}, max_len {args.max_len}); Lite = Share(embed_dim=128) + Prune(heads=0.25, ffn=0.5, "
