@@ -88,6 +88,8 @@ class DistillLoss(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every loss term for one batch, by name ("logits", "hidden", "attention", "task")."""
         settings, teacher = self.settings, self.teacher[0]
+        if "input_ids" not in batch:
+            raise TypeError(f"a distillation batch needs input_ids; got keys {sorted(batch)}")
         inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
         labels = {k: v for k, v in batch.items() if k in LABEL_KEYS} if settings.task else {}
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
@@ -185,15 +187,19 @@ class Distill:
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"Distill steps must be an int >= 1, got {self.steps!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise ValueError(f"Distill temperature must be > 0, got {self.temperature!r}")
-        for name in ("logits", "hidden", "attention", "task"):
+        for name in ("temperature", "lr", "logits", "hidden", "attention", "task"):
+            value, positive = getattr(self, name), name in ("temperature", "lr")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"Distill {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        for name, minimum in (("relation_heads", 0), ("checkpoint_every", 0), ("warmup_steps", 0)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"Distill loss weight {name} must be a number >= 0, got {value!r}")
-        if isinstance(self.relation_heads, bool) or not isinstance(self.relation_heads, int) or self.relation_heads < 0:
-            raise ValueError(f"Distill relation_heads must be an int >= 0, got {self.relation_heads!r}")
+            if (value is not None or name != "warmup_steps") and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"Distill {name} must be an int >= {minimum}, got {value!r}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"Distill progress must be True or False, got {self.progress!r}")
         if self.layer_map is not None:
+            if not isinstance(self.layer_map, (list, tuple)) or not all(type(j) is int and j >= 0 for j in self.layer_map):
+                raise ValueError(f"Distill layer_map must be a list of teacher layer indices (ints >= 0), got {self.layer_map!r}")
             object.__setattr__(self, "layer_map", tuple(self.layer_map))
 
     def __call__(self, model: Transformer, ctx: Context) -> Transformer:

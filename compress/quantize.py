@@ -75,7 +75,7 @@ class Quantize:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"Quantize mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if isinstance(self.group_size, bool) or self.group_size not in (*GROUP_SIZES, None):
+        if self.group_size is not None and (type(self.group_size) is not int or self.group_size not in GROUP_SIZES):
             raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES} (or None: per channel, int8 only); got {self.group_size!r}")
         if self.mode == "int4" and self.group_size is None:
             raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES} for mode int4; got None")
@@ -93,7 +93,7 @@ class Quantize:
         object.__setattr__(self, "skip", tuple(self.skip))
         for name in ("temperature", "lr"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"Quantize {name} must be a number > 0, got {value!r}")
 
     @property

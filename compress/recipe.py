@@ -14,6 +14,7 @@ from compress.distill import Distill
 from compress.prune import Prune
 from compress.quantize import Quantize
 from compress.share import Share
+from model.config import check_int
 
 # The passes a recipe may name: the YAML key is the file (and verb) the pass lives in.
 PASSES = {"share": Share, "prune": Prune, "distill": Distill, "quantize": Quantize}
@@ -31,6 +32,16 @@ class DataSpec:
     batch_size: int = 16
     limit: int | None = 20000
 
+    def __post_init__(self) -> None:
+        for name in ("corpus", "task", "glue_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"data.{name} must be a string or null, got {type(value).__name__} {value!r}")
+        check_int("max_len", self.max_len, 1)
+        check_int("batch_size", self.batch_size, 1)
+        if self.limit is not None:
+            check_int("limit", self.limit, 1)
+
 
 @dataclass(frozen=True)
 class ExportSpec:
@@ -40,6 +51,8 @@ class ExportSpec:
     quantize: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.onnx, bool):
+            raise TypeError(f"export.onnx must be true or false, got {self.onnx!r}")
         if self.quantize is not None and self.quantize not in EXPORT_QUANTIZATION:
             raise ValueError(f"export.quantize must be one of {', '.join(EXPORT_QUANTIZATION)} or null; got {self.quantize!r}")
 
@@ -61,7 +74,7 @@ def _build(cls: type, settings: Any, where: str) -> Any:
     if not isinstance(settings, dict):
         raise TypeError(f"{where} must be a mapping of settings, got {type(settings).__name__} {settings!r}")
     allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(settings) - set(allowed))
+    unknown = sorted(set(settings) - set(allowed), key=str)
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {unknown}; allowed: {', '.join(allowed)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
@@ -76,7 +89,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise TypeError(f"{source} must be a mapping with a 'passes' list, got {type(data).__name__}")
     allowed = ("description", "passes", "data", "export")
-    unknown = sorted(set(data) - set(allowed))
+    unknown = sorted(set(data) - set(allowed), key=str)
     if unknown:
         raise ValueError(f"{source}: unknown top-level key(s) {unknown}; allowed: {', '.join(allowed)}")
     steps = data.get("passes")

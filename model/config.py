@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,21 @@ def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
     """Accept QuantizedLayers or dicts (from JSON); a layer may appear once."""
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"quantized must be a list of quantized layers, got {type(value).__name__}")
-    layers = tuple(item if isinstance(item, QuantizedLayer) else QuantizedLayer(**item) for item in value)
+    layers = []
+    for i, item in enumerate(value):
+        if isinstance(item, QuantizedLayer):
+            layers.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise TypeError(f"quantized[{i}] must be a QuantizedLayer or dict, got {type(item).__name__}")
+        unknown = set(item) - {"name", "mode", "bits", "group_size"}
+        if unknown:
+            raise ValueError(f"quantized[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: name, mode, bits, group_size")
+        try:
+            layers.append(QuantizedLayer(**item))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"quantized[{i}]: {err}") from None
+    layers = tuple(layers)
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):
         raise ValueError(f"quantized lists a layer more than once: {sorted(n for n in set(names) if names.count(n) > 1)}")
@@ -85,7 +100,7 @@ def _as_shapes(name: str, value: Any) -> tuple[LayerShape, ...]:
         elif isinstance(item, dict):
             unknown = set(item) - {"n_heads", "head_dim", "ffn_dim"}
             if unknown:
-                raise ValueError(f"{name}[{i}] has unknown keys {sorted(unknown)}; allowed: n_heads, head_dim, ffn_dim")
+                raise ValueError(f"{name}[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: n_heads, head_dim, ffn_dim")
             try:
                 shapes.append(LayerShape(**item))
             except (TypeError, ValueError) as err:
@@ -176,7 +191,7 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < math.inf:
             raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
         if isinstance(self.heads, str) or not isinstance(self.heads, (list, tuple)):
             raise TypeError(f"heads must be a list of head names from {HEADS}, got {self.heads!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -40,6 +41,12 @@ _BERT_DEFAULTS = dict(
     type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0, position_embedding_type="absolute",
 )
 # Hugging Face module name -> flashlite module name; "{i}" is the layer index.
+# The type of every BertConfig key we read; a config.json that disagrees is refused naming the key.
+_BERT_TYPES = {
+    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "intermediate_size": int,
+    "max_position_embeddings": int, "type_vocab_size": int, "pad_token_id": int, "hidden_act": str,
+    "position_embedding_type": str, "hidden_dropout_prob": float, "attention_probs_dropout_prob": float, "layer_norm_eps": float,
+}
 _MODULES = {
     "embeddings.word_embeddings": "embeddings.word",
     "embeddings.position_embeddings": "embeddings.position",
@@ -119,6 +126,15 @@ def config_from_hf(
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     hf = {**_BERT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    for key, kind in _BERT_TYPES.items():
+        value = hf[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise TypeError(f"{key} must be {'a number' if kind is float else 'an int' if kind is int else 'a string'}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"):
+        if hf[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {hf[key]}")
     if hf["position_embedding_type"] != "absolute":
         raise ValueError(f"position_embedding_type is {hf['position_embedding_type']!r}; only 'absolute' is supported")
     for flag in ("is_decoder", "add_cross_attention"):
@@ -180,9 +196,16 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], str, dict[str, Tensor]]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no Hugging Face config.json at {config_file}")
-    hf = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        hf = json.loads(config_file.read_bytes().decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
+        raise ValueError(f"{config_file} is not valid UTF-8 JSON: {err}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(hf).__name__}")
     # A config.json without `architectures` is what AutoModel loads as the bare BertModel.
     architectures = hf.get("architectures") or ["BertModel"]
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ValueError(f"{config_file}: architectures must be a list of class names, got {architectures!r}")
     return hf, architectures[0], _read_weights(folder)
 
 
@@ -265,6 +288,12 @@ def from_hf(
         name_or_path = getattr(model_or_dir, "name_or_path", "")
         folder = Path(name_or_path) if name_or_path else None
     config = config_from_hf(hf, architecture, heads=heads, n_labels=n_labels)
+    with torch.device("meta"):  # shapes only: a config.json that lies about sizes allocates nothing before the check
+        expected = {name: t.shape for name, t in Transformer(config).state_dict().items()}
+    for hf_name, tensor in state.items():
+        name = _flashlite_name(hf_name)
+        if name in expected and tensor.shape != expected[name]:
+            raise ValueError(f"{hf_name} has shape {tuple(tensor.shape)} but config.json makes {name} {tuple(expected[name])}")
     model = Transformer(config)
     # Heads the checkpoint lacks (or holds with another label count) start fresh, as does a pooler it lacks.
     checkpoint = config_from_hf(hf, architecture)

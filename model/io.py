@@ -165,12 +165,15 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", st
     config = _read_config(folder / CONFIG)
     data = (folder / WEIGHTS).read_bytes()
     header = _check_safetensors(data, folder / WEIGHTS)
-    model = Transformer(config)
+    with torch.device("meta"):  # shapes only: a config.json that lies about sizes allocates nothing before the check
+        skeleton = Transformer(config)
     floats = {_DTYPES[e["dtype"]] for n, e in header.items() if n != "__metadata__" and _DTYPES[e["dtype"]].is_floating_point}
-    if len(floats) == 1:  # a model saved in half precision loads in half precision
-        model.to(floats.pop())
-    _check_matches(model, header, folder, strict)
+    dtype = floats.pop() if len(floats) == 1 else None  # a model saved in half precision loads in half precision
+    _check_matches(skeleton.to(dtype) if dtype else skeleton, header, folder, strict)
     _check_manifest(folder, data)
+    model = Transformer(config)
+    if dtype is not None:
+        model.to(dtype)
     model.load_state_dict(_deserialize(data, folder / WEIGHTS, "cpu"), strict=strict)
     if (folder / TOKENIZER).is_file():
         try:

@@ -192,13 +192,16 @@ class OrtModel:
             raise TypeError("the batch has no input_ids")
         as_torch = isinstance(inputs["input_ids"], torch.Tensor)
         feeds = self.encoder_feeds(inputs)
-        values = self._run(self.encoder, feeds)
-        out = Output(hidden_states=values.pop("hidden_states"))
         decoder_ids = inputs.get("decoder_input_ids")
         if decoder_ids is None and inputs.get("decoder_attention_mask") is not None:
             raise ValueError("decoder_attention_mask needs decoder_input_ids (the decoder's input)")
-        if decoder_ids is not None:
+        if decoder_ids is not None:  # checked before any graph runs
             ids = self._decoder_ids(decoder_ids, inputs.get("decoder_attention_mask"))
+            if len(ids) != len(feeds["input_ids"]):
+                raise ValueError(f"decoder_input_ids has {len(ids)} rows but input_ids has {len(feeds['input_ids'])}; one target per source")
+        values = self._run(self.encoder, feeds)
+        out = Output(hidden_states=values.pop("hidden_states"))
+        if decoder_ids is not None:
             decoded = self._run(self.decoder, {
                 "decoder_input_ids": ids,
                 "encoder_hidden_states": out.hidden_states,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -256,7 +257,10 @@ def train(
     start = time.perf_counter()
     try:
         for step in range(result.resumed_from, config.steps):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches(step).items()}
+            batch = batches(step)
+            if not isinstance(batch, dict):
+                raise TypeError(f"batch {step} is a {type(batch).__name__}; data must yield dicts of tensors (input_ids, ...)")
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             with autocast:
@@ -303,8 +307,14 @@ def _latest_checkpoint(ckpt_dir: Path, world: World) -> Path | None:
         for leftover in ckpt_dir.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
     barrier(world)
-    complete = [p for p in ckpt_dir.glob("step-*") if (p / "trainer.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+    complete = [p for p in _checkpoints(ckpt_dir) if (p / "trainer.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The step-N folders, oldest first; other entries (notes, copies like step-best) are the user's, not ours."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 # Settings that shape the loss sequence: a resumed run must use the checkpoint's values.
@@ -342,11 +352,45 @@ def _save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(ckpt_dir)
-    old = sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -config.keep_checkpoints]
+    old = _checkpoints(ckpt_dir)[: -config.keep_checkpoints]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     barrier(world)
     return final
+
+
+_TRAINER_KEYS = ("step", "losses", "param_groups", "settings", "scaler", "world_size")
+
+
+def _read_trainer(file: Path) -> dict[str, Any]:
+    """trainer.json of a checkpoint, refused with a ValueError naming it when torn or not ours."""
+    try:
+        trainer = json.loads(file.read_bytes().decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
+        raise ValueError(f"{file} is not valid UTF-8 JSON (a torn or hand-edited checkpoint): {err}") from None
+    if not isinstance(trainer, dict) or not set(_TRAINER_KEYS) <= set(trainer) or not isinstance(trainer["settings"], dict):
+        raise ValueError(f"{file} is not a flashlite trainer state (needs keys {', '.join(_TRAINER_KEYS)})")
+    return trainer
+
+
+def _optimizer_state(
+    tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, file: Path, rank: int
+) -> dict[int, dict[str, torch.Tensor]]:
+    """The optimizer state in `tensors`, checked against the parameters it will update (AdamW would fail in its kernel)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if f"rng.cpu.{rank}" not in tensors:
+        raise ValueError(f"{file} holds no RNG state for rank {rank} (rng.cpu.{rank}); it is not a complete checkpoint")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("state."):
+            continue
+        _, index, name = key.split(".", 2)
+        if not index.isdigit() or int(index) >= len(params):
+            raise ValueError(f"{file}: {key} names a parameter the model does not have ({len(params)} parameters)")
+        if value.dim() and value.shape != params[int(index)].shape:
+            raise ValueError(f"{file}: {key} has shape {list(value.shape)} but the parameter has {list(params[int(index)].shape)}")
+        state.setdefault(int(index), {})[name] = value
+    return state
 
 
 def _restore(
@@ -354,7 +398,7 @@ def _restore(
     device: torch.device,
 ) -> tuple[int, list[float]]:
     """Load a checkpoint into model, optimizer and loss scaler; returns (step, losses so far)."""
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer = _read_trainer(path / "trainer.json")
     if trainer["world_size"] != world.size:
         raise ValueError(
             f"checkpoint {path} was written by {trainer['world_size']} processes but this run has {world.size}; "
@@ -378,11 +422,10 @@ def _restore(
     if scaler is not None and trainer["scaler"] is not None:
         scaler.load_state_dict(trainer["scaler"])
     tensors = load_tensors(path / "optimizer.safetensors")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value.to(device) if value.dim() else value
+    state = _optimizer_state(tensors, optimizer, path / "optimizer.safetensors", world.rank)
+    for entry in state.values():
+        for name, value in entry.items():
+            entry[name] = value.to(device) if value.dim() else value
     optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
     torch.set_rng_state(tensors[f"rng.cpu.{world.rank}"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]

@@ -10,7 +10,7 @@ from torch import nn
 
 from model.attention import attend, choose_backend, reference_attention
 from model.config import Config, LayerShape
-from model.objectives import LABEL_KEYS, task_losses
+from model.objectives import IGNORE, LABEL_KEYS, task_losses
 
 Tensor = torch.Tensor
 
@@ -310,14 +310,21 @@ class Transformer(nn.Module):
         decoder_attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Run the decoder over encoder output `memory` (B,T,dim): returns the last decoder layer (B,S,dim)."""
-        if self.decoder is None:
-            raise ValueError("decoder_input_ids given but this model has no decoder layers (decoder=[])")
-        mask = check_ids(self.config, decoder_input_ids, decoder_attention_mask, "decoder_input_ids", "decoder_attention_mask")
+        mask = self._check_decoder_ids(decoder_input_ids, decoder_attention_mask, memory)
         y = self.embeddings(decoder_input_ids)
         y, _, _ = self.decoder(
             y, mask.bool(), causal=True, memory=memory, memory_mask=memory_mask.bool(), backend=self.attention_backend
         )
         return y
+
+    def _check_decoder_ids(self, ids: Tensor, mask: Tensor | None, encoded: Tensor) -> Tensor:
+        """Validate the decoder's ids and mask against the encoder batch `encoded` (ids or memory); returns the mask."""
+        if self.decoder is None:
+            raise ValueError("decoder_input_ids given but this model has no decoder layers (decoder=[])")
+        mask = check_ids(self.config, ids, mask, "decoder_input_ids", "decoder_attention_mask")
+        if isinstance(encoded, Tensor) and encoded.dim() and len(encoded) != len(ids):
+            raise ValueError(f"decoder_input_ids has {len(ids)} rows but the encoder batch has {len(encoded)}; one target per source")
+        return mask
 
     def forward(
         self,
@@ -340,6 +347,10 @@ class Transformer(nn.Module):
             attention_mask = torch.ones_like(input_ids) if isinstance(input_ids, Tensor) else None
         if decoder_input_ids is None and ("decoder_labels" in labels or decoder_attention_mask is not None):
             raise ValueError("decoder_labels and decoder_attention_mask need decoder_input_ids (the decoder's input)")
+        if decoder_input_ids is not None:  # checked now: no kernel may run on a batch that will be refused
+            self._check_decoder_ids(decoder_input_ids, decoder_attention_mask, input_ids)
+        if labels and isinstance(input_ids, Tensor):
+            _check_labels(self.config, labels, input_ids, decoder_input_ids)
         h, hiddens, weights = self.encode(
             input_ids, attention_mask, token_type_ids, hidden_states=output_hidden_states, attentions=output_attentions
         )
@@ -397,6 +408,24 @@ def check_ids(config: Config, ids: Tensor, mask: Tensor | None, name: str, mask_
     if empty:
         raise ValueError(f"{mask_name} rows {empty} have no tokens; every sequence needs at least one")
     return mask
+
+
+def _check_labels(config: Config, labels: dict[str, Tensor], ids: Tensor, decoder_ids: Tensor | None) -> None:
+    """Labels must fit the batch and their head: cross_entropy would fail inside its kernel, after the forward pass."""
+    classes = {"mlm_labels": config.vocab_size, "decoder_labels": config.vocab_size, "pair_labels": 2,
+               "labels": config.n_labels if config.n_labels > 1 else None}  # 1 label: regression targets
+    for key, value in labels.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{key} must be a torch.Tensor, got {type(value).__name__}")
+        like = {"mlm_labels": ids, "decoder_labels": decoder_ids}.get(key)
+        shape = tuple(like.shape) if like is not None else (len(ids),)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(value.shape)} but this batch needs {shape}")
+        limit = classes.get(key)
+        if limit is not None and value.numel():
+            bad = (value != IGNORE) & ((value < 0) | (value >= limit))
+            if bool(bad.any()):
+                raise ValueError(f"{key} holds {value[bad][0].item()}; labels must be in [0, {limit}) or {IGNORE} (ignored)")
 
 
 def check_token_types(config: Config, types: Tensor, ids: Tensor) -> None:

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._device import _device_constructors
 import torch.nn.functional as F
 
 from model.attention import attend, choose_backend, reference_attention
@@ -67,6 +68,7 @@ def _interpreter_and_poison(monkeypatch):
             return t.fill_(torch.iinfo(t.dtype).min) if t.dtype != torch.bool else t
         return make
 
+    _device_constructors()  # cache the real torch.empty first, or `with torch.device("meta")` misses it later
     monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
 
