@@ -17,8 +17,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the `dev` extra (nbformat, nbclient, ipykernel)")
 nbclient = pytest.importorskip("nbclient", reason="the notebook tests need the `dev` extra (nbclient)")
 pytest.importorskip("ipykernel", reason="the notebook tests need the `dev` extra (ipykernel)")
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402 (after the skips)
-from jupyter_client.manager import KernelManager  # noqa: E402
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SUMMARY = "NOTEBOOK-SUMMARY "
