@@ -17,11 +17,13 @@ Settings (ONNX Runtime's recommendations for x86-64 CPUs; see its quantization g
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,6 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
-from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
 from model.export import TWO_GB, output_pairs, parity_batches, publish, size_with_data
 from model.ort import CONFIG_KEY, GRAPH_KEY, OrtModel, graph_paths, read_onnx
@@ -45,6 +46,7 @@ MODES = ("int8-dynamic", "int8-static", "int4")
 BLOCK_SIZES = (32, 64, 128)
 INT4_ACCURACY_LEVEL = 4
 MODE_KEY = "flashlite.onnx_quantization"
+_PREPROCESSING_HINT = "Please consider"  # ONNX Runtime's "...(to run) pre-processing before quantization" warnings
 
 
 @dataclass
@@ -160,26 +162,54 @@ class _Calibration(CalibrationDataReader):
         }
 
 
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Leave the root logger as it was: ONNX Runtime's quantization code reconfigures it.
+
+    Importing matmul_nbits_quantizer runs logging.basicConfig(level=INFO), and quantize_dynamic /
+    quantize_static call logging.warning() (which installs a root handler) to suggest shape
+    pre-processing, a hint for hand-made graphs that our optimized exports do not need. Inside
+    this block that hint is dropped; afterwards the root logger's level and handlers are put back.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+
+    def no_hint(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_PREPROCESSING_HINT)
+
+    root.addFilter(no_hint)
+    try:
+        yield
+    finally:
+        root.removeFilter(no_hint)
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+
+
 def _quantize_file(source: Path, target: Path, settings: dict[str, Any], reader: _Calibration | None) -> None:
     """Quantize one graph file into `target`, restore its flashlite metadata, and check it."""
     mode = settings["mode"]
     if mode == "int4":
+        with _root_logging_kept():  # imported on this path only: the import reconfigures logging
+            from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
         config = DefaultWeightOnlyQuantConfig(
             block_size=settings["block_size"], is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL,
             op_types_to_quantize=tuple(settings["op_types"]), quant_axes=(("MatMul", 0), ("Gather", 1)),
         )
         quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
-        quantizer.process()
+        quantizer.process()  # its INFO progress records stay below the (restored) root level
         proto = quantizer.model.model
     else:
         common = dict(op_types_to_quantize=settings["op_types"], per_channel=True, reduce_range=settings["reduce_range"],
                       weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
         raw = target.with_name(".raw." + target.name)
-        if mode == "int8-dynamic":
-            quantize_dynamic(source, raw, **common)
-        else:
-            quantize_static(source, raw, reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, **common)
+        with _root_logging_kept():
+            if mode == "int8-dynamic":
+                quantize_dynamic(source, raw, **common)
+            else:
+                quantize_static(source, raw, reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax, **common)
         proto = onnx.load(str(raw))
         raw.unlink()
     meta = {p.key: p.value for p in read_onnx(source).metadata_props}

@@ -66,7 +66,7 @@ def trained(corpus, tmp_path_factory):
 def table_row(stdout: str, name: str) -> list[float]:
     rows = [line for line in stdout.splitlines() if line.startswith(name + " ")]
     assert len(rows) == 1, f"expected one {name!r} row in:\n{stdout}"
-    return [float(x) for x in rows[0].split()[1:]]
+    return [float(x) for x in rows[0][len(name):].split()]
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -236,11 +236,31 @@ export: {onnx: true}
 """
 
 
-@pytest.mark.parametrize("command", ["pretrain", "import", "compress"])
+HELP_OPTIONS = {
+    "pretrain": ("--out", "--steps"),
+    "import": ("--out", "--hf"),
+    "compress": ("--out", "--set"),
+    "finetune": ("--task", "--model", "--hf", "--data", "--out", "--steps", "--train-rows", "--seed", "--device"),
+    "export": ("--model", "--out", "--quantize"),
+    "eval": ("--model", "--onnx", "--task", "--data", "--rows", "--json"),
+    "bench": ("--model", "--hf", "--onnx", "--batch-size", "--seq-len", "--rounds"),
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS))
 def test_every_subcommand_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
-    assert exit_.value.code == 0 and "--out" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert [option for option in HELP_OPTIONS[command] if option not in text] == []
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert [command for command in HELP_OPTIONS if command not in text] == []
 
 
 def test_compress_runs_a_recipe_end_to_end(trained, corpus, tmp_path):
@@ -285,3 +305,264 @@ def test_import_writes_a_loadable_folder(tmp_path):
     assert code == 0, stderr
     imported = load(tmp_path / "minilm")
     assert imported.config.dim == 384 and imported.tokenizer is not None and "22.6M parameters" in stdout
+
+
+# ---------------------------------------------------------------- finetune, export, eval, bench
+
+FINETUNE = ["--steps", "30", "--batch-size", "16", "--max-len", "32", "--train-rows", "300", "--lr", "1e-3"]
+_FINETUNED: dict = {}
+
+
+@pytest.fixture
+def finetuned(trained, shared_data, tmp_path_factory):
+    """The tiny pretrained model fine-tuned on 300 SST-2 rows through the CLI, once per module: (code, stdout, stderr, out)."""
+    if "run" not in _FINETUNED:
+        out = tmp_path_factory.mktemp("finetune") / "sst2"
+        code, stdout, stderr = run_main(["finetune", "--task", "sst2", "--model", str(trained[3]),
+                                         "--data", str(shared_data / "glue"), "--out", str(out), *FINETUNE])
+        _FINETUNED["run"] = code, stdout, stderr, out
+    return _FINETUNED["run"]
+
+
+def one_error_line(stderr: str, command: str) -> str:
+    """The single line of a usage error on stderr (argparse adds its usage lines above it)."""
+    lines = [line for line in stderr.strip().splitlines() if line.startswith(f"flashlite {command}: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_the_cli_task_and_mode_lists_match_the_library():
+    from compress.cli import ONNX_MODES, TASKS
+    from compress.evaluate import glue
+    from model.ort_quantize import MODES
+
+    assert TASKS == (*glue.TASKS, "squad")
+    assert set(ONNX_MODES) == {"none", *MODES}
+
+
+@pytest.mark.parametrize("command", ["finetune", "eval"])
+def test_a_task_typo_lists_the_allowed_tasks(capsys, tmp_path, command):
+    from compress.cli import TASKS
+
+    argv = [command, "--task", "sst", "--model", str(tmp_path), "--data", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + (["--out", str(tmp_path / "x")] if command == "finetune" else []))
+    assert exit_.value.code == 2
+    line = one_error_line(capsys.readouterr().err, command)
+    assert "'sst'" in line and all(f"'{task}'" in line for task in TASKS)
+
+
+@pytest.mark.parametrize("mode, message", [("int8", "ambiguous"), ("fp8", "invalid choice 'fp8'")])
+def test_a_bad_quantize_mode_is_refused_by_the_parser(capsys, tmp_path, mode, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "x"), "--quantize", mode])
+    assert exit_.value.code == 2
+    line = one_error_line(capsys.readouterr().err, "export")
+    assert message in line and "int8-dynamic" in line and "int4" in line
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["finetune", "--task", "sst2", "--model", "{missing}", "--data", "{glue}"], "model folder {missing} does not exist"),
+        (["finetune", "--task", "sst2", "--model", "{empty}", "--data", "{glue}"], "config.json is missing"),
+        (["finetune", "--task", "sst2", "--model", "{model}", "--data", "{empty}"], "expected SST-2/train.tsv under {empty}"),
+        (["finetune", "--task", "squad", "--model", "{model}", "--data", "{empty}"], "must hold one SQuAD JSON file"),
+        (["eval", "--task", "mrpc", "--model", "{model}", "--data", "{empty}"], "expected MRPC/dev.tsv under {empty}"),
+        (["eval", "--task", "sst2", "--model", "{model}", "--data", "{glue}"], "needs a 'classify' head"),
+        (["eval", "--task", "sst2", "--onnx", "{missing}.onnx", "--data", "{glue}"], "ONNX file {missing}.onnx does not exist"),
+        (["eval", "--task", "sst2", "--onnx", "{model}/config.json", "--data", "{glue}"], "is not an .onnx file"),
+        (["export", "--model", "{empty}"], "config.json is missing"),
+        (["export", "--model", "{model}/config.json"], "is a file; load() takes the folder"),
+        (["bench", "--model", "{empty}"], "config.json is missing"),
+        (["bench", "--model", "{model}", "--seq-len", "4096"], "exceeds the model's max_positions (128)"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(trained, shared_data, tmp_path, argv, expected):
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "glue": shared_data / "glue", "model": trained[3]}
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    argv = [arg.format(**places) for arg in argv] + (["--out", str(out)] if argv[0] in ("finetune", "export") else [])
+    code, stdout, stderr = run_main(argv)
+    assert code == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"flashlite {argv[0]}: error:"), stderr
+    assert expected.format(**places) in lines[0]
+    assert not out.exists()  # refused before anything was written
+
+
+def test_finetune_writes_a_loadable_model_with_its_dev_metrics(finetuned, shared_data):
+    from compress.evaluate import glue
+
+    code, stdout, stderr, out = finetuned
+    assert code == 0, stderr
+    model = load(out)
+    assert model.config.heads == ("classify",) and model.config.n_labels == 2 and model.config.decoder == ()
+    assert model.tokenizer is not None
+    record = json.loads((out / "manifest.json").read_text())["finetune"]
+    assert record["task"] == "sst2" and record["steps"] == 30 and record["train_rows"] == 300
+    # The manifest holds the saved model's real dev metrics, recomputed here; the table prints them.
+    expected = glue.evaluate(model, "sst2", "dev", shared_data / "glue", max_len=32, progress=False)
+    assert record["dev"] == expected
+    assert table_row(stdout, "accuracy") == [pytest.approx(expected["accuracy"], abs=5e-7)]
+    assert "attached a new 'classify' head" in stdout
+
+
+def test_finetune_trains_from_the_pretrained_encoder(finetuned, trained):
+    code, _, stderr, out = finetuned
+    assert code == 0, stderr
+    before, after = load_tensors(trained[3] / "model.safetensors"), load_tensors(out / "model.safetensors")
+    assert all(k in before for k in after if not k.startswith(("heads.", "pooler.")))  # only the head is new
+    matrices = [k for k in after if k.startswith(("encoder.", "embeddings.")) and after[k].dim() == 2]
+    assert matrices
+    moved = sum(float((after[k] - before[k]).norm() ** 2) for k in matrices) ** 0.5
+    size = sum(float(before[k].norm() ** 2) for k in matrices) ** 0.5
+    # Trained from the pretrained weights: they moved, by far less than a fresh initialization differs (about 1.4x).
+    assert 0 < moved / size < 0.5
+
+
+def test_finetune_squad_holds_out_the_last_article(trained, shared_data, tmp_path):
+    path = shared_data / "squad" / "dev-v2.0-subset.json"
+    articles = json.loads(path.read_text())["data"]
+    held_out = sum(len(p["qas"]) for p in articles[-1]["paragraphs"])
+    out = tmp_path / "qa"
+    code, stdout, stderr = run_main(["finetune", "--task", "squad", "--model", str(trained[3]), "--data", str(path),
+                                     "--out", str(out), "--steps", "2", "--batch-size", "4", "--max-len", "128",
+                                     "--train-rows", "40"])
+    assert code == 0, stderr
+    dev = json.loads((out / "manifest.json").read_text())["finetune"]["dev"]
+    assert dev["total"] == held_out and dev["HasAns_total"] + dev["NoAns_total"] == held_out
+    assert load(out).config.heads == ("qa",)
+    assert table_row(stdout, "f1") == [pytest.approx(dev["f1"], abs=5e-7)]
+
+
+def test_eval_prints_what_glue_evaluate_returns(finetuned, shared_data, tmp_path):
+    from compress.evaluate import glue
+
+    code, _, stderr, out = finetuned
+    assert code == 0, stderr
+    report = tmp_path / "eval.json"
+    code, stdout, stderr = run_main(["eval", "--model", str(out), "--task", "sst2", "--data", str(shared_data / "glue"),
+                                     "--rows", "200", "--max-len", "32", "--json", str(report)])
+    assert code == 0, stderr
+    model = load(out)
+    expected = glue.evaluate(model, "sst2", "dev", shared_data / "glue", max_len=32, limit=200, progress=False)
+    written = json.loads(report.read_text())
+    assert written["metrics"] == expected and written["rows"] == 200
+    assert table_row(stdout, "accuracy") == [pytest.approx(expected["accuracy"], abs=5e-7)]
+    params = sum(p.numel() for p in model.parameters())
+    assert table_row(stdout, "params") == [params] and written["params"] == params
+    assert table_row(stdout, "bytes_on_disk") == [(out / "model.safetensors").stat().st_size]
+    p50, p90 = table_row(stdout, "latency_p50_ms")[0], table_row(stdout, "latency_p90_ms")[0]
+    assert 0 < p50 <= p90
+
+
+def test_export_int8_dynamic_loads_in_onnxruntime_and_matches_pytorch(finetuned, shared_data, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from compress.evaluate import glue
+
+    code, _, stderr, out = finetuned
+    assert code == 0, stderr
+    onnx_dir = tmp_path / "onnx"
+    code, stdout, stderr = run_main(["export", "--model", str(out), "--out", str(onnx_dir), "--quantize", "int8-dynamic"])
+    assert code == 0, stderr
+    fp32, int8 = onnx_dir / "model.onnx", onnx_dir / "model-int8-dynamic.onnx"
+    listed = {line.split()[0]: int(line.split()[1]) for line in stdout.splitlines() if line.startswith(str(onnx_dir))}
+    assert listed == {str(fp32): fp32.stat().st_size, str(int8): int8.stat().st_size}  # the files with their real sizes
+    assert int8.stat().st_size < fp32.stat().st_size
+    assert (onnx_dir / "tokenizer.json").is_file()
+
+    model = load(out)
+    rows = glue.load("sst2", "dev", shared_data / "glue")[:16]
+    batch = glue.batches([{**r, "label": None} for r in rows], model.tokenizer, "sst2", max_len=32, batch_size=16)[0]
+    with torch.no_grad():
+        expected = model(**batch)
+    results = {}
+    for path in (fp32, int8):  # plain onnxruntime sessions: no flashlite code between the file and the runtime
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {i.name: batch[i.name].numpy() for i in session.get_inputs()}
+        results[path] = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    for name, want in (("hidden_states", expected.hidden_states), ("classify_logits", expected.head_logits["classify"])):
+        assert np.abs(results[fp32][name] - want.numpy()).max() <= 1e-4
+        noise = results[int8][name] - results[fp32][name]
+        sqnr = 10 * np.log10((results[fp32][name] ** 2).sum() / (noise**2).sum())
+        assert 20 < sqnr < 200  # quantized (not a copy of the fp32 graph), and close to it
+    assert "SQNR hidden_states" in stdout and "max abs difference" in stdout
+
+
+def test_eval_runs_an_onnx_export_like_the_pytorch_model(finetuned, shared_data, tmp_path):
+    from compress.evaluate import glue
+
+    code, _, stderr, out = finetuned
+    assert code == 0, stderr
+    assert run_main(["export", "--model", str(out), "--out", str(tmp_path / "onnx")])[0] == 0
+    code, stdout, stderr = run_main(["eval", "--onnx", str(tmp_path / "onnx" / "model.onnx"), "--task", "sst2",
+                                     "--data", str(shared_data / "glue"), "--rows", "200", "--max-len", "32"])
+    assert code == 0, stderr
+    expected = glue.evaluate(load(out), "sst2", "dev", shared_data / "glue", max_len=32, limit=200, progress=False)
+    assert table_row(stdout, "accuracy") == [pytest.approx(expected["accuracy"], abs=5e-7)]
+    assert table_row(stdout, "bytes_on_disk") == [(tmp_path / "onnx" / "model.onnx").stat().st_size]
+
+
+def test_bench_times_pytorch_and_onnx_runtime_side_by_side(finetuned):
+    code, _, stderr, out = finetuned
+    assert code == 0, stderr
+    threads = torch.get_num_threads()
+    code, stdout, stderr = run_main(["bench", "--model", str(out), "--seq-len", "16", "--rounds", "2", "--repeat", "3",
+                                     "--warmup", "1", "--threads", "2"])
+    assert code == 0, stderr
+    assert torch.get_num_threads() == threads  # --threads is restored afterwards
+    runtimes = ("PyTorch eager fp32 (cpu)", "ONNX Runtime fp32", "ONNX Runtime int8 dynamic")
+    rows = {name: table_row(stdout, name) for name in runtimes}
+    base = rows["PyTorch eager fp32 (cpu)"]
+    assert base[2:] == [1.0, 1.0]
+    half = 0.0005  # the printed times are rounded to 3 decimals, the ratios to 2
+    for p50, p90, x50, x90 in rows.values():
+        assert 0 < p50 <= p90
+        for ratio, mine, theirs in ((x50, p50, base[0]), (x90, p90, base[1])):
+            assert (theirs - half) / (mine + half) - 0.005 <= ratio <= (theirs + half) / max(mine - half, 1e-9) + 0.005
+    code, stdout, _ = run_main(["bench", "--model", str(out), "--no-onnx", "--seq-len", "16", "--rounds", "1", "--repeat", "2"])
+    assert code == 0 and "ONNX Runtime" not in stdout and table_row(stdout, "PyTorch eager fp32 (cpu)")[2] == 1.0
+
+
+def test_export_leaves_the_root_logger_alone(finetuned, tmp_path):
+    """ONNX Runtime's int4 quantizer calls logging.basicConfig(level=INFO) on import: a fresh process must not show it."""
+    code, _, stderr, out = finetuned
+    assert code == 0, stderr
+    script = (
+        "import logging, sys\n"
+        "from compress.cli import main\n"
+        "root = logging.getLogger()\n"
+        "before = (root.level, list(root.handlers))\n"
+        f"argv = ['export', '--model', {str(out)!r}, '--out', {str(tmp_path / 'onnx')!r}]\n"
+        "code = main(argv + ['--quantize', 'int4', 'int8-dynamic'])\n"
+        "logging.getLogger('flashlite.test').info('an INFO record that must stay hidden')\n"
+        "assert (root.level, list(root.handlers)) == before, (root.level, root.handlers)\n"
+        "sys.exit(code)\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no INFO lines, no "consider pre-processing" warnings
+    assert (tmp_path / "onnx" / "model-int4.onnx").is_file()
+
+
+def test_the_readme_cli_examples_parse():
+    """Every `flashlite ...` line of the README's command-line section names real subcommands and options."""
+    import re
+    import shlex
+
+    from compress.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL) for line in block.splitlines()
+             if line.startswith("flashlite ")]
+    assert {shlex.split(line)[1] for line in lines} >= set(HELP_OPTIONS)  # one example per subcommand at least
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line, comments=True)[1:])  # SystemExit(2) on an unknown option
+        assert callable(args.run), line
