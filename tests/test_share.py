@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress.pipeline import Pipeline, count_params
-from compress.share import Share, factorize_embeddings, share_layers
+from compress.share import Share, factorize_embeddings, share_layers, token_counts
 from model import Config, LayerShape, Transformer, load, save
 
 TINY = Config.preset("tiny")
@@ -198,6 +198,60 @@ def test_truncation_error_is_the_svd_tail_energy_and_split_is_symmetric():
     assert again.config.embed_dim == 8 and again.embeddings.word_proj.weight.shape == (TINY.dim, 8)
 
 
+def test_frequency_fit_minimizes_the_error_over_the_data_tokens():
+    """With counts, the fit is the truncated SVD of diag(sqrt(counts + 1)) W: its error is that matrix's
+    SVD tail, frequent rows are reproduced better than by the plain fit, and the product beats any other."""
+    model = _model(TINY)
+    w = model.embeddings.word.weight.detach().double()
+    counts = torch.zeros(TINY.vocab_size, dtype=torch.float64)
+    counts[:10] = 1000.0  # ten frequent tokens, the rest unseen
+    weighted, error = factorize_embeddings(model, 8, counts=counts)
+    d = (counts + 1).sqrt()[:, None]
+    s = torch.linalg.svdvals(d * w)
+    assert error == pytest.approx(float(s[8:].square().sum().sqrt() / (d * w).norm()), rel=1e-9)
+    product = weighted.embeddings.word.weight.detach().double() @ weighted.embeddings.word_proj.weight.detach().double().T
+    assert float((d * (w - product)).norm() / (d * w).norm()) == pytest.approx(error, rel=1e-5)
+    plain, _ = factorize_embeddings(model, 8)
+    plain_product = plain.embeddings.word.weight.detach().double() @ plain.embeddings.word_proj.weight.detach().double().T
+    frequent_error = (w - product)[:10].norm()
+    assert frequent_error < 0.5 * (w - plain_product)[:10].norm()
+    assert (d * (w - product)).norm() < (d * (w - plain_product)).norm()
+    # Equal counts weight every row alike: the same product as the plain fit.
+    even, _ = factorize_embeddings(model, 8, counts=torch.full((TINY.vocab_size,), 7.0))
+    even_product = even.embeddings.word.weight.detach().double() @ even.embeddings.word_proj.weight.detach().double().T
+    torch.testing.assert_close(even_product, plain_product, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=f"counts must be {TINY.vocab_size} non-negative token counts; got shape \\(3,\\)"):
+        factorize_embeddings(model, 8, counts=torch.ones(3))
+
+
+def test_token_counts_skip_padding_and_check_ids():
+    ids = torch.tensor([[5, 5, 9, 0], [9, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    counts = token_counts([dict(input_ids=ids, attention_mask=mask)], 12)
+    expected = torch.zeros(12, dtype=torch.float64)
+    expected[[5, 9, 2]] = torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
+    assert torch.equal(counts, expected)
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 8\); got ids in \[2, 9\]"):
+        token_counts([dict(input_ids=ids, attention_mask=mask)], 8)
+
+
+def test_share_fits_the_embeddings_to_the_context_data():
+    """embed_fit="auto" counts the data's tokens when there is data and is the plain fit without;
+    "frequency" without data is refused by the pass and by the Pipeline."""
+    model = _model(TINY)
+    batch = _batch(TINY)
+    data_fit = Pipeline([Share(embed_dim=8)]).run(model, data=[batch])
+    expected, _ = factorize_embeddings(model, 8, counts=token_counts([batch], TINY.vocab_size))
+    assert torch.equal(data_fit.embeddings.word.weight, expected.embeddings.word.weight)
+    assert torch.equal(Share(embed_dim=8)(model).embeddings.word.weight, factorize_embeddings(model, 8)[0].embeddings.word.weight)
+    uniform = Pipeline([Share(embed_dim=8, embed_fit="uniform")]).run(model, data=[batch])
+    assert torch.equal(uniform.embeddings.word.weight, factorize_embeddings(model, 8)[0].embeddings.word.weight)
+    with pytest.raises(ValueError, match="embed_fit='frequency'\\) needs data"):
+        Share(embed_dim=8, embed_fit="frequency")(model)
+    with pytest.raises(ValueError, match="Share needs data"):
+        Pipeline([Share(embed_dim=8, embed_fit="frequency")]).run(model, data=[])
+
+
 def test_share_and_factorize_compose_on_tiny(tmp_path):
     model = _model(TINY)
     lite = Share(layers_per_group=2, embed_dim=16)(model)
@@ -216,7 +270,7 @@ def test_pipeline_records_the_smaller_model():
     pipeline = Pipeline([Share(layers_per_group=2, init="closest", embed_dim=32)])
     lite = pipeline.run(_model(TINY), data=[batch])
     assert [s.name for s in pipeline.stages] == ["input", "Share"]
-    assert pipeline.stages[1].settings == dict(layers_per_group=2, init="closest", embed_dim=32, cluster_bits=None)
+    assert pipeline.stages[1].settings == dict(layers_per_group=2, init="closest", embed_dim=32, embed_fit="auto", cluster_bits=None)
     assert pipeline.stages[1].unique_params < pipeline.stages[0].unique_params
     assert pipeline.stages[1].size_bytes < pipeline.stages[0].size_bytes
     assert lite.config.embed_dim == 32
@@ -275,6 +329,7 @@ def test_cluster_bits_clusters_each_shared_matrix_once(tmp_path):
         (dict(layers_per_group=True), TypeError, "layers_per_group must be an int"),
         (dict(init="median"), ValueError, "init must be one of mean, closest; got 'median'"),
         (dict(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
+        (dict(embed_fit="svd"), ValueError, "embed_fit must be one of auto, frequency, uniform; got 'svd'"),
         (dict(cluster_bits=0), ValueError, "cluster_bits must be >= 1, got 0"),
         (dict(cluster_bits=9), ValueError, "cluster_bits must be <= 8 .*, got 9"),
     ],
