@@ -47,7 +47,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         config, args.corpus, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len,
         pair_task=None if args.pair_task == "none" else args.pair_task, lr=args.lr, seed=args.seed,
         checkpoint_dir=str(args.out / "checkpoints") if args.out else None,
-        checkpoint_every=args.checkpoint_every, device=args.device,
+        checkpoint_every=args.checkpoint_every, device=args.device, parallel=args.parallel,
     )
     model, run = result.model, result.train
     if not is_main():  # a torchrun rank other than 0: rank 0 reports and saves
@@ -116,7 +116,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)  # validated before the (slow) model load
     torch.manual_seed(args.seed)
-    result = run_job(recipe, _teacher(args), args.out, seed=args.seed, device=args.device)
+    result = run_job(recipe, _teacher(args), args.out, seed=args.seed, device=args.device, parallel=args.parallel)
     if not result.files:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print()
@@ -132,6 +132,7 @@ def _compress(args: argparse.Namespace) -> int:
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")  # the `datasets` names
 TASKS = (*GLUE_TASKS, "squad")
 ONNX_MODES = ("none", "int8-dynamic", "int8-static", "int4")  # "none" + model.ort_quantize.MODES
+PARALLELS = ("ddp", "fsdp")  # model.train.PARALLELS
 
 
 def _quantize_mode(text: str) -> str:
@@ -249,7 +250,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if note:
         print(note)
     options = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len, seed=args.seed,
-                   device=args.device, progress=_progress())
+                   device=args.device, parallel=args.parallel, progress=_progress())
     if args.task == "squad":
         squad.finetune(model, train_rows, doc_stride=args.max_len // 2, **options)
         if not is_main():
@@ -448,6 +449,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_parallel(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--parallel", default="ddp", choices=PARALLELS,
+                     help="under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: weights, gradients and "
+                          "optimizer state sharded over the ranks) (default: ddp)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlite", description="Compress transformer language models into Flash-Lite variants.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -463,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    add_parallel(p)
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints in OUT/checkpoints (0 = at the end)")
     p.add_argument("--out", type=Path, default=None, help="folder to save the model in (resumes its checkpoints)")
     p.set_defaults(run=_pretrain)
@@ -488,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for model/, report.json, report.md, plots, onnx/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device for the training passes (default: cpu)")
+    add_parallel(p)
     p.set_defaults(run=_compress)
 
     task_help = f"one of {', '.join(TASKS)}"
@@ -510,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-articles", type=_positive_int, default=1, help=dev_articles_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    add_parallel(p)
     p.set_defaults(run=_finetune)
 
     p = commands.add_parser("export", help="export a model to ONNX (verified), optionally quantized by ONNX Runtime",

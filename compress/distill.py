@@ -60,13 +60,24 @@ def _relation(x: Tensor, heads: int, mask: Tensor) -> Tensor:
     return scores.log_softmax(-1)
 
 
+class _Reference:
+    """A module this one uses but does not own: not a submodule (neither trained nor checkpointed),
+    and not duplicated by copy.deepcopy (the FSDP training loop copies the objective, not the teacher)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> "_Reference":
+        return self
+
+
 class DistillLoss(nn.Module):
     """The distillation objective of one student/teacher pair; holds the learned hidden-state projections."""
 
     def __init__(self, student: Transformer, teacher: Transformer, settings: Distill):
         super().__init__()
         self.student, self.settings = student, settings
-        self.teacher = [teacher]  # a list: not a submodule, so it is neither trained nor checkpointed
+        self.teacher = _Reference(teacher)
         s, t = student.config, teacher.config
         self.layer_map = settings.layer_map or uniform_layer_map(s.encoder_layers, t.encoder_layers)
         if len(self.layer_map) != s.encoder_layers or not all(0 <= j < t.encoder_layers for j in self.layer_map):
@@ -87,7 +98,7 @@ class DistillLoss(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every loss term for one batch, by name ("logits", "hidden", "attention", "task")."""
-        settings, teacher = self.settings, self.teacher[0]
+        settings, teacher = self.settings, self.teacher.module
         if "input_ids" not in batch:
             raise TypeError(f"a distillation batch needs input_ids; got keys {sorted(batch)}")
         inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
@@ -205,7 +216,7 @@ class Distill:
     def __call__(self, model: Transformer, ctx: Context) -> Transformer:
         objective = DistillLoss(model, ctx.teacher.to(ctx.device), self)
         run = TrainConfig(
-            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, seed=ctx.seed, device=ctx.device,
+            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, seed=ctx.seed, device=ctx.device, parallel=ctx.parallel,
             checkpoint_dir=str(ctx.workdir / "distill") if ctx.workdir is not None else None,
             checkpoint_every=self.checkpoint_every, progress=self.progress,
         )

@@ -99,13 +99,19 @@ class FidelityEvaluator:
         return metrics
 
 
-def run_job(recipe: Recipe, teacher: Transformer, out: str | Path, *, seed: int = 0, device: str = "cpu") -> JobResult:
-    """Apply `recipe` to `teacher`; write the Lite model, report.json/.md, plots and (per the recipe) ONNX into `out`."""
+def run_job(
+    recipe: Recipe, teacher: Transformer, out: str | Path, *, seed: int = 0, device: str = "cpu", parallel: str = "ddp"
+) -> JobResult:
+    """Apply `recipe` to `teacher`; write the Lite model, report.json/.md, plots and (per the recipe) ONNX into `out`.
+
+    parallel: "ddp" or "fsdp", how the training passes share the work under torchrun.
+    """
     out = Path(out)
     train_batches, held_out = recipe_batches(recipe.data, teacher, seed=seed)
     pipeline = Pipeline(recipe.passes)
     evaluate = FidelityEvaluator(teacher, held_out, recipe.data)
-    lite = pipeline.run(teacher, data=train_batches, evaluate=evaluate, device=device, seed=seed, workdir=out / "work")
+    lite = pipeline.run(teacher, data=train_batches, evaluate=evaluate, device=device, seed=seed, workdir=out / "work",
+                        parallel=parallel)
     result = JobResult(lite, pipeline)
     if not is_main():  # under torchrun the other ranks trained along; rank 0 writes the files
         return result

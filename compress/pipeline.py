@@ -29,6 +29,8 @@ class Context:
     data: batches (dicts of tensors) for training or calibration; a list, a step-indexed source
     or an iterable. teacher: a frozen copy of the pipeline's input model (eval mode, no grad).
     evaluate: model -> metrics. workdir: a folder the pass may write checkpoints into.
+    device and parallel ("ddp" or "fsdp" under torchrun, see `model.train.TrainConfig`): where
+    and how training passes run.
     """
 
     data: Any
@@ -37,6 +39,7 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     workdir: Path | None = None
+    parallel: str = "ddp"
 
     def batches(self, n: int) -> list[Batch]:
         """Up to the first `n` batches of `data` (for calibration and importance estimates)."""
@@ -165,6 +168,7 @@ class Pipeline:
         seed: int = 0,
         workdir: str | Path | None = None,
         check: Batch | None = None,
+        parallel: str = "ddp",
     ) -> Transformer:
         """Run every pass on a copy of `model` (never mutated) and return the compressed model.
 
@@ -173,13 +177,14 @@ class Pipeline:
         workdir: each pass gets its own folder there (`NN-Name/`, for its checkpoints) and its
         result is saved in it; a rerun with the same workdir and passes resumes at the first
         unfinished pass (finished ones are loaded, not redone).
+        device, parallel: where and how the training passes run (parallel: "ddp" or "fsdp" under torchrun).
         Stages (one per pass, plus "input") are in `self.stages`.
         """
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a model.Transformer, got {type(model).__name__}")
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         ctx = Context(data=data, teacher=teacher, evaluate=evaluate, device=device, seed=seed,
-                      workdir=Path(workdir) if workdir is not None else None)
+                      workdir=Path(workdir) if workdir is not None else None, parallel=parallel)
         hungry = [pass_name(p) for p in self.passes if getattr(p, "needs_data", False)]
         if hungry and not ctx.batches(1):
             raise ValueError(f"{hungry[0]} needs data (batches of token ids) but data is empty or None")

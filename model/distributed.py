@@ -1,4 +1,4 @@
-"""torch.distributed plumbing for the training loop: join the group torchrun describes, shard data, agree across ranks."""
+"""torch.distributed plumbing for the training loop: join the group torchrun describes, shard weights (FSDP2), agree across ranks."""
 
 from __future__ import annotations
 
@@ -49,6 +49,47 @@ def join(device: str) -> tuple[World, torch.device]:
         target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", world.rank % torch.cuda.device_count())))
         torch.cuda.set_device(target)
     return world, target
+
+
+def shard_fully(model: torch.nn.Module, world: World, device: torch.device) -> None:
+    """FSDP2 (`fully_shard`), in place: each rank keeps 1/W of every parameter and its optimizer state.
+
+    Every transformer block of a stack without layer sharing is its own FSDP unit (gathered just
+    before it runs, freed after); a block that runs at several depths stays in the root unit, which
+    holds the rest (embeddings, heads, distillation projections). Call before creating the optimizer.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from model.transformer import Transformer
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    for module in model.modules():
+        if not isinstance(module, Transformer):
+            continue
+        for stack in (module.encoder, module.decoder):
+            if stack is not None and len(stack.blocks) == len(stack.share):
+                for block in stack.blocks:
+                    fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor (a sharded or replicated FSDP2 value) gathered into a plain tensor; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (e.g. an AdamW moment from a checkpoint) laid out like `param`: this rank's shard of it
+    when `param` is an FSDP2 DTensor, else `value` itself. Every rank holds the whole value, so no
+    communication is needed (a gloo scatter of uneven shards would abort)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    return value
 
 
 def agree_all_have_data(world: World, error: Exception | None) -> None:

@@ -118,6 +118,7 @@ def pretrain(
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
     device: str = "cpu",
+    parallel: str = "ddp",
     progress: bool = True,
 ) -> PretrainResult:
     """Pretrain a fresh model on `corpus` (None = the built-in corpus, a path, or a list of texts).
@@ -125,6 +126,7 @@ def pretrain(
     config: a Config or a preset name. The decoder (if any) learns denoising seq2seq; the encoder
     MLM and `pair_task` ("nsp", "sop" or None). See `prepare` for the tokenizer and holdout.
     With checkpoint_dir, an interrupted run resumes there with the tokenizer it started with.
+    parallel: "ddp" or "fsdp", how the ranks of a torchrun launch share the model (see TrainConfig).
     Returns a PretrainResult whose model has its tokenizer attached.
     """
     saved_tokenizer = Path(checkpoint_dir) / "tokenizer.json" if checkpoint_dir else None
@@ -148,7 +150,7 @@ def pretrain(
         return out.loss
 
     settings = TrainConfig(
-        steps=steps, lr=lr, seed=seed, device=device, progress=progress,
+        steps=steps, lr=lr, seed=seed, device=device, parallel=parallel, progress=progress,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
     )
     result = train(model, run.train_data, settings, loss_fn=loss_fn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,11 +20,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from model.config import check_int
-from model.distributed import World, agree_all_have_data, barrier, gather_rng_states, join, reduce_step
+from model.distributed import (
+    World, agree_all_have_data, barrier, full_tensor, gather_rng_states, join, reduce_step, shard_fully, shard_like,
+)
 from model.io import atomic_write_text, fsync_dir, load_tensors, save_tensors
 
 Batch = dict[str, torch.Tensor]
 SCHEDULES = ("linear", "cosine", "constant")
+PARALLELS = ("ddp", "fsdp")
 
 
 class NonFiniteError(RuntimeError):
@@ -41,6 +45,9 @@ class TrainConfig:
     amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
     shard: under torchrun, rank r of W trains on batches r, r+W, r+2W, ... of the data (so the
     global batch of a step is W consecutive batches); False = every rank brings its own data.
+    parallel: how several processes train one model: "ddp" (DistributedDataParallel: every rank
+    holds all weights) or "fsdp" (FSDP2 `fully_shard`: every rank holds 1/W of the weights,
+    gradients and optimizer state, for models that do not fit one device). One process ignores it.
     """
 
     steps: int
@@ -58,6 +65,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     shard: bool = True
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, 1)
@@ -78,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be > 0 or None (no clipping), got {self.clip!r}")
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLELS)}; got {self.parallel!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(
@@ -227,21 +237,30 @@ def train(
     callback(step, loss) runs after every step (1-based); an exception in it stops the run.
     With checkpoint_dir set, the newest complete checkpoint there is resumed from: weights,
     optimizer, RNG and data position, so the loss sequence equals an uninterrupted run's.
+    With parallel="fsdp" under torchrun, a copy of `model` is sharded over the ranks (gradients
+    and AdamW moments then take 1/W of the memory each) and trains; when the run completes, every
+    rank's `model` receives the gathered weights, so callers see the same result as with DDP.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     world, device = join(config.device)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    sharded = world.distributed and config.parallel == "fsdp"
     autocast, scaler = _autocast(config, device)
+    if sharded and scaler is not None:
+        raise ValueError("parallel='fsdp' with AMP needs bf16, which this GPU lacks (fp16 loss scaling is not sharded); set amp=False")
     result = TrainResult()
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     torch.manual_seed(config.seed + world.rank)  # dropout masks differ by rank, reproducibly
-    if ckpt_dir is not None:
-        latest = _latest_checkpoint(ckpt_dir, world)
-        if latest is not None:
-            result.resumed_from, result.losses = _restore(latest, model, optimizer, scaler, config, world, device)
-            result.checkpoint = latest
+    latest = _latest_checkpoint(ckpt_dir, world) if ckpt_dir is not None else None
+    saved = _restore_model(latest, model, config, world) if latest is not None else None
+    work = copy.deepcopy(model) if sharded else model  # FSDP: a sharded twin trains; `model` gets its weights at the end
+    if sharded:
+        shard_fully(work, world, device)
+    optimizer = torch.optim.AdamW(_param_groups(work, config.weight_decay), lr=config.lr, betas=config.betas)
+    if saved is not None:
+        result.resumed_from, result.losses = _restore_optimizer(latest, *saved, optimizer, scaler, world, device)
+        result.checkpoint = latest
     problem = None
     try:  # every rank must have data before any collective call, or the others wait forever
         batches = _Batches(data, config.seed, world if config.shard else World())
@@ -250,7 +269,7 @@ def train(
     except (ValueError, TypeError) as err:
         problem = err
     agree_all_have_data(world, problem)
-    runner = DistributedDataParallel(model, find_unused_parameters=True) if world.distributed else model
+    runner = DistributedDataParallel(model, find_unused_parameters=True) if world.distributed and not sharded else work
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(total=config.steps, initial=result.resumed_from, disable=not (config.progress and world.main),
                desc="train", unit="step")
@@ -275,7 +294,7 @@ def train(
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip is not None else math.inf)
+            norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip is not None else math.inf))
             if scaler is not None:  # fp16: the scaler skips steps with inf gradients by design
                 scaler.step(optimizer)
                 scaler.update()
@@ -290,13 +309,20 @@ def train(
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
             done = step + 1
             if ckpt_dir is not None and (done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                result.checkpoint = _save_checkpoint(ckpt_dir, done, model, optimizer, scaler, result.losses, config, world)
+                result.checkpoint = _save_checkpoint(ckpt_dir, done, work, optimizer, scaler, result.losses, config, world)
             if callback is not None:  # forked RNG: a callback that samples must not shift the run
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     callback(done, mean_loss)
     finally:
         bar.close()
+    if sharded:
+        _gather_weights(work, model)
     return result
+
+
+def _gather_weights(sharded: nn.Module, model: nn.Module) -> None:
+    """Load the whole trained weights of an FSDP2 twin into `model` on every rank (a collective)."""
+    model.load_state_dict({k: full_tensor(v.detach()) for k, v in sharded.state_dict().items()})
 
 
 def _latest_checkpoint(ckpt_dir: Path, world: World) -> Path | None:
@@ -327,6 +353,7 @@ def _save_checkpoint(
 ) -> Path:
     """Rank 0 writes step-N/ as a whole: files go into a temp folder that is renamed once complete."""
     rng_states = gather_rng_states(world)  # collective: every rank takes part
+    weights, state = _full_states(model, optimizer)  # collective under FSDP
     final = ckpt_dir / f"step-{step:08d}"
     if not world.main:
         barrier(world)
@@ -335,12 +362,11 @@ def _save_checkpoint(
     tmp = ckpt_dir / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
     tensors.update({f"rng.cpu.{rank}": state for rank, state in enumerate(rng_states)})
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
+    save_tensors(tmp / "model.safetensors", weights)
     save_tensors(tmp / "optimizer.safetensors", tensors)
     trainer = {
         "step": step, "losses": losses, "param_groups": state["param_groups"],
@@ -357,6 +383,16 @@ def _save_checkpoint(
         shutil.rmtree(path, ignore_errors=True)
     barrier(world)
     return final
+
+
+def _full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state, optimizer state) as whole tensors: FSDP2 shards are gathered (a collective on every rank)."""
+    weights = {k: full_tensor(v.detach()) for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    # Sorted: every rank must gather the same tensor at the same time, whatever order its state dict holds.
+    state["state"] = {i: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in sorted(state["state"][i].items())}
+                      for i in sorted(state["state"])}
+    return weights, state
 
 
 _TRAINER_KEYS = ("step", "losses", "param_groups", "settings", "scaler", "world_size")
@@ -393,11 +429,11 @@ def _optimizer_state(
     return state
 
 
-def _restore(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, config: TrainConfig, world: World,
-    device: torch.device,
-) -> tuple[int, list[float]]:
-    """Load a checkpoint into model, optimizer and loss scaler; returns (step, losses so far)."""
+def _restore_model(path: Path, model: nn.Module, config: TrainConfig, world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Check a checkpoint against this run and load its weights into the (unsharded) model.
+
+    Returns (trainer state, optimizer tensors) for `_restore_optimizer`.
+    """
     trainer = _read_trainer(path / "trainer.json")
     if trainer["world_size"] != world.size:
         raise ValueError(
@@ -419,17 +455,24 @@ def _restore(
         raise ValueError(f"checkpoint {path} does not match the model: {err}") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return trainer, load_tensors(path / "optimizer.safetensors")
+
+
+def _restore_optimizer(
+    path: Path, trainer: dict[str, Any], tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler,
+    world: World, device: torch.device,
+) -> tuple[int, list[float]]:
+    """Load the optimizer, loss scaler and RNG state of a checkpoint; returns (step, losses so far)."""
     if scaler is not None and trainer["scaler"] is not None:
         scaler.load_state_dict(trainer["scaler"])
-    tensors = load_tensors(path / "optimizer.safetensors")
     state = _optimizer_state(tensors, optimizer, path / "optimizer.safetensors", world.rank)
-    for entry in state.values():
-        for name, value in entry.items():
-            entry[name] = value.to(device) if value.dim() else value
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.items():
+        for name, value in entry.items():  # whole tensors; under FSDP2 each rank keeps its shard
+            entry[name] = shard_like(value.to(device), params[index]) if value.dim() else value
     optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
     torch.set_rng_state(tensors[f"rng.cpu.{world.rank}"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return trainer["step"], list(trainer["losses"])
-

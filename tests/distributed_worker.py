@@ -1,6 +1,6 @@
 """A training run launched by torchrun from tests/test_distributed.py (not a test module itself).
 
-Usage: torchrun --nproc-per-node 2 tests/distributed_worker.py OUT_DIR {train|distill|empty-shard}
+Usage: torchrun --nproc-per-node 2 tests/distributed_worker.py OUT_DIR {train|fsdp|fsdp-resume|distill|fsdp-distill|empty-shard}
 """
 
 import os
@@ -35,15 +35,42 @@ def model() -> Transformer:
     return Transformer(config)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def callback(done: int, loss: float) -> None:
+        if done == step:
+            raise _Stop
+
+    return callback
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     net = model()
-    if mode == "train":
-        train(net, classification_batches(2 * STEPS), TrainConfig(steps=STEPS, lr=1e-3, progress=False))
+    if mode in ("train", "fsdp"):
+        run = TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp" if mode == "fsdp" else "ddp")
+        result = train(net, classification_batches(2 * STEPS), run)
         save_tensors(out / f"rank{dist.get_rank()}.safetensors", dict(net.state_dict()))
-    elif mode == "distill":  # the Distill pass, unchanged, under DDP
+        (out / f"losses{dist.get_rank()}.txt").write_text(" ".join(x.hex() for x in result.losses))
+    elif mode == "fsdp-resume":  # stop after 2 steps with a checkpoint, then resume to STEPS in a fresh model
+        ckpt = str(out / "checkpoints")
+        train(net, classification_batches(2 * STEPS), TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp",
+                                                                  checkpoint_dir=ckpt, checkpoint_every=2),
+              callback=_stop_at(2))
+    elif mode == "fsdp-resume-finish":
+        run = TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp", checkpoint_dir=str(out / "checkpoints"),
+                          checkpoint_every=2)
+        result = train(net, classification_batches(2 * STEPS), run)
+        save_tensors(out / f"rank{dist.get_rank()}.safetensors", dict(net.state_dict()))
+        (out / f"losses{dist.get_rank()}.txt").write_text(" ".join(x.hex() for x in result.losses))
+    elif mode in ("distill", "fsdp-distill"):  # the Distill pass, unchanged, under DDP or FSDP2
         student = Prune(heads=0.5, ffn=0.5)(net, Context(data=None, teacher=net))
-        Distill(steps=STEPS, progress=False)(student, Context(data=classification_batches(2 * STEPS), teacher=net.eval()))
+        parallel = "fsdp" if mode.startswith("fsdp") else "ddp"
+        ctx = Context(data=classification_batches(2 * STEPS), teacher=net.eval(), parallel=parallel)
+        Distill(steps=STEPS, progress=False)(student, ctx)
         save_tensors(out / f"rank{dist.get_rank()}.safetensors", dict(student.state_dict()))
     else:  # rank 1 brings an empty shard of its own
         data = classification_batches(STEPS) if os.environ["RANK"] == "0" else []
@@ -51,4 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except _Stop:  # the planned interruption of fsdp-resume
+        dist.destroy_process_group()

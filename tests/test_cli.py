@@ -332,12 +332,14 @@ def one_error_line(stderr: str, command: str) -> str:
 
 
 def test_the_cli_task_and_mode_lists_match_the_library():
-    from compress.cli import ONNX_MODES, TASKS
+    from compress.cli import ONNX_MODES, PARALLELS, TASKS
     from compress.evaluate import glue
+    from model import train
     from model.ort_quantize import MODES
 
     assert TASKS == (*glue.TASKS, "squad")
     assert set(ONNX_MODES) == {"none", *MODES}
+    assert PARALLELS == train.PARALLELS
 
 
 @pytest.mark.parametrize("command", ["finetune", "eval"])

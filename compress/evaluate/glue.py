@@ -368,6 +368,7 @@ def finetune(
     max_len: int = 128,
     seed: int = 0,
     device: str = "cpu",
+    parallel: str = "ddp",
     progress: bool = True,
 ) -> torch.nn.Module:
     """Fine-tune the model's classification (or STS-B regression) head and encoder with model.train.train.
@@ -375,7 +376,7 @@ def finetune(
     Args:
         model: a Transformer with a "classify" head of the task's width (1 for stsb).
         task: the GLUE task. rows: labelled training rows. tokenizer: None = model.tokenizer.
-        steps: optimizer steps; the rows are reshuffled every epoch. lr, seed, device: as in TrainConfig.
+        steps: optimizer steps; the rows are reshuffled every epoch. lr, seed, device, parallel: as in TrainConfig.
         batch_size, max_len: as in `batches`. progress: show a progress bar.
 
     Returns:
@@ -390,7 +391,7 @@ def finetune(
         raise ValueError("rows must be non-empty and labelled (a test split has no labels); fine-tuning needs labels")
     ordered = [rows[i] for i in epoch_order(len(rows), steps * batch_size, seed=seed)]
     data = batches(ordered, tokenizer, task, max_len=max_len, batch_size=batch_size)
-    train(model, data, TrainConfig(steps=steps, lr=lr, seed=seed, device=device, progress=progress))
+    train(model, data, TrainConfig(steps=steps, lr=lr, seed=seed, device=device, parallel=parallel, progress=progress))
     return model.eval()
 
 

@@ -210,6 +210,7 @@ def finetune(
     doc_stride: int = 128,
     seed: int = 0,
     device: str = "cpu",
+    parallel: str = "ddp",
     progress: bool = True,
 ) -> torch.nn.Module:
     """Train the model's span ("qa") head and encoder on examples with model.train.train.
@@ -219,7 +220,7 @@ def finetune(
 
     Args:
         model: a Transformer with a "qa" head. examples: from `load`. tokenizer: None = model.tokenizer.
-        steps: optimizer steps; features are reshuffled every epoch. lr, seed, device: as in TrainConfig.
+        steps: optimizer steps; features are reshuffled every epoch. lr, seed, device, parallel: as in TrainConfig.
         batch_size, max_len, doc_stride: as for `features` and `batches`. progress: show a progress bar.
 
     Returns:
@@ -234,7 +235,7 @@ def finetune(
         raise ValueError("examples is empty: nothing to fine-tune on")
     ordered = [feats[i] for i in epoch_order(len(feats), steps * batch_size, seed=seed)]
     data = batches(ordered, tokenizer, batch_size=batch_size, labels=True)
-    train(model, data, TrainConfig(steps=steps, lr=lr, seed=seed, device=device, progress=progress))
+    train(model, data, TrainConfig(steps=steps, lr=lr, seed=seed, device=device, parallel=parallel, progress=progress))
     return model.eval()
 
 
