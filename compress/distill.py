@@ -97,7 +97,7 @@ class DistillLoss(nn.Module):
                 raise ValueError(f"relation_heads={self.relation_heads} must divide the {who}'s attention width {width}")
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Every loss term for one batch, by name ("logits", "hidden", "attention", "task")."""
+        """Every loss term for one batch, by name ("logits", "hidden", "attention", "pooled", "task")."""
         settings, teacher = self.settings, self.teacher.module
         if "input_ids" not in batch:
             raise TypeError(f"a distillation batch needs input_ids; got keys {sorted(batch)}")
@@ -120,7 +120,7 @@ class DistillLoss(nn.Module):
             shared = [h for h in s_out.head_logits if h in t_out.head_logits]
             if shared:
                 losses["logits"] = settings.logits * sum(
-                    self._logit_loss(s_out.head_logits[h], t_out.head_logits[h], mask, inputs) for h in shared
+                    self._logit_loss(h, s_out.head_logits[h], t_out.head_logits[h], mask, inputs) for h in shared
                 ) / len(shared)
         if settings.hidden > 0:
             # The embedding outputs (index 0) are matched too: the direct signal that retrains
@@ -130,6 +130,11 @@ class DistillLoss(nn.Module):
                 _masked_mse(self.project(s_out.all_hidden_states[i]), t_out.all_hidden_states[j], mask) for i, j in pairs
             ]
             losses["hidden"] = settings.hidden * sum(terms) / len(terms)
+        if settings.pooled > 0:
+            weights = mask[..., None].to(s_out.hidden_states.dtype)
+            s_pool = (self.project(s_out.hidden_states) * weights).sum(1) / weights.sum(1)
+            t_pool = (t_out.hidden_states * weights).sum(1) / weights.sum(1)
+            losses["pooled"] = settings.pooled * (1 - F.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
         if need_attention:
             s_layer, t_layer = len(self.layer_map) - 1, self.layer_map[-1]
             terms = []
@@ -145,15 +150,21 @@ class DistillLoss(nn.Module):
             raise ValueError("Distill has nothing to learn: every loss weight is 0 or the models share no head")
         return losses
 
-    def _logit_loss(self, s: Tensor, t: Tensor, mask: Tensor, inputs: dict[str, Tensor]) -> Tensor:
-        """KL(teacher || student) at temperature T, scaled by T^2; a 1-wide head (regression) uses MSE."""
+    def _logit_loss(self, head: str, s: Tensor, t: Tensor, mask: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+        """KL(teacher || student) at temperature T, scaled by T^2; a 1-wide head (regression) uses MSE.
+
+        The span head ("qa", (B, T, 2)) is two distributions over the sequence, start and end,
+        with padding positions left out, as in DistilBERT's SQuAD distillation.
+        """
         if s.shape[-1] == 1:
             return F.mse_loss(s, t)
         temperature = self.settings.temperature
-        kl = F.kl_div(
-            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
-        ).sum(-1) * temperature**2
-        if kl.dim() == 1:  # sentence-level head (B,)
+        s, t = s / temperature, t / temperature
+        if head == "qa":  # padding gets probability 0 (a finite floor: -inf - -inf would be NaN in the KL)
+            padding = ~mask[..., None]
+            s, t = (x.masked_fill(padding, torch.finfo(x.dtype).min).transpose(1, 2) for x in (s, t))  # (B, 2, T)
+        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1) * temperature**2
+        if kl.dim() == 1 or head == "qa":  # sentence-level head (B,), or start and end (B, 2)
             return kl.mean()
         if kl.shape[1] == mask.shape[1]:  # token-level head on the encoder (B, T)
             return (kl * mask).sum() / mask.sum()
@@ -173,8 +184,10 @@ class Distill:
     """Train the model (the student) to imitate the Pipeline's teacher on the context's data.
 
     steps, lr, warmup_steps: the training loop's settings. temperature: logits softening.
-    logits, hidden, attention, task: loss weights (task = the student's own label loss when the
-    batches carry labels). layer_map: teacher layer for each student encoder layer (None =
+    logits, hidden, attention, pooled, task: loss weights. pooled: sentence-embedding
+    distillation, 1 - cosine between the student's and the teacher's mean-pooled last hidden
+    states (real tokens only; how sentence-transformers models such as all-MiniLM-L6-v2 embed a
+    sentence). task: the student's own label loss when the batches carry labels. layer_map: teacher layer for each student encoder layer (None =
     uniform). relation_heads: MiniLM-v2 relation heads (0 = the largest count dividing both
     attention widths and the teacher's head count). checkpoint_every: steps between
     checkpoints in ctx.workdir/distill, from which an interrupted run resumes exactly.
@@ -187,6 +200,7 @@ class Distill:
     logits: float = 1.0
     hidden: float = 1.0
     attention: float = 1.0
+    pooled: float = 0.0
     task: float = 0.0
     layer_map: tuple[int, ...] | None = None
     relation_heads: int = 0
@@ -198,7 +212,7 @@ class Distill:
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"Distill steps must be an int >= 1, got {self.steps!r}")
-        for name in ("temperature", "lr", "logits", "hidden", "attention", "task"):
+        for name in ("temperature", "lr", "logits", "hidden", "attention", "pooled", "task"):
             value, positive = getattr(self, name), name in ("temperature", "lr")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
                 raise ValueError(f"Distill {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")

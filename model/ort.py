@@ -290,6 +290,28 @@ def _as_tensor(name: str, value: Any) -> torch.Tensor:
     raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
 
 
+class OrtModule:
+    """An OrtModel behind the part of the nn.Module interface that evaluation code uses (`model(**batch)`,
+    `eval()`, `parameters()` for the device), so `glue.evaluate` / `squad.evaluate` score ONNX files unchanged."""
+
+    training = False
+
+    def __init__(self, runner: OrtModel):
+        self.runner, self.config = runner, runner.config
+
+    def parameters(self):
+        yield torch.empty(0)  # callers read the device from it: ONNX Runtime takes and returns CPU tensors
+
+    def eval(self) -> OrtModule:
+        return self
+
+    def train(self, mode: bool = True) -> OrtModule:
+        return self
+
+    def __call__(self, **batch: torch.Tensor) -> Output:
+        return self.runner(batch)
+
+
 def greedy_loop(
     next_logits: Callable[[np.ndarray], np.ndarray], batch: int, config: Config, max_new_tokens: int, start_id: int, end_id: int
 ) -> np.ndarray:

@@ -166,3 +166,32 @@ def test_regression_head_uses_mse():
     got = DistillLoss(student, teacher, Distill(hidden=0.0, attention=0.0))(batch)["logits"]
     expected = F.mse_loss(student(**batch).logits, teacher(**batch).logits)
     torch.testing.assert_close(got, expected)
+
+
+def test_span_head_distills_start_and_end_distributions_over_real_tokens():
+    """qa logits (B, T, 2): KL over the sequence for start and for end, padding excluded, at temperature T."""
+    config = Config.preset("tiny", heads=("qa",), decoder_layers=0, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    teacher, student = Transformer(config).eval(), Transformer(config).eval()
+    batch = batches(config, 1, decoder=False)[0]
+    got = DistillLoss(student, teacher, Distill(temperature=2.0, hidden=0.0, attention=0.0))(batch)["logits"]
+    s, t = student(**batch).head_logits["qa"].double(), teacher(**batch).head_logits["qa"].double()
+    terms = []
+    for row, mask in enumerate(batch["attention_mask"].bool()):
+        for side in (0, 1):  # start, end: softmax over this row's real tokens only
+            p = torch.softmax(t[row, mask, side] / 2.0, -1)
+            terms.append((p * (p.log() - torch.log_softmax(s[row, mask, side] / 2.0, -1))).sum() * 4.0)
+    torch.testing.assert_close(got.double(), torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    same = DistillLoss(teacher, teacher, Distill(temperature=0.5, hidden=0.0, attention=0.0))(batch)["logits"]
+    assert same.item() == 0.0  # the padding floor is applied after scaling: finite, and exact for equal models
+
+
+def test_pooled_term_is_one_minus_the_cosine_of_mean_pooled_embeddings():
+    teacher, student = teacher_and_student()
+    batch = batches(teacher.config, 1, decoder=False)[0]
+    got = DistillLoss(student.eval(), teacher, Distill(logits=0.0, hidden=0.0, attention=0.0, pooled=2.0))(batch)["pooled"]
+    mask = batch["attention_mask"].double()[..., None]
+    pool = lambda h: (h.double() * mask).sum(1) / mask.sum(1)  # noqa: E731
+    s, t = pool(student(**batch).hidden_states), pool(teacher(**batch).hidden_states)
+    expected = 2.0 * (1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).mean()
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
