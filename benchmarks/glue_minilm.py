@@ -6,7 +6,9 @@ the teacher on (a subsample of) train, compress it (factorized embeddings, Taylo
 and FFN, distillation with the teacher's logits and the labels), export the student to ONNX,
 quantize it with ONNX Runtime (int8 dynamic) and report dev metrics, parameters, bytes and the
 CPU latency ratio measured side by side. Prints Markdown tables with the command, CPU, versions
-and wall times. The GLUE average (the >= 97% retention target) is over the GLUE tasks run.
+and wall times, and writes each task's report (report.json, report.md, score vs size and score vs
+latency plots) into --reports/TASK/. The GLUE average (the >= 97% retention target) is over the
+GLUE tasks run.
 
 Usage: python benchmarks/glue_minilm.py [--tasks sst2 mrpc cola squad] [--train-rows 4000] [--finetune-steps 200] [--distill-steps 200]
 """
@@ -26,6 +28,7 @@ import torch
 from compress import Distill, Pipeline, Prune, Share
 from compress.evaluate import glue, squad
 from compress.measure import time_model, time_onnx
+from compress.report import write_report
 from model import from_hf
 from model.export import export_onnx
 from model.io import save
@@ -51,6 +54,8 @@ def main() -> None:
     parser.add_argument("--squad-max-len", type=int, default=256, help="SQuAD window length (stride: half of it)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reports", type=Path, default=Path(__file__).with_name("glue_minilm"),
+                        help="folder for each task's report and plots (default: benchmarks/glue_minilm/)")
     args = parser.parse_args()
     if not DATA.is_dir() or ("squad" in args.tasks and not SQUAD.is_file()):
         raise SystemExit(f"this benchmark reads GLUE data from {DATA} and SQuAD from {SQUAD}; one is not present")
@@ -109,10 +114,12 @@ def main() -> None:
             int8_dev = evaluate(OrtModule(session))
             teacher_bytes = (tmp / "teacher" / "model.safetensors").stat().st_size
             int8_bytes = file_bytes(tmp / "lite-int8.onnx")
-            # Side by side, interleaved rounds: PyTorch fp32 teacher vs the int8 student on ONNX Runtime.
-            eager, ort = [], []
+            lite_bytes = (save(lite, tmp / "lite") / "model.safetensors").stat().st_size
+            # Side by side, interleaved rounds: PyTorch fp32 teacher and Lite vs the int8 student on ONNX Runtime.
+            eager, lite_eager, ort = [], [], []
             for _ in range(3):
                 eager.append(time_model(teacher, sample, warmup=3, repeat=20)["p50_ms"])
+                lite_eager.append(time_model(lite, sample, warmup=3, repeat=20)["p50_ms"])
                 ort.append(time_onnx(session, sample, warmup=3, repeat=20)["p50_ms"])
         teacher_params = sum(p.numel() for p in teacher.parameters())
         lite_params = pipeline.stages[-1].unique_params
@@ -125,7 +132,17 @@ def main() -> None:
             lite_params=lite_params, teacher_bytes=teacher_bytes, int8_bytes=int8_bytes,
             speedup=min(eager) / min(ort), parity=max(exported.parity.values()), seconds=time.perf_counter() - task_began,
         ))
-        print(f"{task}: done in {rows_out[-1]['seconds']:.0f} s: {rows_out[-1]}", flush=True)  # survives an interrupted run
+        points = [  # the three deployable forms: name, params, bytes, dev metrics, latency
+            ("teacher fp32", teacher_params, teacher_bytes, teacher_dev, min(eager)),
+            ("Lite fp32", lite_params, lite_bytes, lite_dev, min(lite_eager)),
+            ("Lite int8 ONNX", lite_params, int8_bytes, int8_dev, min(ort)),
+        ]
+        report = write_report(
+            [dict(name=name, params=params, unique_params=params, size_bytes=size, latency_ms=ms,
+                  metrics={"score": score(dev), **{k: dev[k] for k in keys}}) for name, params, size, dev, ms in points],
+            args.reports / task, metric="score",
+        )
+        print(f"{task}: done in {rows_out[-1]['seconds']:.0f} s: {rows_out[-1]}; report {report['markdown']}", flush=True)
 
     print(f"\nall-MiniLM-L6-v2 teacher fine-tuned {args.finetune_steps} steps on {args.train_rows} train rows per task "
           f"(batch {args.batch_size}, max_len {args.max_len}); Lite = Share(embed_dim=128) + Prune(heads=0.25, ffn=0.5, "
