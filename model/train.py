@@ -46,8 +46,9 @@ class TrainConfig:
     shard: under torchrun, rank r of W trains on batches r, r+W, r+2W, ... of the data (so the
     global batch of a step is W consecutive batches); False = every rank brings its own data.
     parallel: how several processes train one model: "ddp" (DistributedDataParallel: every rank
-    holds all weights) or "fsdp" (FSDP2 `fully_shard`: every rank holds 1/W of the weights,
-    gradients and optimizer state, for models that do not fit one device). One process ignores it.
+    holds all weights, gradients and optimizer state) or "fsdp" (FSDP2 `fully_shard`: the
+    training copy's weights, gradients and AdamW moments are split over the ranks, 1/W each, for
+    runs whose training state does not fit one device). One process ignores it.
     """
 
     steps: int
