@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--embed-dim", type=int, default=128)
     parser.add_argument("--heads", type=float, default=0.0)
-    parser.add_argument("--ffn", type=float, default=0.5)
+    parser.add_argument("--ffn", type=float, default=0.52)
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--sst2-sentences", type=int, default=20000, help="SST-2 train sentences in the glue mix")
     parser.add_argument("--pooled", type=float, default=1.0, help="Distill's sentence-embedding (pooled cosine) weight")
