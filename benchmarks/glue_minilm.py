@@ -158,9 +158,10 @@ def main() -> None:
               f"{r['teacher_bytes'] / 1e6:.1f} MB -> {r['int8_bytes'] / 1e6:.1f} MB ({r['teacher_bytes'] / r['int8_bytes']:.1f}x) | "
               f"{r['speedup']:.2f}x | {r['seconds']:.0f} |")
     scored = [r for r in rows_out if r["task"] != "squad"]
-    mean = lambda key: sum(r[key] for r in scored) / max(1, len(scored))  # noqa: E731
-    print(f"\naverage GLUE dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
-          f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); target >= 97%")
+    mean = lambda key: sum(r[key] for r in scored) / len(scored)  # noqa: E731
+    if scored:
+        print(f"\naverage GLUE dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
+              f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); target >= 97%")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, Python {platform.python_version()}; "
