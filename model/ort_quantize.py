@@ -46,7 +46,10 @@ MODES = ("int8-dynamic", "int8-static", "int4")
 BLOCK_SIZES = (32, 64, 128)
 INT4_ACCURACY_LEVEL = 4
 MODE_KEY = "flashlite.onnx_quantization"
-_PREPROCESSING_HINT = "Please consider"  # ONNX Runtime's "...(to run) pre-processing before quantization" warnings
+# ONNX Runtime's generic hints, written as root warnings: "Please consider (to run) pre-processing before
+# quantization" and, for graphs whose weights flashlite already stored as int8 (DequantizeLinear), "Please check if
+# the model is already quantized ... QAT model", which is what the caller asked for and not a problem.
+_ORT_HINTS = ("Please consider", "Please check if the model is already quantized")
 
 
 @dataclass
@@ -167,15 +170,15 @@ def _root_logging_kept() -> Iterator[None]:
     """Leave the root logger as it was: ONNX Runtime's quantization code reconfigures it.
 
     Importing matmul_nbits_quantizer runs logging.basicConfig(level=INFO), and quantize_dynamic /
-    quantize_static call logging.warning() (which installs a root handler) to suggest shape
-    pre-processing, a hint for hand-made graphs that our optimized exports do not need. Inside
-    this block that hint is dropped; afterwards the root logger's level and handlers are put back.
+    quantize_static call logging.warning() (which installs a root handler) with generic hints
+    (`_ORT_HINTS`) that do not apply to flashlite's exports. Inside this block those hints are
+    dropped; afterwards the root logger's level and handlers are put back.
     """
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
 
     def no_hint(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_PREPROCESSING_HINT)
+        return not record.getMessage().startswith(_ORT_HINTS)
 
     root.addFilter(no_hint)
     try:

@@ -286,3 +286,15 @@ def test_export_arguments_are_checked(tiny, folder):
     assert graph_paths(folder / "a.onnx")["decoder"].name == "a.decoder.onnx"
     assert not (folder / "x.onnx").exists()
 
+
+
+def test_ort_quantizing_an_export_with_int8_weights_logs_no_qat_hint(tmp_path, caplog):
+    """ONNX Runtime warns "Please check if the model is already quantized" about flashlite's int8 weights: not a problem, not shown."""
+    from compress import Quantize
+
+    model = Quantize("int8")(Transformer(Config.preset("tiny", decoder_layers=0, heads=("mlm",))).eval())
+    export_onnx(model, tmp_path / "model.onnx")
+    with caplog.at_level("INFO"):
+        report = quantize_onnx(tmp_path / "model.onnx", tmp_path / "model-int8.onnx", "int8-dynamic")
+    assert report.paths["encoder"].is_file()
+    assert not [r.getMessage() for r in caplog.records if "already quantized" in r.getMessage()]
