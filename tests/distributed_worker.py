@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from interrupt import Interrupt, stop_at
 
 from compress import Context, Distill, Prune
 from model.config import Config
@@ -35,18 +36,6 @@ def model() -> Transformer:
     return Transformer(config)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def callback(done: int, loss: float) -> None:
-        if done == step:
-            raise _Stop
-
-    return callback
-
-
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     net = model()
@@ -59,7 +48,7 @@ def main() -> None:
         ckpt = str(out / "checkpoints")
         train(net, classification_batches(2 * STEPS), TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp",
                                                                   checkpoint_dir=ckpt, checkpoint_every=2),
-              callback=_stop_at(2))
+              callback=stop_at(2))
     elif mode == "fsdp-resume-finish":
         run = TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp", checkpoint_dir=str(out / "checkpoints"),
                           checkpoint_every=2)
@@ -80,5 +69,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except _Stop:  # the planned interruption of fsdp-resume
+    except Interrupt:  # the planned interruption of fsdp-resume
         dist.destroy_process_group()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupt import Interrupt, stop_at
 
 from model.io import load_tensors
 from model.train import train
@@ -135,24 +136,12 @@ def test_sigkill_at_any_point_resumes_with_the_uninterrupted_losses(tmp_path, re
         assert torch.equal(final[name], value), name
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(step):
-    def callback(done, loss):
-        if done == step:
-            raise _Stop
-
-    return callback
-
-
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     """A checkpoint folder of a run stopped after step 2 of STEPS (checkpoints at 1 and 2)."""
     ckpt = tmp_path_factory.mktemp("interrupted")
-    with pytest.raises(_Stop):
-        train(fresh_model(), batches(), run_config(str(ckpt), 1), callback=_stop_after(2))
+    with pytest.raises(Interrupt):
+        train(fresh_model(), batches(), run_config(str(ckpt), 1), callback=stop_at(2))
     return ckpt
 
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from interrupt import Interrupt, stop_at
 from onnx import TensorProto, helper, numpy_helper
 
 from compress import Context
@@ -228,20 +229,12 @@ def ckpt_run(folder: Path) -> TrainConfig:
     return TrainConfig(steps=2, lr=1e-3, progress=False, checkpoint_dir=str(folder), checkpoint_every=1)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop(done, loss):
-    raise _Stop
-
-
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
     """A checkpoint folder holding step-00000001 of a 2-step run."""
     folder = tmp_path_factory.mktemp("checkpointed")
-    with pytest.raises(_Stop):
-        train(Transformer(CKPT_CONFIG), [CKPT_BATCH], ckpt_run(folder), callback=_stop)
+    with pytest.raises(Interrupt):
+        train(Transformer(CKPT_CONFIG), [CKPT_BATCH], ckpt_run(folder), callback=stop_at(1))
     return folder
 
 

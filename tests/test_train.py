@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from interrupt import Interrupt, stop_at
 
 from model.config import Config
 from model.train import NonFiniteError, TrainConfig, train
@@ -30,18 +31,6 @@ def fresh_model(seed):
 
 def run(steps=8, **kwargs):
     return TrainConfig(steps=steps, lr=1e-3, progress=False, **kwargs)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(step):
-    def callback(done, loss):
-        if done == step:
-            raise Interrupt
-
-    return callback
 
 
 @pytest.mark.parametrize("as_iterable", [False, True])
