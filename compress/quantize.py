@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.distill import Distill
+from compress.gptq import round_int4, round_int8, round_sequentially
 from compress.pipeline import Context
 from model.config import QuantizedLayer
 from model.quantized import (
@@ -40,6 +41,7 @@ from model.transformer import Transformer
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 MODES = ("int8", "int8-dynamic", "int4", "qat-int8")
+ROUNDINGS = ("nearest", "gptq")
 OUTPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 
 
@@ -57,6 +59,10 @@ class Quantize:
     and every int8 layer with group_size=None, get one scale per output channel; int4 needs it.
     embeddings: also store the word/position/token-type tables in int8 per row (and the
     factorized `embeddings.word_proj` in `mode`). skip: module-name prefixes left in float.
+    rounding: "nearest" rounds each weight to its nearest grid point; "gptq" rounds the Linears
+    (not the tables) by GPTQ (`compress.gptq`): each layer's rounding errors are compensated on
+    the inputs it receives from `calibration_batches` batches of the data, layer after layer, on
+    the same grid and storage. Needs data; not with qat-int8, which learns its own rounding.
     Layers the mode cannot handle (int4: in_features not divisible by group_size; layers
     already clustered) are left in float with a warning that names them.
     """
@@ -69,6 +75,8 @@ class Quantize:
     skip: tuple[str, ...] = ()
     temperature: float = 2.0
     lr: float = 1e-5
+    rounding: str = "nearest"
+    calibration_batches: int = 16
 
     quantizes: ClassVar[bool] = True  # the Pipeline refuses Share/Prune after it
 
@@ -95,10 +103,16 @@ class Quantize:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"Quantize {name} must be a number > 0, got {value!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"Quantize rounding must be one of {', '.join(ROUNDINGS)}; got {self.rounding!r}")
+        if self.rounding == "gptq" and self.mode == "qat-int8":
+            raise ValueError("Quantize rounding='gptq' applies to int8, int8-dynamic and int4; qat-int8 learns its own rounding")
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise ValueError(f"Quantize calibration_batches must be an int >= 1, got {self.calibration_batches!r}")
 
     @property
     def needs_data(self) -> bool:
-        return self.mode == "qat-int8"
+        return self.mode == "qat-int8" or self.rounding == "gptq"
 
     def __call__(self, model: Transformer, ctx: Context | None = None) -> Transformer:
         """Return a new model with the chosen layers in integer storage; `model` is left in float."""
@@ -108,7 +122,8 @@ class Quantize:
             if ctx is None:
                 raise ValueError("Quantize('qat-int8') needs a Context with data and a teacher to distill from")
             model = self._train_fake_quantized(model, list(targets), ctx)
-        twins = {name: self._twin(name, model.get_submodule(name)) for name in targets}
+        rounded = self._gptq_twins(model, targets, ctx) if self.rounding == "gptq" else {}
+        twins = {name: rounded.get(name) or self._twin(name, model.get_submodule(name)) for name in targets}
         result = _rebuild(model, twins)
         _log_sqnr(model, result, ctx)
         return result
@@ -134,16 +149,35 @@ class Quantize:
             warnings.warn(f"Quantize({self.mode!r}) leaves {len(names)} layers in float, {reason}: {', '.join(names)}", stacklevel=3)
         return targets
 
-    def _twin(self, name: str, module: nn.Module) -> tuple[QuantizedLayer, nn.Module]:
+    def _twin(self, name: str, module: nn.Module, hessian: Tensor | None = None) -> tuple[QuantizedLayer, nn.Module]:
+        """The layer's record and integer twin; with `hessian` (its inputs' x x^T sum) a Linear is GPTQ-rounded."""
         if isinstance(module, nn.Embedding):
             return QuantizedLayer(name, "int8", 8), Int8Embedding.from_float(module)
         if self.mode == "int4":
-            twin = Int4Linear.from_float(module, self.group_size, self.symmetric)
+            codes = None if hessian is None else round_int4(module.weight, hessian, self.group_size, symmetric=self.symmetric)
+            twin = Int4Linear.from_float(module, self.group_size, self.symmetric, codes=codes)
             return QuantizedLayer(name, "int4", 4, self.group_size), twin
         group = self._int8_group(module)
+        codes = None if hessian is None else round_int8(module.weight, hessian, group)
         if self.mode == "int8-dynamic":
-            return QuantizedLayer(name, "int8-dynamic", 8, group), Int8DynamicLinear.from_float(module, group)
-        return QuantizedLayer(name, "int8", 8, group), Int8Linear.from_float(module, group)
+            return QuantizedLayer(name, "int8-dynamic", 8, group), Int8DynamicLinear.from_float(module, group, codes=codes)
+        return QuantizedLayer(name, "int8", 8, group), Int8Linear.from_float(module, group, codes=codes)
+
+    def _gptq_twins(self, model: Transformer, targets: dict[str, nn.Module], ctx: Context | None) -> dict:
+        """GPTQ twins of the target Linears, rounded in forward order on a working copy fed with calibration batches."""
+        batches = ctx.batches(self.calibration_batches) if ctx is not None else []
+        if not batches:
+            raise ValueError("Quantize(rounding='gptq') needs calibration data: pass data to the Pipeline (or a Context with data)")
+        work = copy.deepcopy(model).eval()
+        twins: dict[str, tuple[QuantizedLayer, nn.Module]] = {}
+
+        def round_layer(name: str, hessian: Tensor) -> Tensor:
+            twins[name] = self._twin(name, model.get_submodule(name), hessian)
+            return twins[name][1].weight
+
+        linears = [name for name, module in targets.items() if isinstance(module, nn.Linear)]
+        round_sequentially(work, linears, batches, round_layer)
+        return twins
 
     def _int8_group(self, module: nn.Module) -> int | None:
         """The int8 group size of a layer: `group_size` where it splits the inputs in several groups, else None (per channel)."""

@@ -142,7 +142,9 @@ class Config:
 
     Layer shapes are given per layer (`encoder`, `decoder`); `encoder_share[i]` names the weight
     block that encoder layer i runs (equal numbers = shared weights), likewise `decoder_share`.
-    `embed_dim < dim` factorizes the word embeddings (vocab x embed_dim, then embed_dim x dim).
+    `embed_dim < dim` factorizes the word embeddings (vocab x embed_dim, then embed_dim x dim);
+    `embed_full_rows` > 0 then gives that many vocabulary rows a full-width (dim) correction on
+    top of the factorization (adaptive input embeddings: frequent words keep their exact vectors).
     `heads` lists the task heads; `Output.logits` is the first one's output.
     """
 
@@ -151,6 +153,7 @@ class Config:
     encoder: tuple[LayerShape, ...]
     decoder: tuple[LayerShape, ...] = ()
     embed_dim: int | None = None
+    embed_full_rows: int = 0
     encoder_share: tuple[int, ...] | None = None
     decoder_share: tuple[int, ...] | None = None
     norm: str = "pre"
@@ -178,6 +181,11 @@ class Config:
         if embed_dim > self.dim:
             raise ValueError(f"embed_dim must be <= dim ({self.dim}), got {embed_dim}")
         set_(self, "embed_dim", embed_dim)
+        check_int("embed_full_rows", self.embed_full_rows, 0)
+        if self.embed_full_rows and embed_dim == self.dim:
+            raise ValueError(f"embed_full_rows={self.embed_full_rows} needs factorized word embeddings (embed_dim < dim={self.dim})")
+        if self.embed_full_rows > self.vocab_size:
+            raise ValueError(f"embed_full_rows must be <= vocab_size ({self.vocab_size}), got {self.embed_full_rows}")
         set_(self, "encoder_share", _check_share("encoder_share", self.encoder_share, self.encoder))
         set_(self, "decoder_share", _check_share("decoder_share", self.decoder_share, self.decoder))
         check_choice("norm", self.norm, NORMS)

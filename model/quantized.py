@@ -150,9 +150,13 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
-        """The int8 twin of `linear` (of type `cls`): quantized weight, float bias copied."""
-        q, scale = quantize_int8(linear.weight, group_size)
+    def from_float(cls, linear: nn.Linear, group_size: int | None = None, codes: tuple[Tensor, Tensor] | None = None) -> Int8Linear:
+        """The int8 twin of `linear` (of type `cls`): quantized weight, float bias copied.
+
+        codes: (q, scale) in `quantize_int8`'s format to store instead of rounding to nearest
+        (e.g. from `compress.gptq.round_int8`).
+        """
+        q, scale = codes if codes is not None else quantize_int8(linear.weight, group_size)
         module = cls(linear.in_features, linear.out_features, group_size, bias=linear.bias is not None)
         return _linear_twin(module, linear, weight_int8=q, scale=scale)
 
@@ -224,8 +228,11 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int, symmetric: bool = False) -> Int4Linear:
-        packed, scale, zero = quantize_int4(linear.weight, group_size, symmetric)
+    def from_float(
+        cls, linear: nn.Linear, group_size: int, symmetric: bool = False, codes: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> Int4Linear:
+        """The int4 twin of `linear`; codes: (packed, scale, zero) in `quantize_int4`'s format instead of nearest rounding."""
+        packed, scale, zero = codes if codes is not None else quantize_int4(linear.weight, group_size, symmetric)
         module = cls(linear.in_features, linear.out_features, group_size, bias=linear.bias is not None)
         return _linear_twin(module, linear, weight_int4=packed, scale=scale, zero=zero)
 

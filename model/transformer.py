@@ -43,12 +43,22 @@ class Output:
 
 
 class Embeddings(nn.Module):
-    """Word (vocab x embed_dim, projected to dim when factorized) + position + token type, then LayerNorm."""
+    """Word (vocab x embed_dim, projected to dim when factorized) + position + token type, then LayerNorm.
+
+    With `config.embed_full_rows` = K > 0 (adaptive input embeddings), K vocabulary rows also add a
+    full-width correction: `word_full` holds K + 1 rows of width dim (row 0 is the zero row every
+    other token reads), and the int32 buffer `full_slot` (vocab,) names each token's row. A token's
+    vector is then `word_proj(word[i]) + word_full[full_slot[i]]`, everywhere the table is used.
+    """
 
     def __init__(self, config: Config):
         super().__init__()
         self.word = nn.Embedding(config.vocab_size, config.embed_dim)
         self.word_proj = nn.Linear(config.embed_dim, config.dim, bias=False) if config.embed_dim < config.dim else None
+        self.word_full = None
+        if config.embed_full_rows:
+            self.word_full = nn.Embedding(config.embed_full_rows + 1, config.dim, padding_idx=0)
+            self.register_buffer("full_slot", torch.zeros(config.vocab_size, dtype=torch.int32))
         self.position = nn.Embedding(config.max_positions, config.dim)
         self.token_type = nn.Embedding(config.type_vocab_size, config.dim) if config.type_vocab_size else None
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -58,6 +68,8 @@ class Embeddings(nn.Module):
         x = self.word(input_ids)  # (B, T, E)
         if self.word_proj is not None:
             x = self.word_proj(x)  # (B, T, dim)
+        if self.word_full is not None:
+            x = x + self.word_full(self.full_slot[input_ids].long())  # row 0 (zeros) for tokens without a correction
         if self.token_type is not None:  # before positions: Hugging Face's order, so imports match bit for bit
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             x = x + self.token_type(types)
@@ -66,9 +78,19 @@ class Embeddings(nn.Module):
 
     def unembed(self, h: Tensor) -> Tensor:
         """Logits over the vocabulary with the (tied) word embeddings: (B,T,dim) -> (B,T,vocab)."""
+        logits = (h @ self.word_proj.weight if self.word_proj is not None else h) @ self.word.weight.T
+        if self.word_full is not None:
+            logits = logits + (h @ self.word_full.weight.T).index_select(-1, self.full_slot)  # (B, T, K+1) -> (B, T, vocab)
+        return logits
+
+    def word_matrix(self) -> Tensor:
+        """The effective (vocab, dim) word table: factors multiplied out, full-width corrections added."""
+        w = self.word.weight
         if self.word_proj is not None:
-            h = h @ self.word_proj.weight  # (B, T, E)
-        return h @ self.word.weight.T
+            w = w @ self.word_proj.weight.T  # (V, E) @ (E, dim)
+        if self.word_full is not None:
+            w = w + self.word_full.weight[self.full_slot]
+        return w
 
 
 class Attention(nn.Module):

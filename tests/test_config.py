@@ -20,7 +20,7 @@ def test_full_preset_size_is_in_the_planned_range():
 
 def test_per_layer_shapes_and_sharing_survive_json():
     config = Config(
-        vocab_size=100, dim=32, embed_dim=16,
+        vocab_size=100, dim=32, embed_dim=16, embed_full_rows=3,
         encoder=[{"n_heads": 2, "head_dim": 16, "ffn_dim": 64}, {"n_heads": 2, "head_dim": 16, "ffn_dim": 64},
                  {"n_heads": 1, "head_dim": 8, "ffn_dim": 24}],
         encoder_share=[0, 0, 1], norm="post",
@@ -45,6 +45,9 @@ def test_per_layer_shapes_and_sharing_survive_json():
         (dict(encoder_share=(1, 0)), "encoder_share"),
         (dict(encoder_share=(0,)), "encoder_share"),
         (dict(norm_eps=0), "norm_eps"),
+        (dict(embed_full_rows=4), "embed_full_rows=4 needs factorized word embeddings"),
+        (dict(embed_dim=16, embed_full_rows=-1), "embed_full_rows must be >= 0"),
+        (dict(embed_dim=16, embed_full_rows=10**6), "embed_full_rows must be <= vocab_size"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):

@@ -166,6 +166,27 @@ def test_shared_factorized_model_exports_with_weights_stored_once(folder):
     assert report.bytes[str(report.paths["encoder"])] < stored + block // 2
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_adaptive_input_embeddings_export_and_match_pytorch(quantized, folder):
+    """Full-width rows on a factorized table (Share's embed_full_rows), in fp32 and as int8 tables."""
+    share = pytest.importorskip("compress.share", reason="compress.share (the Share pass) is not importable")
+    quantize = pytest.importorskip("compress.quantize", reason="compress.quantize (the Quantize pass) is not importable")
+    torch.manual_seed(0)
+    model = Transformer(Config.preset("tiny", **TINY_ENCODER)).eval()
+    lite = share.factorize_embeddings(model, 16, full_rows=model.config.vocab_size // 2)[0].eval()
+    if quantized:
+        lite = quantize.Quantize("int8")(lite)
+    report = export_onnx(lite, folder / "adaptive.onnx")
+    _check_report(report, ["hidden_states", "mlm_logits", "pair_logits"])
+    ids = torch.arange(1, 33).view(2, 16) * 7 % model.config.vocab_size  # half of these tokens read a full row
+    assert 0 < int(lite.embeddings.full_slot[ids].count_nonzero()) < ids.numel()
+    got = OrtModel(report.paths["encoder"])({"input_ids": ids.numpy()})
+    with torch.no_grad():
+        want = lite(input_ids=ids)
+    np.testing.assert_allclose(got.hidden_states, want.hidden_states.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got.head_logits["mlm"], want.head_logits["mlm"].numpy(), rtol=0, atol=1e-4)
+
+
 def test_per_layer_head_counts_export_with_external_data(folder):
     config = Config(
         vocab_size=300, dim=48, heads=("qa", "classify"), n_labels=3, max_positions=64, norm="post",

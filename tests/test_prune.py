@@ -17,6 +17,7 @@ def expected_params(c: Config) -> int:
     """Unique parameters of a model with config `c`, from the architecture alone (not from the code)."""
     d, e = c.dim, c.embed_dim
     n = c.vocab_size * e + (e * d if e < d else 0) + c.max_positions * d + c.type_vocab_size * d + 2 * d
+    n += (c.embed_full_rows + 1) * d + c.vocab_size if c.embed_full_rows else 0  # full-width rows + their slot index
 
     def attention(s):
         inner = s.n_heads * s.head_dim
@@ -117,12 +118,21 @@ def test_tiny_loses_exactly_what_the_settings_imply(settings, shape, dim):
     assert outputs(pruned, batch_for(pruned))[-1].shape[-1] == 512  # the seq2seq LM head still spans the vocab
 
 
-def test_factorized_embeddings_keep_embed_dim_and_prune_word_proj():
-    model = tiny(embed_dim=32)
+@pytest.mark.parametrize("full_rows", [0, 5])
+def test_factorized_embeddings_keep_embed_dim_and_prune_word_proj(full_rows):
+    model = tiny(embed_dim=32, embed_full_rows=full_rows)
+    if full_rows:
+        model.embeddings.full_slot[torch.arange(1, 6) * 7] = torch.arange(1, 6, dtype=torch.int32)
     pruned = Prune(heads=0.5, hidden=0.25)(model, ctx_for(model))
     c = pruned.config
-    assert (c.dim, c.embed_dim) == (48, 32)
+    assert (c.dim, c.embed_dim, c.embed_full_rows) == (48, 32, full_rows)
     assert pruned.embeddings.word_proj.weight.shape == (48, 32)
+    if full_rows:  # the full-width rows lose the same hidden channels as word_proj's outputs
+        assert pruned.embeddings.word_full.weight.shape == (6, 48)
+        assert torch.equal(pruned.embeddings.full_slot, model.embeddings.full_slot)
+        norm = model.embeddings.norm.weight  # random, so each kept channel is found by its value
+        kept = [int((norm == value).nonzero()) for value in pruned.embeddings.norm.weight]
+        assert torch.equal(pruned.embeddings.word_full.weight, model.embeddings.word_full.weight[:, kept])
     assert count_params(pruned)[1] == expected_params(c)
     assert_consistent(pruned)
 

@@ -224,6 +224,82 @@ def test_frequency_fit_minimizes_the_error_over_the_data_tokens():
         factorize_embeddings(model, 8, counts=torch.ones(3))
 
 
+def test_full_rows_make_the_most_missed_rows_exact_and_refit_the_rest(tmp_path):
+    """Adaptive input embeddings, against a float64 reference: the K rows the weighted rank-E fit misses
+    most become exact, the other rows get the rank-E fit made without those K, and every use of the
+    table (input lookups, the tied MLM and LM heads) reads the corrected table."""
+    model = _model(TINY)
+    w = model.embeddings.word.weight.detach().double()
+    counts = torch.zeros(TINY.vocab_size, dtype=torch.float64)
+    counts[:10] = 1000.0
+    factored, error = factorize_embeddings(model, 8, counts=counts, full_rows=6)
+    # Reference: weighted truncated SVD, rows ranked by weighted error, refit with those rows weighted 0.
+    d = (counts + 1).sqrt()[:, None]
+    basis = torch.linalg.svd(d * w, full_matrices=False)[2][:8]
+    missed = (d * (w - w @ basis.T @ basis)).square().sum(1)
+    full = missed.topk(6).indices.sort().values
+    d[full] = 0
+    basis = torch.linalg.svd(d * w, full_matrices=False)[2][:8]
+    expected = w @ basis.T @ basis
+    expected[full] = w[full]
+    table = factored.embeddings.word_matrix().detach().double()
+    torch.testing.assert_close(table, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(table[full], w[full], rtol=0, atol=1e-6)
+    d = (counts + 1).sqrt()[:, None]
+    assert error == pytest.approx(float((d * (w - expected)).norm() / (d * w).norm()), rel=1e-5)
+    assert error < factorize_embeddings(model, 8, counts=counts)[1]
+    slot = factored.embeddings.full_slot
+    assert factored.config.embed_full_rows == 6 and slot.dtype == torch.int32
+    assert sorted(slot[full].tolist()) == list(range(1, 7)) and int(slot.count_nonzero()) == 6
+    assert factored.embeddings.word_full.weight.shape == (7, TINY.dim)
+    assert not factored.embeddings.word_full.weight[0].any()  # the row every other token reads
+    # An unfactorized model holding the corrected table computes the same outputs.
+    reference = _model(TINY)
+    reference.load_state_dict({k: v for k, v in factored.state_dict().items() if not k.startswith("embeddings.")}, strict=False)
+    with torch.no_grad():
+        for name in ("position", "token_type", "norm"):
+            getattr(reference.embeddings, name).load_state_dict(getattr(factored.embeddings, name).state_dict())
+        reference.embeddings.word.weight.copy_(table.float())
+    batch = _batch(TINY)
+    with torch.no_grad():
+        got, want = factored(**batch), reference(**batch)
+    torch.testing.assert_close(got.hidden_states, want.hidden_states, rtol=0, atol=1e-5)
+    for name in ("mlm", "lm", "pair"):
+        torch.testing.assert_close(got.head_logits[name], want.head_logits[name], rtol=0, atol=1e-5)
+    # Saved and loaded by config alone, bit for bit; refactorizing starts from the corrected table.
+    save(factored, tmp_path / "adaptive")
+    loaded = load(tmp_path / "adaptive")
+    assert torch.equal(loaded.embeddings.full_slot, slot)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).hidden_states, got.hidden_states)
+    again, _ = factorize_embeddings(factored, 4)
+    assert again.config.embed_full_rows == 0 and again.embeddings.word_full is None
+    plain_basis = torch.linalg.svd(table, full_matrices=False)[2][:4]
+    torch.testing.assert_close(again.embeddings.word_matrix().detach().double(), table @ plain_basis.T @ plain_basis,
+                               rtol=0, atol=1e-5)
+
+
+def test_share_counts_the_full_rows_and_trains_them_but_not_the_zero_row():
+    model = _model(TINY)
+    batch = _batch(TINY)
+    pipeline = Pipeline([Share(embed_dim=8, embed_full_rows=5)])
+    lite = pipeline.run(model, data=[batch])
+    v, d = TINY.vocab_size, TINY.dim
+    plain = Pipeline([Share(embed_dim=8)]).run(model, data=[batch])
+    # 6 rows of width dim, plus the stored (vocab,) slot index.
+    assert count_params(lite)[1] - count_params(plain)[1] == 6 * d + v
+    assert pipeline.stages[1].settings["embed_full_rows"] == 5
+    # Training moves the rows of the tokens it reads and never row 0 (the zero row of all the others).
+    slot = lite.embeddings.full_slot
+    ids = batch["input_ids"].clone()
+    ids[0, 0] = int(slot.nonzero()[0])  # make sure one corrected token is read
+    lite.train()
+    lite(input_ids=ids, attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"]).hidden_states.sum().backward()
+    read = set(slot[ids].flatten().tolist()) - {0}  # padding positions are looked up too
+    moved = {i for i, row in enumerate(lite.embeddings.word_full.weight.grad) if row.any()}
+    assert moved == read and read
+
+
 def test_token_counts_skip_padding_and_check_ids():
     ids = torch.tensor([[5, 5, 9, 0], [9, 2, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
@@ -270,7 +346,8 @@ def test_pipeline_records_the_smaller_model():
     pipeline = Pipeline([Share(layers_per_group=2, init="closest", embed_dim=32)])
     lite = pipeline.run(_model(TINY), data=[batch])
     assert [s.name for s in pipeline.stages] == ["input", "Share"]
-    assert pipeline.stages[1].settings == dict(layers_per_group=2, init="closest", embed_dim=32, embed_fit="auto", cluster_bits=None)
+    assert pipeline.stages[1].settings == dict(layers_per_group=2, init="closest", embed_dim=32, embed_fit="auto", embed_full_rows=0,
+                                               cluster_bits=None)
     assert pipeline.stages[1].unique_params < pipeline.stages[0].unique_params
     assert pipeline.stages[1].size_bytes < pipeline.stages[0].size_bytes
     assert lite.config.embed_dim == 32
@@ -330,6 +407,8 @@ def test_cluster_bits_clusters_each_shared_matrix_once(tmp_path):
         (dict(init="median"), ValueError, "init must be one of mean, closest; got 'median'"),
         (dict(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
         (dict(embed_fit="svd"), ValueError, "embed_fit must be one of auto, frequency, uniform; got 'svd'"),
+        (dict(embed_full_rows=-1, embed_dim=8), ValueError, "embed_full_rows must be >= 0, got -1"),
+        (dict(embed_full_rows=4), ValueError, "embed_full_rows=4 corrects a factorization: set embed_dim too"),
         (dict(cluster_bits=0), ValueError, "cluster_bits must be >= 1, got 0"),
         (dict(cluster_bits=9), ValueError, "cluster_bits must be <= 8 .*, got 9"),
     ],

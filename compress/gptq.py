@@ -1,0 +1,140 @@
+"""GPTQ: error-compensating rounding of Linear weights to the int8 / int4 grids, from calibration inputs.
+
+Rounding each weight to its nearest grid point minimizes the error of the weights; GPTQ
+(Frantar et al., 2022) minimizes the error of the layer's outputs on real inputs instead,
+||X W^T - X Q^T||^2 summed over calibration tokens x. With H = X^T X (in x in) it rounds the
+input columns of W one at a time and spreads each column's rounding error over the columns not
+yet rounded, in proportion to H^-1 (through its upper Cholesky factor), so correlated inputs
+cancel each other's errors. The grid is the one `model.quantized` stores (same formulas, one
+scale, and for int4 a zero-point, per row and group of inputs, set from the weights as they
+stand when the rounding reaches the group), so the result drops into `Int8Linear` / `Int4Linear`
+unchanged. `round_sequentially` gathers H for a model's Linears in order, each from inputs that
+pass through the layers before it already rounded (the sequential GPTQ order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from model.quantized import pack, quantize_int4, quantize_int8
+
+Tensor = torch.Tensor
+BLOCK = 128  # columns per lazy-update block
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+
+
+def round_int8(w: Tensor, hessian: Tensor, group_size: int | None = None, *, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """GPTQ rounding of w (out, in) to `quantize_int8`'s format: (q (out, in) int8, scale (out,) or (out, in/g))."""
+
+    def grid(block: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_int8(block)[1], torch.zeros(block.shape[0])
+
+    q, scale, _ = _gptq(w, hessian, group_size, grid, -127, 127, damp)
+    return q.to(torch.int8), scale if group_size else scale.squeeze(1)
+
+
+def round_int4(
+    w: Tensor, hessian: Tensor, group_size: int, *, symmetric: bool = False, damp: float = 0.01
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ rounding of w (out, in) to `quantize_int4`'s format: (packed (out, in/2) uint8, scale, zero (out, in/g))."""
+
+    def grid(block: Tensor) -> tuple[Tensor, Tensor]:
+        _, scale, zero = quantize_int4(block, block.shape[1], symmetric)
+        return scale.squeeze(1), zero.squeeze(1).float()
+
+    q, scale, zero = _gptq(w, hessian, group_size, grid, 0, 15, damp)
+    return pack(q.to(torch.uint8), 4), scale, zero.to(torch.uint8)
+
+
+def _gptq(
+    w: Tensor, hessian: Tensor, group_size: int | None, grid: Callable[[Tensor], tuple[Tensor, Tensor]],
+    low: int, high: int, damp: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The GPTQ loop: integers q (out, in) in [low, high], scale and zero (out, groups); w ~ (q - zero) * scale."""
+    rows, cols = w.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"the Hessian must be ({cols}, {cols}) for a weight with {cols} inputs; got {tuple(hessian.shape)}")
+    group = group_size or cols
+    if cols % group:
+        raise ValueError(f"in_features {cols} is not divisible by group_size {group}")
+    w = w.detach().double().clone()
+    h = hessian.detach().double().clone()
+    dead = h.diagonal() == 0  # inputs that were always 0: their errors cannot show, they spread nothing
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    # Upper Cholesky factor of H^-1: row i holds how column i's error is spread over the columns after it.
+    spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.empty(rows, cols, dtype=torch.float64)
+    scales = torch.empty(rows, cols // group, dtype=torch.float64)
+    zeros = torch.empty_like(scales)
+    block = group if group <= BLOCK else BLOCK  # a group never starts inside a block, so its grid sees updated weights
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        errors = torch.empty(rows, end - start, dtype=torch.float64)
+        for col in range(start, end):
+            if col % group == 0:
+                scale, zero = grid(w[:, col: col + group].float())
+                scales[:, col // group], zeros[:, col // group] = scale.double(), zero.double()
+            s, z = scales[:, col // group], zeros[:, col // group]
+            q[:, col] = torch.clamp(torch.round(w[:, col] / s) + z, low, high)
+            error = (w[:, col] - (q[:, col] - z) * s) / spread[col, col]
+            w[:, col:end] -= error[:, None] * spread[col, col:end][None, :]
+            errors[:, col - start] = error
+        w[:, end:] -= errors @ spread[start:end, end:]  # the block's errors reach the later columns at once
+    return q, scales.float(), zeros.float()
+
+
+@torch.no_grad()
+def round_sequentially(
+    model: nn.Module, names: Iterable[str], batches: list[dict[str, Tensor]],
+    round_layer: Callable[[str, Tensor], Tensor],
+) -> None:
+    """Round the Linears `names` of `model` in order, each from the inputs the layers before it, already rounded, give it.
+
+    For each name: H = sum of x x^T over the real tokens of `batches` that reach the layer (padding
+    left out: the encoder side's by `attention_mask`, the decoder side's by `decoder_attention_mask`),
+    then `round_layer(name, H)` returns the layer's rounded float weight, which replaces the weight
+    in `model` (a working copy the caller owns, in eval mode), so the next layers see it.
+    """
+    for name in names:
+        module = model.get_submodule(name)
+        hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
+        mask_key = _mask_key(name)
+        stop_early = False  # set once the first batch shows the layer runs once per forward (not a shared block)
+        for batch in batches:
+            mask, calls = batch.get(mask_key), 0
+
+            def accumulate(_module, args, mask=mask) -> None:
+                nonlocal calls
+                calls += 1
+                x = args[0].detach()
+                if x.dim() == 3 and mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
+                    x = x[mask.bool()]
+                x = x.reshape(-1, x.shape[-1]).double()
+                hessian.add_(x.T @ x)
+                if stop_early:
+                    raise _Reached  # the rest of the forward pass cannot change this layer's input
+
+            hook = module.register_forward_pre_hook(accumulate)
+            try:
+                model(**{k: v for k, v in batch.items() if k in INPUT_KEYS})
+            except _Reached:
+                pass
+            finally:
+                hook.remove()
+            stop_early = calls == 1
+        module.weight.copy_(round_layer(name, hessian).to(module.weight.dtype))
+
+
+class _Reached(Exception):
+    """Ends a calibration forward pass once the layer being calibrated has seen its input."""
+
+
+def _mask_key(name: str) -> str:
+    """Which attention mask marks the real tokens of a Linear's input: the decoder stream's or the encoder's."""
+    reads_encoder = name.endswith(("cross_attn.k_proj", "cross_attn.v_proj"))
+    on_decoder = name.startswith("decoder.") or name.startswith("heads.lm")
+    return "decoder_attention_mask" if on_decoder and not reads_encoder else "attention_mask"
