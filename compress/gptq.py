@@ -30,7 +30,8 @@ def round_int8(w: Tensor, hessian: Tensor, group_size: int | None = None, *, dam
     """GPTQ rounding of w (out, in) to `quantize_int8`'s format: (q (out, in) int8, scale (out,) or (out, in/g))."""
 
     def grid(block: Tensor) -> tuple[Tensor, Tensor]:
-        return quantize_int8(block)[1], torch.zeros(block.shape[0])
+        scale = quantize_int8(block)[1]
+        return scale, torch.zeros_like(scale)
 
     q, scale, _ = _gptq(w, hessian, group_size, grid, -127, 127, damp)
     return q.to(torch.int8), scale if group_size else scale.squeeze(1)
@@ -67,13 +68,13 @@ def _gptq(
     h.diagonal().add_(damp * h.diagonal().mean())
     # Upper Cholesky factor of H^-1: row i holds how column i's error is spread over the columns after it.
     spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.empty(rows, cols, dtype=torch.float64)
-    scales = torch.empty(rows, cols // group, dtype=torch.float64)
+    q = torch.empty_like(w)
+    scales = w.new_empty(rows, cols // group)
     zeros = torch.empty_like(scales)
     block = group if group <= BLOCK else BLOCK  # a group never starts inside a block, so its grid sees updated weights
     for start in range(0, cols, block):
         end = min(start + block, cols)
-        errors = torch.empty(rows, end - start, dtype=torch.float64)
+        errors = w.new_empty(rows, end - start)
         for col in range(start, end):
             if col % group == 0:
                 scale, zero = grid(w[:, col: col + group].float())
@@ -101,7 +102,7 @@ def round_sequentially(
     """
     for name in names:
         module = model.get_submodule(name)
-        hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
+        hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64, device=module.weight.device)
         mask_key = _mask_key(name)
         stop_early = False  # set once the first batch shows the layer runs once per forward (not a shared block)
         for batch in batches:
