@@ -16,6 +16,7 @@ Usage: python benchmarks/glue_minilm.py [--tasks sst2 mrpc cola squad] [--train-
 from __future__ import annotations
 
 import argparse
+import random
 import datetime
 import platform
 import tempfile
@@ -44,6 +45,17 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def other_sentences(task: str, n: int, seed: int) -> list[str]:
+    """Up to n train sentences of the other GLUE tasks in DATA (both sides of pairs), shuffled reproducibly."""
+    texts = []
+    for other in ("sst2", "cola", "mrpc"):
+        if other != task:
+            fields = glue.get_task(other).fields
+            texts += [row[field] for row in glue.load(other, "train", DATA) for field in fields]
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "cola", "squad"])
@@ -53,6 +65,17 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=64, help="GLUE tokens per example")
     parser.add_argument("--squad-max-len", type=int, default=256, help="SQuAD window length (stride: half of it)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--embed-dim", type=int, default=128, help="Share: rank of the factorized word embeddings")
+    parser.add_argument("--embed-full-rows", type=int, default=0,
+                        help="Share: vocabulary rows kept exact by a full-width correction (adaptive input embeddings)")
+    parser.add_argument("--heads", type=float, default=0.25, help="Prune: fraction of attention heads removed")
+    parser.add_argument("--ffn", type=float, default=0.5, help="Prune: fraction of FFN channels removed")
+    parser.add_argument("--distill-lr", type=float, default=3e-4)
+    parser.add_argument("--hidden", type=float, default=1.0, help="Distill: hidden-state loss weight")
+    parser.add_argument("--attention", type=float, default=1.0, help="Distill: attention-relation loss weight")
+    parser.add_argument("--augment", type=int, default=0,
+                        help="single-sentence tasks: this many unlabeled train sentences of the other GLUE tasks join the "
+                             "distillation data (the student learns the teacher's outputs on them; no labels, no dev text)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reports", type=Path, default=Path(__file__).with_name("glue_minilm"),
                         help="folder for each task's report and plots (default: benchmarks/glue_minilm/)")
@@ -91,6 +114,10 @@ def main() -> None:
                           max_len=args.max_len, seed=args.seed)
             batches = glue.batches(train_rows, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size,
                                    shuffle=True, seed=args.seed)
+            if args.augment and len(info.fields) == 1:
+                extra = [{info.fields[0]: text, "label": None} for text in other_sentences(task, args.augment, args.seed)]
+                batches += glue.batches(extra, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size)
+                random.Random(args.seed).shuffle(batches)
             evaluate = lambda model, task=task: glue.evaluate(model, task, "dev", DATA, tokenizer, max_len=args.max_len)  # noqa: E731
             sample = {k: v for k, v in glue.batches(dev_rows[:1], tokenizer, task, max_len=128, batch_size=1)[0].items()
                       if k != "labels"}
@@ -98,9 +125,10 @@ def main() -> None:
         print(f"{task}: teacher dev {teacher_dev}", flush=True)
 
         pipeline = Pipeline([
-            Share(embed_dim=128),
-            Prune(heads=0.25, ffn=0.5, importance="taylor"),
-            Distill(steps=args.distill_steps, lr=3e-4, task=1.0, temperature=2.0, warmup_steps=args.distill_steps // 10),
+            Share(embed_dim=args.embed_dim, embed_full_rows=args.embed_full_rows),
+            Prune(heads=args.heads, ffn=args.ffn, importance="taylor"),
+            Distill(steps=args.distill_steps, lr=args.distill_lr, task=1.0, temperature=2.0, hidden=args.hidden,
+                    attention=args.attention, warmup_steps=args.distill_steps // 10),
         ])
         lite = pipeline.run(teacher, data=batches, seed=args.seed)
         lite_dev = evaluate(lite)
@@ -145,8 +173,11 @@ def main() -> None:
         print(f"{task}: done in {rows_out[-1]['seconds']:.0f} s: {rows_out[-1]}; report {report['markdown']}", flush=True)
 
     print(f"\nall-MiniLM-L6-v2 teacher fine-tuned {args.finetune_steps} steps on {args.train_rows} train rows per task "
-          f"(batch {args.batch_size}, max_len {args.max_len}); Lite = Share(embed_dim=128) + Prune(heads=0.25, ffn=0.5, "
-          f"taylor) + Distill({args.distill_steps} steps, logits + labels); int8 = ONNX Runtime dynamic int8 of the Lite export")
+          f"(batch {args.batch_size}, max_len {args.max_len}); Lite = Share(embed_dim={args.embed_dim}, "
+          f"embed_full_rows={args.embed_full_rows}) + "
+          f"Prune(heads={args.heads}, ffn={args.ffn}, taylor) + Distill({args.distill_steps} steps, lr {args.distill_lr}, "
+          f"logits + labels + hidden x{args.hidden} + attention relations x{args.attention}; "
+          f"{args.augment} unlabeled sentences added for single-sentence tasks); int8 = ONNX Runtime dynamic int8 of the Lite export")
     print("| task | metric | teacher | Lite (PyTorch fp32) | Lite int8 (ONNX Runtime) | params teacher -> Lite | bytes teacher fp32 -> Lite int8 ONNX | CPU latency ratio (batch 1, seq <= 128) | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:

@@ -72,11 +72,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--embed-dim", type=int, default=128)
+    parser.add_argument("--embed-dim", type=int, default=96)
+    parser.add_argument("--embed-full-rows", type=int, default=2000,
+                        help="Share: vocabulary rows kept exact by a full-width correction (adaptive input embeddings)")
     parser.add_argument("--heads", type=float, default=0.0)
-    parser.add_argument("--ffn", type=float, default=0.52)
+    parser.add_argument("--ffn", type=float, default=0.49)
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--sst2-sentences", type=int, default=20000, help="SST-2 train sentences in the glue mix")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="prune and distill in this many rounds (gradual pruning): each round removes the same "
+                             "fraction of the heads and FFN channels left, then distills steps/rounds steps")
     parser.add_argument("--pooled", type=float, default=1.0, help="Distill's sentence-embedding (pooled cosine) weight")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -109,12 +114,16 @@ def main() -> None:
 
     passes = []
     if args.layers_per_group > 1 or args.embed_dim:
-        passes.append(Share(layers_per_group=args.layers_per_group, embed_dim=args.embed_dim or None))
-    passes += [
-        Prune(heads=args.heads, ffn=args.ffn, importance="taylor"),
-        Distill(steps=args.steps, lr=args.lr, warmup_steps=args.steps // 20, pooled=args.pooled),
-        Quantize("int8"),
-    ]
+        passes.append(Share(layers_per_group=args.layers_per_group, embed_dim=args.embed_dim or None,
+                            embed_full_rows=args.embed_full_rows if args.embed_dim else 0))
+    per_round = lambda total: 1 - (1 - total) ** (1 / args.rounds)  # noqa: E731  (rounds compound to the total)
+    steps = args.steps // args.rounds
+    for _ in range(args.rounds):
+        passes += [
+            Prune(heads=per_round(args.heads), ffn=per_round(args.ffn), importance="taylor"),
+            Distill(steps=steps, lr=args.lr, warmup_steps=steps // 20, pooled=args.pooled),
+        ]
+    passes.append(Quantize("int8"))
     pipeline = Pipeline(passes)
     pipeline.run(teacher, data=batches, evaluate=fidelity(views, tokenizer, args.max_len), seed=args.seed)
 
@@ -125,7 +134,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for stage in pipeline.stages:
         settings = ", ".join(f"{k}={v}" for k, v in stage.settings.items() if k in
-                             ("layers_per_group", "embed_dim", "embed_fit", "heads", "ffn", "importance", "steps", "lr", "pooled", "mode"))
+                             ("layers_per_group", "embed_dim", "embed_fit", "embed_full_rows", "heads", "ffn", "importance", "steps", "lr", "pooled", "mode"))
         print(f"| {stage.name} | {settings} | {stage.params:,} | {stage.unique_params:,} | {stage.size_bytes:,} | "
               f"{first.size_bytes / stage.size_bytes:.2f} | {stage.metrics['sst2_cosine']:.4f} | "
               f"{stage.metrics['mrpc_spearman']:.4f} | {stage.seconds:.0f} |")
