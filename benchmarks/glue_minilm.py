@@ -16,9 +16,9 @@ Usage: python benchmarks/glue_minilm.py [--tasks sst2 mrpc cola squad] [--train-
 from __future__ import annotations
 
 import argparse
-import random
 import datetime
 import platform
+import random
 import tempfile
 import time
 from pathlib import Path

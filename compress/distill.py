@@ -19,10 +19,9 @@ from torch import nn
 from compress.pipeline import Context
 from model.objectives import LABEL_KEYS
 from model.train import TrainConfig, train
-from model.transformer import Transformer
+from model.transformer import MODEL_INPUTS, Transformer
 
 Tensor = torch.Tensor
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
@@ -101,7 +100,7 @@ class DistillLoss(nn.Module):
         settings, teacher = self.settings, self.teacher.module
         if "input_ids" not in batch:
             raise TypeError(f"a distillation batch needs input_ids; got keys {sorted(batch)}")
-        inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
         labels = {k: v for k, v in batch.items() if k in LABEL_KEYS} if settings.task else {}
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
         need_attention = settings.attention > 0

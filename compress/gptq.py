@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from model.quantized import pack, quantize_int4, quantize_int8
+from model.transformer import MODEL_INPUTS
 
 Tensor = torch.Tensor
 BLOCK = 128  # columns per lazy-update block
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 
 
 def round_int8(w: Tensor, hessian: Tensor, group_size: int | None = None, *, damp: float = 0.01) -> tuple[Tensor, Tensor]:
@@ -121,7 +121,7 @@ def round_sequentially(
 
             hook = module.register_forward_pre_hook(accumulate)
             try:
-                model(**{k: v for k, v in batch.items() if k in INPUT_KEYS})
+                model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
             except _Reached:
                 pass
             finally:

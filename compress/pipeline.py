@@ -16,7 +16,7 @@ import torch
 
 from model.distributed import is_main
 from model.io import atomic_write_text, load, save
-from model.transformer import Transformer
+from model.transformer import MODEL_INPUTS, Transformer
 
 Batch = dict[str, torch.Tensor]
 Evaluate = Callable[[Transformer], dict[str, float]]
@@ -216,10 +216,9 @@ class Pipeline:
 
     @staticmethod
     def _check_runs(model: Transformer, batch: Batch, name: str) -> None:
-        keys = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
         with torch.no_grad():
             was = model.training
-            out = model.eval()(**{k: v for k, v in batch.items() if k in keys})
+            out = model.eval()(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
             model.train(was)
         if not torch.isfinite(out.hidden_states).all():
             raise RuntimeError(f"after pass {name} the model produces non-finite hidden states")

@@ -29,10 +29,9 @@ from tqdm.auto import tqdm
 from compress.pipeline import Context
 from model.config import Config, LayerShape
 from model.objectives import LABEL_KEYS
-from model.transformer import Transformer
+from model.transformer import MODEL_INPUTS, Transformer
 
 IMPORTANCES = ("magnitude", "taylor")
-_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 _STACKS = ("encoder", "decoder")
 
 
@@ -307,7 +306,7 @@ def _taylor_loss(model: Transformer, batch: dict[str, torch.Tensor], generator: 
     gradient is zero.) A decoder with no decoder_input_ids reads the encoder's input ids.
     """
     device = next(model.parameters()).device
-    inputs = {k: batch[k].to(device) for k in _INPUT_KEYS if k in batch}
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
     labels = {k: batch[k].to(device) for k, head in LABEL_KEYS.items() if k in batch and head in model.config.heads}
     if labels:
         return model(**inputs, **labels).loss

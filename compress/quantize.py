@@ -36,13 +36,12 @@ from model.quantized import (
     dequantize_int8,
     quantize_int8,
 )
-from model.transformer import Transformer
+from model.transformer import MODEL_INPUTS, Transformer
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 MODES = ("int8", "int8-dynamic", "int4", "qat-int8")
 ROUNDINGS = ("nearest", "gptq")
-OUTPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ def output_sqnr(a: Transformer, b: Transformer, batches: Iterable[dict[str, Tens
     a.eval(), b.eval()
     try:
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k in OUTPUT_KEYS}
+            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
             out_a, out_b = a(**inputs), b(**inputs)
             masks = {"hidden_states": inputs.get("attention_mask"), "decoder_hidden_states": inputs.get("decoder_attention_mask")}
             masks["logits"] = masks["hidden_states"]

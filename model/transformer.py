@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import attend, choose_backend, reference_attention
@@ -13,6 +12,8 @@ from model.config import Config, LayerShape
 from model.objectives import IGNORE, LABEL_KEYS, task_losses
 
 Tensor = torch.Tensor
+# The token inputs `Transformer.forward` takes (besides labels and flags): what a batch feeds the model.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 
 _ACTIVATIONS = {
     "gelu": nn.GELU,
