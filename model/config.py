@@ -42,16 +42,19 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class QuantizedLayer:
-    """One linear layer stored in integers: its module name, the mode, bits and (int4) group size.
+    """One layer (Linear or embedding table) stored in integers: its module name, the mode, bits and group size.
 
-    Modes: "int8" weight-only per output channel, "int8-dynamic" (weights and activations),
-    "int4" group-wise weight-only, "cluster" (k-means codebook of 2**bits centroids + indices).
+    Modes: "int8" weight-only per output channel (table: per row) or per `group_size` inputs
+    (table: columns of a row), "int8-dynamic" (weights and activations; `smoothed`: with
+    SmoothQuant's per-input factors), "int4" group-wise weight-only, "cluster" (k-means codebook of
+    2**bits centroids + indices).
     """
 
     name: str
     mode: str
     bits: int
     group_size: int | None = None
+    smoothed: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -62,6 +65,10 @@ class QuantizedLayer:
             raise ValueError(f"bits must be <= 8, got {self.bits}")
         if self.group_size is not None:
             check_int("group_size", self.group_size, 1)
+        if not isinstance(self.smoothed, bool):
+            raise TypeError(f"quantized layer {self.name}: smoothed must be a bool, got {self.smoothed!r}")
+        if self.smoothed and self.mode != "int8-dynamic":
+            raise ValueError(f"quantized layer {self.name}: smoothed applies to mode int8-dynamic, not {self.mode!r}")
 
 
 def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
@@ -75,9 +82,10 @@ def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
             continue
         if not isinstance(item, dict):
             raise TypeError(f"quantized[{i}] must be a QuantizedLayer or dict, got {type(item).__name__}")
-        unknown = set(item) - {"name", "mode", "bits", "group_size"}
+        allowed = [f.name for f in dataclasses.fields(QuantizedLayer)]
+        unknown = set(item) - set(allowed)
         if unknown:
-            raise ValueError(f"quantized[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: name, mode, bits, group_size")
+            raise ValueError(f"quantized[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: {', '.join(allowed)}")
         try:
             layers.append(QuantizedLayer(**item))
         except (TypeError, ValueError) as err:

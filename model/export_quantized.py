@@ -7,10 +7,12 @@ ops to ONNX for torch's exporter:
                        group scales, blocked along the inputs (axis 0, block = group size; opset 21)
   int4 Linear          uint4 (in,out) weight, blocked DequantizeLinear (axis 0, block = group_size,
                        uint4 zero-points; opset 21), MatMul: ONNX Runtime fuses it into MatMulNBits
-  int8 dynamic Linear  per-token activation quantization (as the PyTorch module), MatMulInteger on
-                       int8 x int8 (one product per weight group), rescale: the same integers
+  int8 dynamic Linear  activation quantization per token and weight group, after the smoothing
+                       factors (as the PyTorch module), MatMulInteger on int8 x int8 (one product
+                       per weight group), rescale: the same integers
   clustered Linear     codebook Gather: fp32 codebook (2**bits) + uint8 indices (in,out), one per weight
-  int8 Embedding       Gather the int8 rows and their scales, DequantizeLinear (axis 0) on the rows
+  int8 Embedding       Gather the int8 rows and their scales, DequantizeLinear on the rows (axis 0), or
+                       with group scales blocked along each row (axis 1, block = group size)
   clustered Embedding  Gather the index rows, then the codebook
 Weights are stored transposed (in, out) so that the dequantized matrix feeds MatMul directly,
 the pattern ONNX Runtime's quantized-weight fusions look for. The 4-bit values travel as uint8
@@ -146,7 +148,8 @@ class _DequantizedLinear(nn.Module):
 
 
 class _DynamicInt8Linear(nn.Module):
-    """Int8DynamicLinear's arithmetic: per-token int8 activations, exact integer products, then both scales."""
+    """Int8DynamicLinear's arithmetic: inputs divided by the smoothing factors (if any), int8 per token and
+    weight group, exact integer products, then both scales."""
 
     def __init__(self, module: Int8DynamicLinear):
         super().__init__()
@@ -155,22 +158,24 @@ class _DynamicInt8Linear(nn.Module):
         q_t = module.weight_int8.T  # (in, out)
         self.register_buffer("q_t", (q_t if self.groups == 1 else q_t.reshape(self.groups, self.width, -1)).contiguous())
         self.register_buffer("scale", (scale[0] if self.groups == 1 else scale[:, None, :]).contiguous())
+        self.register_buffer("smooth", module.smooth)
         self.bias = module.bias
 
     @property
     def weight(self) -> Tensor:
-        return (self.q_t.float() * self.scale).reshape(-1, self.scale.shape[-1]).T
+        w = (self.q_t.float() * self.scale).reshape(-1, self.scale.shape[-1]).T
+        return w if self.smooth is None else w / self.smooth
 
     def forward(self, x: Tensor) -> Tensor:
-        absmax = x.abs().amax(dim=-1, keepdim=True).float()
-        x_scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))  # (..., 1)
-        x_int8 = torch.clamp(torch.round(x.float() / x_scale), -127, 127).to(torch.int8)
-        if self.groups == 1:
-            y = matmul_integer(x_int8, self.q_t).float() * self.scale
-        else:  # one integer product per input group, each with its own weight scales
-            x_groups = x_int8.reshape(*x.shape[:-1], self.groups, 1, self.width)  # (..., G, 1, W)
-            y = (matmul_integer(x_groups, self.q_t).float() * self.scale).sum(dim=-3).squeeze(-2)  # (..., out)
-        y = y * x_scale
+        x = x.float() if self.smooth is None else x.float() / self.smooth
+        if self.groups > 1:  # (..., G, 1, W): one integer product per input group, each with its own scales
+            x = x.reshape(*x.shape[:-1], self.groups, 1, self.width)
+        absmax = x.abs().amax(dim=-1, keepdim=True)
+        x_scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+        x_int8 = torch.clamp(torch.round(x / x_scale), -127, 127).to(torch.int8)
+        y = matmul_integer(x_int8, self.q_t).float() * self.scale * x_scale
+        if self.groups > 1:
+            y = y.sum(dim=-3).squeeze(-2)  # (..., out)
         return y if self.bias is None else y + self.bias
 
 
@@ -200,14 +205,16 @@ class _DequantizedEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("weight_int8", module.weight_int8)
         self.register_buffer("scale", module.scale)
+        # One scale per row: DequantizeLinear along the rows; a scale per group: blocks of each row.
+        self.axis, self.block_size = (0, 0) if module.group_size is None else (1, module.group_size)
 
     @property
     def weight(self) -> Tensor:  # the whole table, for the tied MLM/LM heads
-        return dequantize_linear(self.weight_int8, self.scale, None, 0, 0, 8)
+        return dequantize_linear(self.weight_int8, self.scale, None, self.axis, self.block_size, 8)
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)  # (N,)
-        rows = dequantize_linear(self.weight_int8[flat], self.scale[flat], None, 0, 0, 8)  # (N, E)
+        rows = dequantize_linear(self.weight_int8[flat], self.scale[flat], None, self.axis, self.block_size, 8)  # (N, E)
         return rows.reshape(*ids.shape, rows.shape[-1])
 
 

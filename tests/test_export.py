@@ -166,16 +166,18 @@ def test_shared_factorized_model_exports_with_weights_stored_once(folder):
     assert report.bytes[str(report.paths["encoder"])] < stored + block // 2
 
 
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [None, 128, 32])
 def test_adaptive_input_embeddings_export_and_match_pytorch(quantized, folder):
-    """Full-width rows on a factorized table (Share's embed_full_rows), in fp32 and as int8 tables."""
+    """Full-width rows on a factorized table (Share's embed_full_rows), in fp32 and as int8 tables
+    (group size 128: a scale per row; 32: a scale per 32 columns of each row, blocked DequantizeLinear)."""
     share = pytest.importorskip("compress.share", reason="compress.share (the Share pass) is not importable")
     quantize = pytest.importorskip("compress.quantize", reason="compress.quantize (the Quantize pass) is not importable")
     torch.manual_seed(0)
     model = Transformer(Config.preset("tiny", **TINY_ENCODER)).eval()
     lite = share.factorize_embeddings(model, 16, full_rows=model.config.vocab_size // 2)[0].eval()
     if quantized:
-        lite = quantize.Quantize("int8")(lite)
+        lite = quantize.Quantize("int8", group_size=quantized)(lite)
+        assert lite.embeddings.word_full.scale.dim() == (1 if quantized == 128 else 2)
     report = export_onnx(lite, folder / "adaptive.onnx")
     _check_report(report, ["hidden_states", "mlm_logits", "pair_logits"])
     ids = torch.arange(1, 33).view(2, 16) * 7 % model.config.vocab_size  # half of these tokens read a full row
@@ -202,13 +204,18 @@ def test_per_layer_head_counts_export_with_external_data(folder):
     assert OrtModel(path)({"input_ids": np.ones((1, 64), dtype=np.int64)}).head_logits["classify"].shape == (1, 3)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "int8-dynamic", "cluster"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8-dynamic", "int8-dynamic-smoothed", "cluster"])
 def test_quantized_models_export_integer_weights(mode, tiny, folder):
     quantize = pytest.importorskip("compress.quantize", reason="compress.quantize (the Quantize pass) is not importable")
+    from compress.pipeline import Context
+
+    calibration = Context(data=[{"input_ids": torch.randint(5, 512, (4, 16))}], teacher=None)
     passes = {
         "int8": quantize.Quantize("int8"),
         "int4": quantize.Quantize("int4", group_size=32),
         "int8-dynamic": quantize.Quantize("int8-dynamic"),
+        # SmoothQuant factors and activation scales per token and group of 32 inputs
+        "int8-dynamic-smoothed": lambda m: quantize.Quantize("int8-dynamic", group_size=32, smoothing=0.5)(m, calibration),
         "cluster": lambda m: quantize.cluster_layers(m, 4),  # k-means codebook of 16 per matrix, tables included
     }
     model = passes[mode](tiny[0])
@@ -219,11 +226,13 @@ def test_quantized_models_export_integer_weights(mode, tiny, folder):
     ops = _ops(path)
     expected = {
         "int8": ("INT8", "DequantizeLinear"), "int4": ("UINT4", "DequantizeLinear"),
-        "int8-dynamic": ("INT8", "MatMulInteger"), "cluster": ("UINT8", "Gather"),
+        "int8-dynamic": ("INT8", "MatMulInteger"), "int8-dynamic-smoothed": ("INT8", "MatMulInteger"),
+        "cluster": ("UINT8", "Gather"),
     }
     dtype, op = expected[mode]
     assert kinds[dtype] >= 10 and ops[("", op)] >= 10, (kinds, ops)
-    assert report.bytes[str(path)] < 0.4 * tiny[1].bytes[str(tiny[1].paths["encoder"])]
+    ratio = 0.5 if mode == "int8-dynamic-smoothed" else 0.4  # a scale per 32 weights costs 12% at int8
+    assert report.bytes[str(path)] < ratio * tiny[1].bytes[str(tiny[1].paths["encoder"])]
 
 
 def test_parity_error_names_the_output_and_difference(tiny):

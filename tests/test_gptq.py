@@ -23,16 +23,17 @@ def correlated_inputs(n, cols, seed=0):
     return torch.randn(n, 4, generator=g) @ torch.randn(4, cols, generator=g) + 0.1 * torch.randn(n, cols, generator=g)
 
 
-def obq_reference(w, hessian, damp=0.01):
+def obq_reference(w, hessian, order=None, damp=0.01):
     """Per-row int8 by Optimal Brain Quantization in float64, the textbook form GPTQ computes faster: quantize
-    column j to its grid point, move the other weights by -err * H^-1[j, :] / H^-1[j, j], drop j from H^-1."""
+    column j (in `order`, default left to right) to its grid point, move the other weights by
+    -err * H^-1[j, :] / H^-1[j, j], drop j from H^-1."""
     w = w.double().clone()
     h = hessian.double().clone()
     h.diagonal().add_(damp * h.diagonal().mean())
     scale = w.abs().amax(1) / 127  # fixed from the original row, as int8 per channel fixes it
     inverse = torch.linalg.inv(h)
     q = torch.zeros_like(w)
-    for j in range(w.shape[1]):
+    for j in (range(w.shape[1]) if order is None else order.tolist()):
         q[:, j] = torch.clamp(torch.round(w[:, j] / scale), -127, 127)
         error = (w[:, j] - q[:, j] * scale) / inverse[j, j]
         w -= error[:, None] * inverse[j][None, :]
@@ -44,15 +45,21 @@ def output_error(x, w, w_rounded):
     return float((x.double() @ (w.double() - w_rounded.double()).T).square().sum())
 
 
-def test_round_int8_is_optimal_brain_quantization_in_column_order():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_round_int8_is_optimal_brain_quantization(act_order):
+    """In column order, or (act-order) in order of decreasing input energy, the diagonal of H."""
     torch.manual_seed(0)
     w = torch.randn(6, 40) * 0.1
-    x = correlated_inputs(300, 40)
-    q, scale = round_int8(w, x.T.double() @ x.double())
-    q_ref, scale_ref = obq_reference(w, x.T @ x)
+    x = correlated_inputs(300, 40) * torch.linspace(0.2, 3.0, 40)  # input energies far from column order
+    hessian = x.T.double() @ x.double()
+    q, scale = round_int8(w, hessian, act_order=act_order)
+    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else None
+    q_ref, scale_ref = obq_reference(w, hessian, order)
     torch.testing.assert_close(scale.double(), scale_ref, rtol=1e-6, atol=0)
     assert torch.equal(q.double(), q_ref)
     assert q.dtype == torch.int8 and scale.shape == (6,)
+    if act_order:  # the order matters: rounding left to right gives other integers
+        assert not torch.equal(q, round_int8(w, hessian, act_order=False)[0])
 
 
 @pytest.mark.parametrize("group", [None, 32])
@@ -65,6 +72,7 @@ def test_gptq_int8_lowers_the_output_error_and_stays_on_the_stored_grid(group):
     assert output_error(x, w, rounded) < 0.5 * output_error(x, w, nearest)
     # On the grid int8 stores: |q| <= 127, and a scale per row (or per group) from the weights.
     assert int(q.abs().max()) <= 127 and scale.shape == ((16,) if group is None else (16, 128 // group))
+    assert torch.equal(scale, quantize_int8(w, group)[1])  # act-order sets every grid from the original weights
     assert not rounded[1].any()  # the zero row stays exactly zero
 
 
@@ -85,7 +93,20 @@ def test_uncorrelated_inputs_give_nearest_rounding():
     w = heavy_tailed(8, 64)
     eye = torch.eye(64, dtype=torch.float64)
     assert all(torch.equal(a, b) for a, b in zip(round_int8(w, eye, 32), quantize_int8(w, 32)))
-    assert all(torch.equal(a, b) for a, b in zip(round_int4(w, eye, 32), quantize_int4(w, 32, False)))
+    packed, scale, zero = round_int4(w, eye, 32)
+    step, offset = scale.repeat_interleave(32, 1).double(), zero.repeat_interleave(32, 1).double()
+    assert torch.equal(unpack(packed, 4).double(), torch.clamp(torch.round(w.double() / step) + offset, 0, 15))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_ranges_are_searched_for_the_least_rounding_error(symmetric):
+    """Each group's int4 range is the full one or a shrunk one, whichever rounds the group with less error."""
+    w = heavy_tailed(16, 128)
+    eye = torch.eye(128, dtype=torch.float64)
+    searched = (dequantize_int4(*round_int4(w, eye, 32, symmetric=symmetric)) - w).square().view(16, 4, 32).sum(-1)
+    full = (dequantize_int4(*quantize_int4(w, 32, symmetric)) - w).square().view(16, 4, 32).sum(-1)
+    assert bool((searched <= full * (1 + 1e-6)).all())
+    assert float(searched.sum()) < 0.97 * float(full.sum())
 
 
 def test_inputs_that_are_always_zero_spread_nothing():
