@@ -6,11 +6,13 @@ Rounding each weight to its nearest grid point minimizes the error of the weight
 input columns of W one at a time and spreads each column's rounding error over the columns not
 yet rounded, in proportion to H^-1 (through its upper Cholesky factor), so correlated inputs
 cancel each other's errors; by default the columns go in order of decreasing input energy
-(the "act-order" of the reference implementation). The grid is the one `model.quantized` stores (same formulas, one
-scale, and for int4 a zero-point, per row and group of inputs, set from the original weights,
-or in column order from the weights as they stand when the rounding reaches the group), so the result drops into `Int8Linear` / `Int4Linear`
-unchanged. `round_sequentially` gathers H for a model's Linears in order, each from inputs that
-pass through the layers before it already rounded (the sequential GPTQ order).
+(the "act-order" of the reference implementation). The grid is the one `model.quantized`
+stores (same formulas, one scale, and for int4 a zero-point, per row and group of inputs, set
+from the original weights, or in column order from the weights as they stand when the rounding
+reaches the group; int4 ranges are searched for the least rounding error), so the result drops
+into `Int8Linear` / `Int4Linear` unchanged. `round_sequentially` gathers H for a model's
+Linears in order, each from inputs that pass through the layers before it already rounded (the
+sequential GPTQ order).
 """
 
 from __future__ import annotations

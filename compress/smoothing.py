@@ -22,7 +22,9 @@ Tensor = torch.Tensor
 
 
 @torch.no_grad()
-def smoothing_factors(model: nn.Module, names: Iterable[str], batches: list[dict[str, Tensor]], alpha: float) -> dict[str, Tensor]:
+def smoothing_factors(
+    model: nn.Module, names: Iterable[str], batches: list[dict[str, Tensor]], alpha: float
+) -> dict[str, Tensor]:
     """s (in_features,) for each Linear `names` of `model`, from its inputs' per-channel max |x| over `batches`.
 
     A channel that was always zero, or whose weight column is all zero, keeps s = 1.

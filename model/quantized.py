@@ -188,7 +188,9 @@ class Int8DynamicLinear(Int8Linear):
     the dequantized weight, `weight`).
     """
 
-    def __init__(self, in_features: int, out_features: int, group_size: int | None = None, *, bias: bool = True, smoothed: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int | None = None, *, bias: bool = True, smoothed: bool = False
+    ):
         super().__init__(in_features, out_features, group_size, bias=bias)
         self.register_buffer("smooth", torch.ones(in_features) if smoothed else None)
 
