@@ -154,10 +154,7 @@ def round_sequentially(
             def accumulate(_module, args, mask=mask) -> None:
                 nonlocal calls
                 calls += 1
-                x = args[0].detach()
-                if x.dim() == 3 and mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
-                    x = x[mask.bool()]
-                x = x.reshape(-1, x.shape[-1]).double()
+                x = real_tokens(args[0].detach(), mask).double()
                 hessian.add_(x.T @ x)
                 if stop_early:
                     raise _Reached  # the rest of the forward pass cannot change this layer's input
@@ -175,6 +172,13 @@ def round_sequentially(
 
 class _Reached(Exception):
     """Ends a calibration forward pass once the layer being calibrated has seen its input."""
+
+
+def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    """A Linear's input x (..., in) as rows (N, in): only the tokens `mask` marks real where it covers x's (batch, seq)."""
+    if x.dim() == 3 and mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
 
 
 def input_mask_key(name: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from compress.gptq import input_mask_key
+from compress.gptq import input_mask_key, real_tokens
 from model.transformer import MODEL_INPUTS
 
 Tensor = torch.Tensor
@@ -35,11 +35,8 @@ def smoothing_factors(
     for name in names:
 
         def record(_module, args, name=name) -> None:
-            x = args[0].detach()
             mask = batch.get(input_mask_key(name))  # `batch`: the one the loop below is running
-            if x.dim() == 3 and mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask.bool()]
-            seen = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+            seen = real_tokens(args[0].detach(), mask).abs().amax(0).float()
             absmax[name] = seen if absmax[name] is None else torch.maximum(absmax[name], seen)
 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
