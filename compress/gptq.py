@@ -13,6 +13,13 @@ reaches the group; int4 ranges are searched for the least rounding error), so th
 into `Int8Linear` / `Int4Linear` unchanged. `round_sequentially` gathers H for a model's
 Linears in order, each from inputs that pass through the layers before it already rounded (the
 sequential GPTQ order).
+
+Asymmetric calibration (GPTAQ, Li et al., 2025): those rounded inputs X~ differ from the float
+model's X by the noise of the layers before, and the layer's output should match the float
+model's, X W^T, not X~ W^T. With C = X^T X~ and the damping d, ||X W^T - X~ Q^T||^2 + d ||Q - W||^2
+= ||X~ (W* - Q)^T||^2 + d ||W* - Q||^2 + const for the target W* = W + W (C - H) (H + d I)^-1, so
+GPTQ (on the damped H) rounds W* instead of W (`cross=C`): each layer also cancels, as far as its
+inputs allow, the error of those before it, and keeps W where the calibration inputs say nothing.
 """
 
 from __future__ import annotations
@@ -31,27 +38,33 @@ RANGE_SHRINKS = torch.linspace(1.0, 0.75, 26).tolist()  # int4 ranges searched, 
 
 
 def round_int8(
-    w: Tensor, hessian: Tensor, group_size: int | None = None, *, damp: float = 0.01, act_order: bool = True
+    w: Tensor, hessian: Tensor, group_size: int | None = None, *, cross: Tensor | None = None, damp: float = 0.01,
+    act_order: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """GPTQ rounding of w (out, in) to `quantize_int8`'s format: (q (out, in) int8, scale (out,) or (out, in/g))."""
+    """GPTQ rounding of w (out, in) to `quantize_int8`'s format: (q (out, in) int8, scale (out,) or (out, in/g)).
+
+    hessian: H = X~^T X~ over the calibration inputs; cross: C = X^T X~ with X the float model's inputs
+    (asymmetric calibration), or None."""
 
     def grid(block: Tensor) -> tuple[Tensor, Tensor]:
         scale = quantize_int8(block)[1]
         return scale, torch.zeros_like(scale)
 
-    q, scale, _ = _gptq(w, hessian, group_size, grid, -127, 127, damp, act_order)
+    q, scale, _ = _gptq(w, hessian, cross, group_size, grid, -127, 127, damp, act_order)
     return q.to(torch.int8), scale if group_size else scale.squeeze(1)
 
 
 def round_int4(
-    w: Tensor, hessian: Tensor, group_size: int, *, symmetric: bool = False, damp: float = 0.01, act_order: bool = True
+    w: Tensor, hessian: Tensor, group_size: int, *, symmetric: bool = False, cross: Tensor | None = None,
+    damp: float = 0.01, act_order: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ rounding of w (out, in) to `quantize_int4`'s format: (packed (out, in/2) uint8, scale, zero (out, in/g))."""
+    """GPTQ rounding of w (out, in) to `quantize_int4`'s format: (packed (out, in/2) uint8, scale, zero (out, in/g));
+    hessian and cross as in `round_int8`."""
 
     def grid(block: Tensor) -> tuple[Tensor, Tensor]:
         return _searched_int4_grid(block, symmetric)
 
-    q, scale, zero = _gptq(w, hessian, group_size, grid, 0, 15, damp, act_order)
+    q, scale, zero = _gptq(w, hessian, cross, group_size, grid, 0, 15, damp, act_order)
     return pack(q.to(torch.uint8), 4), scale, zero.to(torch.uint8)
 
 
@@ -74,10 +87,11 @@ def _searched_int4_grid(block: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]
 
 
 def _gptq(
-    w: Tensor, hessian: Tensor, group_size: int | None, grid: Callable[[Tensor], tuple[Tensor, Tensor]],
-    low: int, high: int, damp: float, act_order: bool,
+    w: Tensor, hessian: Tensor, cross: Tensor | None, group_size: int | None,
+    grid: Callable[[Tensor], tuple[Tensor, Tensor]], low: int, high: int, damp: float, act_order: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The GPTQ loop: integers q (out, in) in [low, high], scale and zero (out, groups); w ~ (q - zero) * scale.
+    """The GPTQ loop: integers q (out, in) in [low, high], scale and zero (out, groups); w ~ (q - zero) * scale
+    (with `cross`, the target w + w (cross - H) H^-1 ~ (q - zero) * scale).
 
     act_order: round the inputs in order of decreasing energy (diagonal of H), so the columns
     that matter most are rounded while there are the most columns left to take their errors. The
@@ -85,8 +99,9 @@ def _gptq(
     the original weights; in column order it is set when the rounding reaches the group.
     """
     rows, cols = w.shape
-    if tuple(hessian.shape) != (cols, cols):
-        raise ValueError(f"the Hessian must be ({cols}, {cols}) for a weight with {cols} inputs; got {tuple(hessian.shape)}")
+    for what, matrix in (("the Hessian", hessian), ("the cross term", cross)):
+        if matrix is not None and tuple(matrix.shape) != (cols, cols):
+            raise ValueError(f"{what} must be ({cols}, {cols}) for a weight with {cols} inputs; got {tuple(matrix.shape)}")
     group = group_size or cols
     if cols % group:
         raise ValueError(f"in_features {cols} is not divisible by group_size {group}")
@@ -95,6 +110,8 @@ def _gptq(
     dead = h.diagonal() == 0  # inputs that were always 0: their errors cannot show, they spread nothing
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * h.diagonal().mean())
+    if cross is not None:  # dead inputs have zero rows and columns in C - H: they add nothing
+        w += torch.linalg.solve(h, (cross.double() - hessian.double()).T @ w.T).T  # w (C - H) H^-1, H symmetric
     scales = w.new_empty(rows, cols // group)
     zeros = torch.empty_like(scales)
 
@@ -134,40 +151,80 @@ def _gptq(
 @torch.no_grad()
 def round_sequentially(
     model: nn.Module, names: Iterable[str], batches: list[dict[str, Tensor]],
-    round_layer: Callable[[str, Tensor], Tensor],
+    round_layer: Callable[[str, Tensor, Tensor | None], Tensor], *, reference: nn.Module | None = None,
 ) -> None:
     """Round the Linears `names` of `model` in order, each from the inputs the layers before it, already rounded, give it.
 
-    For each name: H = sum of x x^T over the real tokens of `batches` that reach the layer (padding
+    For each name: H = sum of x~ x~^T over the real tokens of `batches` that reach the layer (padding
     left out: the encoder side's by `attention_mask`, the decoder side's by `decoder_attention_mask`),
-    then `round_layer(name, H)` returns the layer's rounded float weight, which replaces the weight
-    in `model` (a working copy the caller owns, in eval mode), so the next layers see it.
+    and with a `reference` model (the float model, in eval mode) the cross term C = sum of x x~^T,
+    x its input to the same layer at the same use; then `round_layer(name, H, C or None)` returns the
+    layer's rounded float weight, which replaces the weight in `model` (a working copy the caller
+    owns, in eval mode), so the next layers see it. Consecutive names that read the very same input
+    tensors (an attention's q, k and v projections) share one H and C, gathered once.
     """
-    for name in names:
-        module = model.get_submodule(name)
+    if not batches:
+        raise ValueError("round_sequentially needs at least one calibration batch")
+    for group in _groups_sharing_inputs(model, list(names), batches[0]):
+        module = model.get_submodule(group[0])
         hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64, device=module.weight.device)
-        mask_key = input_mask_key(name)
-        stop_early = False  # set once the first batch shows the layer runs once per forward (not a shared block)
+        cross = None if reference is None else torch.zeros_like(hessian)
+        mask_key = input_mask_key(group[0])
+        once = False  # set once the first batch shows the layer runs once per forward (not a shared block)
         for batch in batches:
-            mask, calls = batch.get(mask_key), 0
-
-            def accumulate(_module, args, mask=mask) -> None:
-                nonlocal calls
-                calls += 1
-                x = real_tokens(args[0].detach(), mask).double()
+            mask = batch.get(mask_key)
+            rounded = [real_tokens(x, mask).double() for x in _layer_inputs(model, group[0], batch, once)]
+            for x in rounded:
                 hessian.add_(x.T @ x)
-                if stop_early:
-                    raise _Reached  # the rest of the forward pass cannot change this layer's input
+            if reference is not None:
+                for x_float, x in zip(_layer_inputs(reference, group[0], batch, once), rounded, strict=True):
+                    cross.add_(real_tokens(x_float, mask).double().T @ x)
+            once = len(rounded) == 1
+        for name in group:  # none of them changes the others' inputs: they exist before any of them runs
+            weight = model.get_submodule(name).weight
+            weight.copy_(round_layer(name, hessian, cross).to(weight.dtype))
 
-            hook = module.register_forward_pre_hook(accumulate)
-            try:
-                model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
-            except _Reached:
-                pass
-            finally:
-                hook.remove()
-            stop_early = calls == 1
-        module.weight.copy_(round_layer(name, hessian).to(module.weight.dtype))
+
+def _groups_sharing_inputs(model: nn.Module, names: list[str], batch: dict[str, Tensor]) -> list[list[str]]:
+    """`names` split into runs of consecutive names whose modules receive the same tensor objects, call by call, in
+    a forward pass of `model` on `batch`."""
+    inputs: dict[str, list[Tensor]] = {name: [] for name in names}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _module, args, seen=seen: seen.append(args[0]))
+             for name, seen in inputs.items()]
+    try:
+        model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    for name in names:
+        first = inputs[groups[-1][0]] if groups else []
+        same = len(first) == len(inputs[name]) > 0 and all(a is b for a, b in zip(first, inputs[name]))
+        if same:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _layer_inputs(model: nn.Module, name: str, batch: dict[str, Tensor], once: bool) -> list[Tensor]:
+    """The inputs the module `name` receives, one per call, in a forward pass of `model` on `batch`; with `once`
+    the pass stops at the first call (the rest of it cannot change the layer's input)."""
+    seen: list[Tensor] = []
+
+    def record(_module, args) -> None:
+        seen.append(args[0].detach())
+        if once:
+            raise _Reached
+
+    hook = model.get_submodule(name).register_forward_pre_hook(record)
+    try:
+        model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    except _Reached:
+        pass
+    finally:
+        hook.remove()
+    return seen
 
 
 class _Reached(Exception):

@@ -42,7 +42,7 @@ from model.transformer import MODEL_INPUTS, Transformer
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 MODES = ("int8", "int8-dynamic", "int4", "qat-int8")
-ROUNDINGS = ("nearest", "gptq")
+ROUNDINGS = ("nearest", "gptq", "gptaq")
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,12 @@ class Quantize:
     `embeddings.word_proj` in `mode`). skip: module-name prefixes left in float.
     rounding: "nearest" rounds each weight to its nearest grid point; "gptq" rounds the Linears
     (not the tables) by GPTQ (`compress.gptq`): each layer's rounding errors are compensated on
-    the inputs it receives from `calibration_batches` batches of the data, layer after layer, on
-    the same grid and storage. Needs data; not with qat-int8, which learns its own rounding.
+    the inputs it receives from `calibration_batches` batches of the data, layer after layer (the
+    tables and the Linears before it already rounded), on the same grid and storage; "gptaq" is
+    GPTQ with asymmetric calibration: each layer's rounded outputs are fitted to the float model's
+    outputs, so it also compensates the error its inputs carry from the layers before (best with
+    many batches: it fits more to the data). Needs data; not with qat-int8, which learns its own
+    rounding.
     smoothing: int8-dynamic only: SmoothQuant's migration strength alpha in (0, 1] (0.5 is the
     paper's default): each Linear's input channels are divided by s = max|x|^alpha /
     max|W|^(1 - alpha), measured on `calibration_batches` batches, and its weight columns
@@ -111,8 +115,8 @@ class Quantize:
                 raise ValueError(f"Quantize {name} must be a number > 0, got {value!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"Quantize rounding must be one of {', '.join(ROUNDINGS)}; got {self.rounding!r}")
-        if self.rounding == "gptq" and self.mode == "qat-int8":
-            raise ValueError("Quantize rounding='gptq' applies to int8, int8-dynamic and int4; qat-int8 learns its own rounding")
+        if self.rounding != "nearest" and self.mode == "qat-int8":
+            raise ValueError(f"Quantize rounding={self.rounding!r} applies to int8, int8-dynamic and int4; qat-int8 learns its own rounding")
         if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
             raise ValueError(f"Quantize calibration_batches must be an int >= 1, got {self.calibration_batches!r}")
         if self.smoothing is not None:
@@ -123,7 +127,7 @@ class Quantize:
 
     @property
     def needs_data(self) -> bool:
-        return self.mode == "qat-int8" or self.rounding == "gptq" or self.smoothing is not None
+        return self.mode == "qat-int8" or self.rounding != "nearest" or self.smoothing is not None
 
     def __call__(self, model: Transformer, ctx: Context | None = None) -> Transformer:
         """Return a new model with the chosen layers in integer storage; `model` is left in float."""
@@ -134,7 +138,7 @@ class Quantize:
                 raise ValueError("Quantize('qat-int8') needs a Context with data and a teacher to distill from")
             model = self._train_fake_quantized(model, list(targets), ctx)
         smooth = self._smoothing_factors(model, targets, ctx) if self.smoothing is not None else {}
-        rounded = self._gptq_twins(model, targets, ctx, smooth) if self.rounding == "gptq" else {}
+        rounded = self._gptq_twins(model, targets, ctx, smooth) if self.rounding != "nearest" else {}
         twins = {name: rounded.get(name) or self._twin(name, model.get_submodule(name), smooth=smooth.get(name))
                  for name in targets}
         result = _rebuild(model, twins)
@@ -163,22 +167,26 @@ class Quantize:
         return targets
 
     def _twin(
-        self, name: str, module: nn.Module, hessian: Tensor | None = None, smooth: Tensor | None = None
+        self, name: str, module: nn.Module, hessian: Tensor | None = None, smooth: Tensor | None = None,
+        cross: Tensor | None = None,
     ) -> tuple[QuantizedLayer, nn.Module]:
-        """The layer's record and integer twin; with `hessian` (its inputs' x x^T sum) a Linear is GPTQ-rounded;
-        with `smooth` (int8-dynamic) it stores W * smooth for inputs divided by smooth."""
+        """The layer's record and integer twin; with `hessian` (its inputs' x x^T sum) a Linear is GPTQ-rounded,
+        with `cross` too (float inputs times rounded ones) asymmetrically; with `smooth` (int8-dynamic) it
+        stores W * smooth for inputs divided by smooth."""
         if isinstance(module, nn.Embedding):
             group = self._int8_group(module)
             return QuantizedLayer(name, "int8", 8, group), Int8Embedding.from_float(module, group)
         if self.mode == "int4":
-            codes = None if hessian is None else round_int4(module.weight, hessian, self.group_size, symmetric=self.symmetric)
+            codes = None if hessian is None else round_int4(module.weight, hessian, self.group_size, symmetric=self.symmetric,
+                                                            cross=cross)
             twin = Int4Linear.from_float(module, self.group_size, self.symmetric, codes=codes)
             return QuantizedLayer(name, "int4", 4, self.group_size), twin
         group = self._int8_group(module)
         weight = module.weight if smooth is None else module.weight.detach() * smooth
-        if hessian is not None and smooth is not None:
-            hessian = hessian / (smooth[:, None].double() * smooth[None, :].double())  # of the inputs x / smooth
-        codes = None if hessian is None else round_int8(weight, hessian, group)
+        if hessian is not None and smooth is not None:  # of the inputs x / smooth
+            outer = smooth[:, None].double() * smooth[None, :].double()
+            hessian, cross = hessian / outer, None if cross is None else cross / outer
+        codes = None if hessian is None else round_int8(weight, hessian, group, cross=cross)
         if self.mode == "int8-dynamic":
             twin = Int8DynamicLinear.from_float(module, group, codes=codes, smooth=smooth)
             return QuantizedLayer(name, "int8-dynamic", 8, group, smoothed=smooth is not None), twin
@@ -194,18 +202,25 @@ class Quantize:
         linears = [name for name, module in targets.items() if isinstance(module, nn.Linear)]
         return smoothing_factors(model, linears, self._calibration(ctx, f"smoothing={self.smoothing}"), self.smoothing)
 
+    @torch.no_grad()
     def _gptq_twins(self, model: Transformer, targets: dict[str, nn.Module], ctx: Context | None, smooth: dict[str, Tensor]) -> dict:
-        """GPTQ twins of the target Linears, rounded in forward order on a working copy fed with calibration batches."""
-        batches = self._calibration(ctx, "rounding='gptq'")
+        """Twins of the targets, the Linears GPTQ-rounded in forward order on a working copy fed with calibration
+        batches, its tables already rounded (and, for "gptaq", beside a float copy that gives the float inputs)."""
+        batches = self._calibration(ctx, f"rounding={self.rounding!r}")
         work = copy.deepcopy(model).eval()
         twins: dict[str, tuple[QuantizedLayer, nn.Module]] = {}
+        for name, module in targets.items():
+            if isinstance(module, nn.Embedding):
+                twins[name] = self._twin(name, module)
+                work.get_submodule(name).weight.copy_(twins[name][1].weight)
 
-        def round_layer(name: str, hessian: Tensor) -> Tensor:
-            twins[name] = self._twin(name, model.get_submodule(name), hessian, smooth.get(name))
+        def round_layer(name: str, hessian: Tensor, cross: Tensor | None) -> Tensor:
+            twins[name] = self._twin(name, model.get_submodule(name), hessian, smooth.get(name), cross)
             return twins[name][1].weight
 
         linears = [name for name, module in targets.items() if isinstance(module, nn.Linear)]
-        round_sequentially(work, linears, batches, round_layer)
+        reference = copy.deepcopy(model).eval() if self.rounding == "gptaq" else None
+        round_sequentially(work, linears, batches, round_layer, reference=reference)
         return twins
 
     def _int8_group(self, module: nn.Module) -> int | None:
