@@ -112,27 +112,36 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return ((q - zero.float()[..., None]) * scale[..., None]).reshape(out_features, -1)
 
 
-def kmeans_1d(values: Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> tuple[Tensor, Tensor]:
+def kmeans_1d(
+    values: Tensor, k: int, iterations: int = KMEANS_ITERATIONS, *, pin_zero: bool = False
+) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means on scalars: values (any shape) -> (centroids (k,) fp32 ascending, index (n,) int64 of the flattened values).
 
     Deterministic: centroids start at the (i + 0.5) / k quantiles. In 1-D the clusters are runs
     of the sorted values split at the midpoints between centroids, so after one sort each Lloyd
     step costs O(k log n) (binary search + prefix sums). An emptied cluster keeps its centroid.
+    pin_zero: the centroid nearest 0 is held at exactly 0, so zeros stay exact (a table's padding row).
     """
     values = values.detach().float().flatten()
     ordered = values.sort().values
     n = ordered.numel()
     prefix = F.pad(ordered.double().cumsum(0), (1, 0))  # prefix[i] = sum of the i smallest values
     positions = ((torch.arange(k, dtype=torch.float64, device=values.device) + 0.5) / k * (n - 1)).round().long()
-    centroids = ordered[positions]
+    centroids = _pinned(ordered[positions], pin_zero)
     for _ in range(iterations):
         cuts = torch.searchsorted(ordered, _midpoints(centroids), right=True)  # values <= midpoint i lie in clusters <= i
         bounds = F.pad(cuts, (1, 0), value=0)
         bounds = F.pad(bounds, (0, 1), value=n)
         counts = bounds[1:] - bounds[:-1]
         sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
-        centroids = torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), centroids).sort().values
+        centroids = _pinned(torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), centroids).sort().values, pin_zero)
     return centroids, torch.bucketize(values, _midpoints(centroids))
+
+
+def _pinned(centroids: Tensor, pin_zero: bool) -> Tensor:
+    """Ascending centroids with the one nearest 0 set to exactly 0 (with `pin_zero`; none lies between it and 0,
+    so they stay ascending)."""
+    return centroids.index_fill(0, centroids.abs().argmin(), 0.0) if pin_zero else centroids
 
 
 def _midpoints(centroids: Tensor) -> Tensor:
@@ -328,7 +337,8 @@ class Int8Embedding(nn.Module):
 
 
 class ClusteredEmbedding(nn.Module):
-    """Embedding table stored as indices into a codebook of 2**bits fp32 centroids."""
+    """Embedding table stored as indices into a codebook of 2**bits fp32 centroids; a table with a padding row
+    (all zeros, as the correction table of adaptive input embeddings) keeps a centroid at exactly 0."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int):
         super().__init__()
@@ -338,7 +348,7 @@ class ClusteredEmbedding(nn.Module):
     @classmethod
     def from_float(cls, embedding: nn.Embedding, bits: int) -> ClusteredEmbedding:
         module = cls(embedding.num_embeddings, embedding.embedding_dim, bits)
-        module.codebook, module.indices = _cluster(embedding.weight, bits)
+        module.codebook, module.indices = _cluster(embedding.weight, bits, pin_zero=embedding.padding_idx is not None)
         return module
 
     @property
@@ -372,10 +382,10 @@ def _packed_length(n: int, bits: int) -> int:
     return math.ceil(n * storage_width(bits) / 8)
 
 
-def _cluster(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def _cluster(w: Tensor, bits: int, pin_zero: bool = False) -> tuple[Tensor, Tensor]:
     """k-means codebook of one matrix and its packed, flattened indices (zero-padded to whole bytes)."""
     width = storage_width(bits)
-    codebook, index = kmeans_1d(w, 2**bits)
+    codebook, index = kmeans_1d(w, 2**bits, pin_zero=pin_zero)
     padded = F.pad(index.to(torch.uint8), (0, -index.numel() % (8 // width)))
     return codebook, pack(padded, width)
 

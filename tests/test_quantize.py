@@ -351,6 +351,31 @@ def test_kmeans_is_deterministic_and_finds_separated_clusters():
     assert torch.equal(again, centroids)
 
 
+def test_kmeans_can_hold_a_centroid_at_exactly_zero():
+    """With pin_zero the centroid nearest 0 is 0.0 itself, so exact zeros (a padding row) decode to exact zeros; the
+    other centroids still follow their clusters."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.zeros(40), 0.3 + 0.01 * torch.randn(200, generator=g), -0.5 + 0.01 * torch.randn(200, generator=g)])
+    free, _ = kmeans_1d(values, 2)
+    assert not (free == 0).any()  # two clusters: the zeros pull one centroid off 0.3
+    centroids, index = kmeans_1d(values, 3, pin_zero=True)
+    assert (centroids == 0).sum() == 1 and bool((centroids[1:] > centroids[:-1]).all())
+    assert bool((centroids[index[:40]] == 0).all())
+    torch.testing.assert_close(centroids[[0, 2]], torch.stack([values[240:].mean(), values[40:240].mean()]), atol=1e-6, rtol=0)
+
+
+def test_clustered_correction_table_keeps_its_zero_row():
+    """Adaptive input embeddings add `word_full[0]`, all zeros, to every token without a correction: clustered, that
+    row must stay exactly zero (else every such token would get the same spurious vector)."""
+    model = tiny()
+    lite = Share(embed_dim=16, embed_full_rows=8)(model)
+    assert not lite.embeddings.word_full.weight[0].any()
+    clustered = cluster_layers(lite, 4, layers=["embeddings.word_full"])
+    table = clustered.embeddings.word_full.weight
+    assert not table[0].any() and table[1:].any()
+    assert sqnr(lite.embeddings.word_full.weight[1:], table[1:]) > 15
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_cluster_layers_codebook_and_packed_indices(bits, tmp_path):
     model = tiny()
