@@ -166,6 +166,8 @@ def check_one_pass(summary, notebook):
         assert size < sizes[0], label
         if label.startswith("Quantize: int8"):
             assert score > 0.99, f"int8 weights alone should barely move the embeddings: {score}"
+    rounded, nearest = summary["alone"]["Quantize: int4, GPTAQ"], summary["alone"]["Quantize: int4"]
+    assert rounded[0] == nearest[0] and rounded[1] > nearest[1], (rounded, nearest)  # same storage, better rounding
     assert summary["share"] == [0, 0, 1, 1, 2, 2] or summary["share"] == [0, 0]  # MiniLM, or the tiny fallback
     assert summary["heads"][1] == summary["heads"][0] // 2
     assert summary["quantized_layers"] > 0
