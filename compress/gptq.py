@@ -91,7 +91,7 @@ def _gptq(
     grid: Callable[[Tensor], tuple[Tensor, Tensor]], low: int, high: int, damp: float, act_order: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The GPTQ loop: integers q (out, in) in [low, high], scale and zero (out, groups); w ~ (q - zero) * scale
-    (with `cross`, the target w + w (cross - H) H^-1 ~ (q - zero) * scale).
+    (with `cross`, the target w + w (cross - H) (H + d I)^-1 ~ (q - zero) * scale).
 
     act_order: round the inputs in order of decreasing energy (diagonal of H), so the columns
     that matter most are rounded while there are the most columns left to take their errors. The
@@ -130,7 +130,7 @@ def _gptq(
     # Upper Cholesky factor of H^-1: row i holds how column i's error is spread over the columns after it.
     spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.empty_like(w)
-    block = group if group <= BLOCK else BLOCK  # a group never starts inside a block, so its grid sees updated weights
+    block = min(group, BLOCK)  # a group never starts inside a block, so its grid sees updated weights
     for start in range(0, cols, block):
         end = min(start + block, cols)
         errors = w.new_empty(rows, end - start)
@@ -189,13 +189,7 @@ def _groups_sharing_inputs(model: nn.Module, names: list[str], batch: dict[str, 
     """`names` split into runs of consecutive names whose modules receive the same tensor objects, call by call, in
     a forward pass of `model` on `batch`."""
     inputs: dict[str, list[Tensor]] = {name: [] for name in names}
-    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _module, args, seen=seen: seen.append(args[0]))
-             for name, seen in inputs.items()]
-    try:
-        model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_with_input_hooks(model, batch, {name: seen.append for name, seen in inputs.items()})
     groups: list[list[str]] = []
     for name in names:
         first = inputs[groups[-1][0]] if groups else []
@@ -212,23 +206,31 @@ def _layer_inputs(model: nn.Module, name: str, batch: dict[str, Tensor], once: b
     the pass stops at the first call (the rest of it cannot change the layer's input)."""
     seen: list[Tensor] = []
 
-    def record(_module, args) -> None:
-        seen.append(args[0].detach())
+    def record(x: Tensor) -> None:
+        seen.append(x)
         if once:
-            raise _Reached
+            raise StopForward
 
-    hook = model.get_submodule(name).register_forward_pre_hook(record)
-    try:
-        model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
-    except _Reached:
-        pass
-    finally:
-        hook.remove()
+    run_with_input_hooks(model, batch, {name: record})
     return seen
 
 
-class _Reached(Exception):
-    """Ends a calibration forward pass once the layer being calibrated has seen its input."""
+def run_with_input_hooks(model: nn.Module, batch: dict[str, Tensor], record: dict[str, Callable[[Tensor], None]]) -> None:
+    """One forward pass of `model` on `batch` (its model inputs) in which `record[name](x)` sees the input x of the
+    module `name` at each of its calls; a recorder may raise `StopForward` to end the pass there."""
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _module, args, fn=fn: fn(args[0]))
+             for name, fn in record.items()]
+    try:
+        model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    except StopForward:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+class StopForward(Exception):
+    """Raised by a recorder of `run_with_input_hooks` to end the forward pass: the rest cannot change what it needs."""
 
 
 def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -241,5 +243,5 @@ def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
 def input_mask_key(name: str) -> str:
     """Which attention mask marks the real tokens of a Linear's input: the decoder stream's or the encoder's."""
     reads_encoder = name.endswith(("cross_attn.k_proj", "cross_attn.v_proj"))
-    on_decoder = name.startswith("decoder.") or name.startswith("heads.lm")
+    on_decoder = name.startswith(("decoder.", "heads.lm"))
     return "decoder_attention_mask" if on_decoder and not reads_encoder else "attention_mask"

@@ -15,9 +15,9 @@ import torch
 
 from compress.pipeline import count_params
 from model.config import check_int
+from model.transformer import MODEL_INPUTS
 
 Batch = Mapping[str, torch.Tensor]
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 
 
 def parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -163,7 +163,7 @@ def time_model(
         As `latency`.
     """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS}
+    inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     previous = getattr(model, "attention_backend", None)
     was_training = model.training

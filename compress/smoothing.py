@@ -10,13 +10,12 @@ batches (real tokens only); `Int8DynamicLinear` stores W * s and divides its inp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from compress.gptq import input_mask_key, real_tokens
-from model.transformer import MODEL_INPUTS
+from compress.gptq import input_mask_key, real_tokens, run_with_input_hooks
 
 Tensor = torch.Tensor
 
@@ -31,24 +30,21 @@ def smoothing_factors(
     """
     names = list(names)
     absmax = {name: None for name in names}
-    hooks = []
-    for name in names:
 
-        def record(_module, args, name=name) -> None:
-            mask = batch.get(input_mask_key(name))  # `batch`: the one the loop below is running
-            seen = real_tokens(args[0].detach(), mask).abs().amax(0).float()
+    def recorder(name: str, mask: Tensor | None) -> Callable[[Tensor], None]:
+        def record(x: Tensor) -> None:
+            seen = real_tokens(x.detach(), mask).abs().amax(0).float()
             absmax[name] = seen if absmax[name] is None else torch.maximum(absmax[name], seen)
 
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
+        return record
+
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+            run_with_input_hooks(model, batch, {name: recorder(name, batch.get(input_mask_key(name))) for name in names})
     finally:
         model.train(was_training)
-        for hook in hooks:
-            hook.remove()
     factors = {}
     for name in names:
         weight_max = model.get_submodule(name).weight.detach().abs().amax(0).float()
