@@ -9,7 +9,7 @@ DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 60
 DEMO_DISTILL_STEPS ?= 150
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow lint install clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e ".[hf,dev]"
 	touch $@
 
-test: install
-	$(PY) -m pytest
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The suite CI runs: lint, then every test not marked `slow` (within 30 minutes on 2 cores, set-up included).
+test: lint
+	$(PY) -m pytest -m "not slow"
+
+# The long tests (real-data fine-tuning, the notebooks at full size, multi-process training).
+test-slow: install
+	$(PY) -m pytest -m slow
 
 # The main job: pretrain the full-size model, compress it with the default Flash-Lite recipe,
 # export and verify ONNX, and print the stage table with the report's paths.

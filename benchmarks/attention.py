@@ -31,8 +31,8 @@ import triton.testing  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from model.attention import attend, reference_attention  # noqa: E402
-from model.attention_lsh import default_buckets, lsh_attention  # noqa: E402
 from model.config import Config  # noqa: E402
+from model.kernels.lsh import default_buckets, lsh_attention  # noqa: E402
 
 # SDPA backends in the order tried: FlashAttention-2 is the one the targets compare against;
 # shapes it refuses (an attention mask) fall through to the next.
@@ -161,8 +161,10 @@ def accuracy_row(shape: Shape, dtype: torch.dtype, device: str) -> dict:
 
     exact, exact_grads = with_grads(exact_fn)
     flash, flash_grads = with_grads(lambda a, b, c: attend(a, b, c, backend="flash", **opts))
-    row = {"flash max err": errors(flash, exact)[1],
-           "flash grad max err": max(errors(g, e)[1] for g, e in zip(flash_grads, exact_grads))}
+    row = {
+        "flash max err": errors(flash, exact)[1],
+        "flash grad max err": max(errors(g, e)[1] for g, e in zip(flash_grads, exact_grads)),
+    }
     with torch.no_grad():
         row["int8 cos"], row["int8 max err"] = errors(attend(q, k, v, backend="flash-int8", **opts), exact)
         # The small CPU shapes would get 1 bucket by default, which is exact: hash them into 4.
@@ -180,8 +182,13 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def shape_cells(s: Shape) -> list[str]:
     t = f"{s.tq}" if s.tq == s.tk else f"{s.tq}x{s.tk}"
-    return [s.label, f"{s.batch}x{t}", f"{s.heads}x{s.head_dim}", "causal" if s.causal else "full",
-            "padded" if s.padded else "-"]
+    return [
+        s.label,
+        f"{s.batch}x{t}",
+        f"{s.heads}x{s.head_dim}",
+        "causal" if s.causal else "full",
+        "padded" if s.padded else "-",
+    ]
 
 
 SHAPE_HEADER = ["shapes", "batch x seq", "heads x dim", "attention", "key mask"]
@@ -219,73 +226,141 @@ def speed_tables(shapes: list[Shape], rows: list[dict]) -> str:
     forward, training = [], []
     for s, r in zip(shapes, rows):
         get = lambda key: r.get(key, "n/a")  # noqa: E731
-        forward.append(shape_cells(s) + [
-            get("sdpa"), fmt(get("sdpa fwd"), ".3f"), fmt(tflops(s, get("sdpa fwd")), ".1f"),
-            fmt(get("flash fwd"), ".3f"), fmt(tflops(s, get("flash fwd")), ".1f"),
-            fmt(ratio(get("sdpa fwd"), get("flash fwd")), ".2f"),
-            fmt(get("flash-int8 fwd"), ".3f"), fmt(ratio(get("flash fwd"), get("flash-int8 fwd")), ".2f"),
-            fmt(get("flash-lsh fwd"), ".3f"), fmt(ratio(get("flash fwd"), get("flash-lsh fwd")), ".2f"),
-        ])
-        training.append(shape_cells(s) + [
-            fmt(get("sdpa fwd+bwd"), ".3f"), fmt(tflops(s, get("sdpa fwd+bwd"), True), ".1f"),
-            fmt(get("flash fwd+bwd"), ".3f"), fmt(tflops(s, get("flash fwd+bwd"), True), ".1f"),
-            fmt(ratio(get("sdpa fwd+bwd"), get("flash fwd+bwd")), ".2f"),
-        ])
-    return "\n\n".join([
-        "Forward (ms; TFLOP/s count dense attention FLOPs; 'x' columns: speed-up over SDPA / over flash)",
-        table(SHAPE_HEADER + ["SDPA backend", "SDPA ms", "SDPA TFLOP/s", "flash ms", "flash TFLOP/s", "flash x SDPA",
-                              "int8 ms", "int8 x flash", "lsh ms", "lsh x flash"], forward),
-        "Forward + backward (ms, TFLOP/s with backward = 2.5x forward FLOPs)",
-        table(SHAPE_HEADER + ["SDPA ms", "SDPA TFLOP/s", "flash ms", "flash TFLOP/s", "flash x SDPA"], training),
-    ])
+        forward.append(
+            shape_cells(s)
+            + [
+                get("sdpa"),
+                fmt(get("sdpa fwd"), ".3f"),
+                fmt(tflops(s, get("sdpa fwd")), ".1f"),
+                fmt(get("flash fwd"), ".3f"),
+                fmt(tflops(s, get("flash fwd")), ".1f"),
+                fmt(ratio(get("sdpa fwd"), get("flash fwd")), ".2f"),
+                fmt(get("flash-int8 fwd"), ".3f"),
+                fmt(ratio(get("flash fwd"), get("flash-int8 fwd")), ".2f"),
+                fmt(get("flash-lsh fwd"), ".3f"),
+                fmt(ratio(get("flash fwd"), get("flash-lsh fwd")), ".2f"),
+            ]
+        )
+        training.append(
+            shape_cells(s)
+            + [
+                fmt(get("sdpa fwd+bwd"), ".3f"),
+                fmt(tflops(s, get("sdpa fwd+bwd"), True), ".1f"),
+                fmt(get("flash fwd+bwd"), ".3f"),
+                fmt(tflops(s, get("flash fwd+bwd"), True), ".1f"),
+                fmt(ratio(get("sdpa fwd+bwd"), get("flash fwd+bwd")), ".2f"),
+            ]
+        )
+    return "\n\n".join(
+        [
+            "Forward (ms; TFLOP/s count dense attention FLOPs; 'x' columns: speed-up over SDPA / over flash)",
+            table(
+                SHAPE_HEADER
+                + [
+                    "SDPA backend",
+                    "SDPA ms",
+                    "SDPA TFLOP/s",
+                    "flash ms",
+                    "flash TFLOP/s",
+                    "flash x SDPA",
+                    "int8 ms",
+                    "int8 x flash",
+                    "lsh ms",
+                    "lsh x flash",
+                ],
+                forward,
+            ),
+            "Forward + backward (ms, TFLOP/s with backward = 2.5x forward FLOPs)",
+            table(SHAPE_HEADER + ["SDPA ms", "SDPA TFLOP/s", "flash ms", "flash TFLOP/s", "flash x SDPA"], training),
+        ]
+    )
 
 
 def accuracy_table(shapes: list[Shape], rows: list[dict], exact: str) -> str:
     body = []
     for s, r in zip(shapes, rows):
         get = lambda key: r.get(key, "n/a")  # noqa: E731
-        body.append(shape_cells(s) + [
-            fmt(get("flash max err"), ".1e"), fmt(get("flash grad max err"), ".1e"), fmt(get("int8 cos"), ".5f"),
-            fmt(get("int8 max err"), ".1e"), str(get("lsh buckets")), fmt(get("lsh cos"), ".4f"),
-            fmt(get("lsh max err"), ".1e"), fmt(get("lsh 1-bucket max err"), ".1e"),
-        ])
+        body.append(
+            shape_cells(s)
+            + [
+                fmt(get("flash max err"), ".1e"),
+                fmt(get("flash grad max err"), ".1e"),
+                fmt(get("int8 cos"), ".5f"),
+                fmt(get("int8 max err"), ".1e"),
+                str(get("lsh buckets")),
+                fmt(get("lsh cos"), ".4f"),
+                fmt(get("lsh max err"), ".1e"),
+                fmt(get("lsh 1-bucket max err"), ".1e"),
+            ]
+        )
     return f"Accuracy against {exact} (unit Gaussian inputs)\n\n" + table(
-        SHAPE_HEADER + ["flash max err", "flash grad max err", "int8 cos", "int8 max err", "lsh buckets", "lsh cos",
-                        "lsh max err", "lsh 1 bucket max err"], body)
+        SHAPE_HEADER
+        + [
+            "flash max err",
+            "flash grad max err",
+            "int8 cos",
+            "int8 max err",
+            "lsh buckets",
+            "lsh cos",
+            "lsh max err",
+            "lsh 1 bucket max err",
+        ],
+        body,
+    )
 
 
 def targets(shapes: list[Shape], rows: list[dict]) -> list[str]:
     """The issue's speed targets, judged on the rows that were measured."""
+
     def check(name, goal, pairs):
         pairs = [(s, x) for s, x in pairs if isinstance(x, float)]
         if not pairs:
             return f"- {name}: not measured"
         s, worst = min(pairs, key=lambda p: p[1])
-        return f"- {name}: {'met' if worst >= goal else 'missed'} (worst {worst:.2f}x, at {s.batch}x{s.tq}, " \
-               f"{s.heads}x{s.head_dim}, {'causal' if s.causal else 'full'})"
+        return (
+            f"- {name}: {'met' if worst >= goal else 'missed'} (worst {worst:.2f}x, at {s.batch}x{s.tq}, "
+            f"{s.heads}x{s.head_dim}, {'causal' if s.causal else 'full'})"
+        )
 
     paper = [(s, r) for s, r in zip(shapes, rows) if s.label == "FA paper"]
     return [
-        check("flash forward >= 1.0x SDPA on its FlashAttention-2 path at seq >= 1k", 1.0,
-              [(s, ratio(r.get("sdpa fwd"), r.get("flash fwd"))) for s, r in paper
-               if s.tq >= 1024 and r.get("sdpa") == "flash_attention"]),
-        check("flash-int8 forward >= 1.5x flash forward", 1.5,
-              [(s, ratio(r.get("flash fwd"), r.get("flash-int8 fwd"))) for s, r in paper]),
-        check("flash-lsh forward faster than flash at seq >= 8k", 1.0,
-              [(s, ratio(r.get("flash fwd"), r.get("flash-lsh fwd"))) for s, r in paper if s.tq >= 8192]),
+        check(
+            "flash forward >= 1.0x SDPA on its FlashAttention-2 path at seq >= 1k",
+            1.0,
+            [
+                (s, ratio(r.get("sdpa fwd"), r.get("flash fwd")))
+                for s, r in paper
+                if s.tq >= 1024 and r.get("sdpa") == "flash_attention"
+            ],
+        ),
+        check(
+            "flash-int8 forward >= 1.5x flash forward",
+            1.5,
+            [(s, ratio(r.get("flash fwd"), r.get("flash-int8 fwd"))) for s, r in paper],
+        ),
+        check(
+            "flash-lsh forward faster than flash at seq >= 8k",
+            1.0,
+            [(s, ratio(r.get("flash fwd"), r.get("flash-lsh fwd"))) for s, r in paper if s.tq >= 8192],
+        ),
     ]
 
 
 def machine() -> list[str]:
-    lines = [f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-             f"- command: python {' '.join(sys.argv)}",
-             f"- torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}"]
+    lines = [
+        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"- command: python {' '.join(sys.argv)}",
+        f"- torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}",
+    ]
     if ON_GPU:
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, "
-                     f"cuDNN {torch.backends.cudnn.version()}")
+        lines.append(
+            f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        )
     else:
-        lines.append(f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; no CUDA device, "
-                     "so correctness only, in Triton's CPU interpreter (TRITON_INTERPRET=1); no timings")
+        lines.append(
+            f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; no CUDA device, "
+            "so correctness only, in Triton's CPU interpreter (TRITON_INTERPRET=1); no timings"
+        )
     return lines
 
 

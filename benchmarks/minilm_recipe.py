@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from compress import Distill, Pipeline, Prune, Quantize, Share
 from compress.evaluate import glue
 from model import from_hf
-from model.tokenizer import encode
+from model.data.tokenizer import encode
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
@@ -36,7 +36,7 @@ def embed(model, tokenizer, texts: list[str], max_len: int, batch_size: int = 12
     model.eval()
     out = []
     for i in range(0, len(texts), batch_size):
-        batch = encode(tokenizer, texts[i: i + batch_size], max_len=max_len)
+        batch = encode(tokenizer, texts[i : i + batch_size], max_len=max_len)
         hidden = model(**batch).hidden_states  # (B, T, dim)
         mask = batch["attention_mask"][..., None].to(hidden.dtype)
         out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
@@ -67,21 +67,35 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4800, help="distillation steps")
-    parser.add_argument("--text", choices=["glue", "sst2"], default="glue",
-                        help="distillation text: SST-2 + MRPC + CoLA train sentences, or SST-2 train sentences only")
+    parser.add_argument(
+        "--text",
+        choices=["glue", "sst2"],
+        default="glue",
+        help="distillation text: SST-2 + MRPC + CoLA train sentences, or SST-2 train sentences only",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--embed-dim", type=int, default=96)
-    parser.add_argument("--embed-full-rows", type=int, default=2000,
-                        help="Share: vocabulary rows kept exact by a full-width correction (adaptive input embeddings)")
+    parser.add_argument(
+        "--embed-full-rows",
+        type=int,
+        default=2000,
+        help="Share: vocabulary rows kept exact by a full-width correction (adaptive input embeddings)",
+    )
     parser.add_argument("--heads", type=float, default=0.0)
     parser.add_argument("--ffn", type=float, default=0.49)
     parser.add_argument("--layers-per-group", type=int, default=1)
-    parser.add_argument("--sst2-sentences", type=int, default=67349, help="SST-2 train sentences in the glue mix (67,349: all)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="prune and distill in this many rounds (gradual pruning): each round removes the same "
-                             "fraction of the heads and FFN channels left, then distills steps/rounds steps")
+    parser.add_argument(
+        "--sst2-sentences", type=int, default=67349, help="SST-2 train sentences in the glue mix (67,349: all)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="prune and distill in this many rounds (gradual pruning): each round removes the same "
+        "fraction of the heads and FFN channels left, then distills steps/rounds steps",
+    )
     parser.add_argument("--pooled", type=float, default=1.0, help="Distill's sentence-embedding (pooled cosine) weight")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -99,23 +113,40 @@ def main() -> None:
     if args.text == "glue":
         random.Random(args.seed).shuffle(texts)
         mrpc_train = glue.load("mrpc", "train", DATA)
-        texts = (texts[: args.sst2_sentences] + [r["sentence1"] for r in mrpc_train] + [r["sentence2"] for r in mrpc_train]
-                 + [row["sentence"] for row in glue.load("cola", "train", DATA)])
+        texts = (
+            texts[: args.sst2_sentences]
+            + [r["sentence1"] for r in mrpc_train]
+            + [r["sentence2"] for r in mrpc_train]
+            + [row["sentence"] for row in glue.load("cola", "train", DATA)]
+        )
         source = f"{args.sst2_sentences:,} SST-2 + all MRPC and CoLA train sentences"
     sst2_dev = [row["sentence"] for row in glue.load("sst2", "dev", DATA)]
     mrpc_dev = glue.load("mrpc", "dev", DATA)
     random.Random(args.seed).shuffle(texts)
-    batches = [encode(tokenizer, texts[i: i + args.batch_size], max_len=args.max_len)
-               for i in range(0, len(texts) - args.batch_size + 1, args.batch_size)]
+    batches = [
+        encode(tokenizer, texts[i : i + args.batch_size], max_len=args.max_len)
+        for i in range(0, len(texts) - args.batch_size + 1, args.batch_size)
+    ]
     left, right = [r["sentence1"] for r in mrpc_dev], [r["sentence2"] for r in mrpc_dev]
-    teacher_pairs = (embed(teacher, tokenizer, left, args.max_len) * embed(teacher, tokenizer, right, args.max_len)).sum(-1).numpy()
-    views = {"sst2": sst2_dev, "pairs": (left, right), "teacher_sst2": embed(teacher, tokenizer, sst2_dev, args.max_len),
-             "teacher_pairs": teacher_pairs}
+    teacher_pairs = (
+        (embed(teacher, tokenizer, left, args.max_len) * embed(teacher, tokenizer, right, args.max_len)).sum(-1).numpy()
+    )
+    views = {
+        "sst2": sst2_dev,
+        "pairs": (left, right),
+        "teacher_sst2": embed(teacher, tokenizer, sst2_dev, args.max_len),
+        "teacher_pairs": teacher_pairs,
+    }
 
     passes = []
     if args.layers_per_group > 1 or args.embed_dim:
-        passes.append(Share(layers_per_group=args.layers_per_group, embed_dim=args.embed_dim or None,
-                            embed_full_rows=args.embed_full_rows if args.embed_dim else 0))
+        passes.append(
+            Share(
+                layers_per_group=args.layers_per_group,
+                embed_dim=args.embed_dim or None,
+                embed_full_rows=args.embed_full_rows if args.embed_dim else 0,
+            )
+        )
     per_round = lambda total: 1 - (1 - total) ** (1 / args.rounds)  # noqa: E731  (rounds compound to the total)
     steps = args.steps // args.rounds
     for _ in range(args.rounds):
@@ -128,24 +159,50 @@ def main() -> None:
     pipeline.run(teacher, data=batches, evaluate=fidelity(views, tokenizer, args.max_len), seed=args.seed)
 
     first = pipeline.stages[0]
-    print(f"\nall-MiniLM-L6-v2 -> Flash-Lite; distilled on {len(batches)} batches of {args.batch_size} x <= {args.max_len} "
-          f"tokens from {source}; {args.steps} steps")
-    print("| stage | settings | params | unique params | bytes (safetensors) | x smaller | SST-2 dev cosine | MRPC pair-sim Spearman | seconds |")
+    print(
+        f"\nall-MiniLM-L6-v2 -> Flash-Lite; distilled on {len(batches)} batches of {args.batch_size} x <= {args.max_len} "
+        f"tokens from {source}; {args.steps} steps"
+    )
+    print(
+        "| stage | settings | params | unique params | bytes (safetensors) | x smaller | SST-2 dev cosine | MRPC pair-sim Spearman | seconds |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for stage in pipeline.stages:
-        settings = ", ".join(f"{k}={v}" for k, v in stage.settings.items() if k in
-                             ("layers_per_group", "embed_dim", "embed_fit", "embed_full_rows", "heads", "ffn", "importance", "steps", "lr", "pooled", "mode"))
-        print(f"| {stage.name} | {settings} | {stage.params:,} | {stage.unique_params:,} | {stage.size_bytes:,} | "
-              f"{first.size_bytes / stage.size_bytes:.2f} | {stage.metrics['sst2_cosine']:.4f} | "
-              f"{stage.metrics['mrpc_spearman']:.4f} | {stage.seconds:.0f} |")
+        settings = ", ".join(
+            f"{k}={v}"
+            for k, v in stage.settings.items()
+            if k
+            in (
+                "layers_per_group",
+                "embed_dim",
+                "embed_fit",
+                "embed_full_rows",
+                "heads",
+                "ffn",
+                "importance",
+                "steps",
+                "lr",
+                "pooled",
+                "mode",
+            )
+        )
+        print(
+            f"| {stage.name} | {settings} | {stage.params:,} | {stage.unique_params:,} | {stage.size_bytes:,} | "
+            f"{first.size_bytes / stage.size_bytes:.2f} | {stage.metrics['sst2_cosine']:.4f} | "
+            f"{stage.metrics['mrpc_spearman']:.4f} | {stage.seconds:.0f} |"
+        )
     last = pipeline.stages[-1]
-    print(f"\nparameters: {1 - last.unique_params / first.unique_params:.1%} fewer (target >= 50%); "
-          f"bytes: {first.size_bytes / last.size_bytes:.2f}x fewer (target >= 6x); "
-          f"SST-2 cosine {last.metrics['sst2_cosine']:.4f} (target >= 0.95); "
-          f"MRPC Spearman {last.metrics['mrpc_spearman']:.4f} (target >= 0.95)")
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
-          f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; "
-          f"wall time {time.perf_counter() - began:.0f} s")
+    print(
+        f"\nparameters: {1 - last.unique_params / first.unique_params:.1%} fewer (target >= 50%); "
+        f"bytes: {first.size_bytes / last.size_bytes:.2f}x fewer (target >= 6x); "
+        f"SST-2 cosine {last.metrics['sst2_cosine']:.4f} (target >= 0.95); "
+        f"MRPC Spearman {last.metrics['mrpc_spearman']:.4f} (target >= 0.95)"
+    )
+    print(
+        f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+        f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; "
+        f"wall time {time.perf_counter() - began:.0f} s"
+    )
 
 
 if __name__ == "__main__":

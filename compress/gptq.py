@@ -38,7 +38,12 @@ RANGE_SHRINKS = torch.linspace(1.0, 0.75, 26).tolist()  # int4 ranges searched, 
 
 
 def round_int8(
-    w: Tensor, hessian: Tensor, group_size: int | None = None, *, cross: Tensor | None = None, damp: float = 0.01,
+    w: Tensor,
+    hessian: Tensor,
+    group_size: int | None = None,
+    *,
+    cross: Tensor | None = None,
+    damp: float = 0.01,
     act_order: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """GPTQ rounding of w (out, in) to `quantize_int8`'s format: (q (out, in) int8, scale (out,) or (out, in/g)).
@@ -55,8 +60,14 @@ def round_int8(
 
 
 def round_int4(
-    w: Tensor, hessian: Tensor, group_size: int, *, symmetric: bool = False, cross: Tensor | None = None,
-    damp: float = 0.01, act_order: bool = True,
+    w: Tensor,
+    hessian: Tensor,
+    group_size: int,
+    *,
+    symmetric: bool = False,
+    cross: Tensor | None = None,
+    damp: float = 0.01,
+    act_order: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ rounding of w (out, in) to `quantize_int4`'s format: (packed (out, in/2) uint8, scale, zero (out, in/g));
     hessian and cross as in `round_int8`."""
@@ -82,13 +93,24 @@ def _searched_int4_grid(block: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]
             best_error, scale, zero = error, s, z
         else:
             better = error < best_error
-            best_error, scale, zero = torch.where(better, error, best_error), torch.where(better, s, scale), torch.where(better, z, zero)
+            best_error, scale, zero = (
+                torch.where(better, error, best_error),
+                torch.where(better, s, scale),
+                torch.where(better, z, zero),
+            )
     return scale, zero
 
 
 def _gptq(
-    w: Tensor, hessian: Tensor, cross: Tensor | None, group_size: int | None,
-    grid: Callable[[Tensor], tuple[Tensor, Tensor]], low: int, high: int, damp: float, act_order: bool,
+    w: Tensor,
+    hessian: Tensor,
+    cross: Tensor | None,
+    group_size: int | None,
+    grid: Callable[[Tensor], tuple[Tensor, Tensor]],
+    low: int,
+    high: int,
+    damp: float,
+    act_order: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The GPTQ loop: integers q (out, in) in [low, high], scale and zero (out, groups); w ~ (q - zero) * scale
     (with `cross`, the target w + w (cross - H) (H + d I)^-1 ~ (q - zero) * scale).
@@ -101,7 +123,9 @@ def _gptq(
     rows, cols = w.shape
     for what, matrix in (("the Hessian", hessian), ("the cross term", cross)):
         if matrix is not None and tuple(matrix.shape) != (cols, cols):
-            raise ValueError(f"{what} must be ({cols}, {cols}) for a weight with {cols} inputs; got {tuple(matrix.shape)}")
+            raise ValueError(
+                f"{what} must be ({cols}, {cols}) for a weight with {cols} inputs; got {tuple(matrix.shape)}"
+            )
     group = group_size or cols
     if cols % group:
         raise ValueError(f"in_features {cols} is not divisible by group_size {group}")
@@ -121,7 +145,7 @@ def _gptq(
 
     if act_order:
         for g in range(cols // group):
-            set_grid(g, w[:, g * group: (g + 1) * group])
+            set_grid(g, w[:, g * group : (g + 1) * group])
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
     else:
         order = torch.arange(cols)
@@ -137,7 +161,7 @@ def _gptq(
         for col in range(start, end):
             g = group_of[col]
             if not act_order and col % group == 0:
-                set_grid(g, w[:, col: col + group])
+                set_grid(g, w[:, col : col + group])
             s, z = scales[:, g], zeros[:, g]
             q[:, col] = torch.clamp(torch.round(w[:, col] / s) + z, low, high)
             error = (w[:, col] - (q[:, col] - z) * s) / spread[col, col]
@@ -150,8 +174,12 @@ def _gptq(
 
 @torch.no_grad()
 def round_sequentially(
-    model: nn.Module, names: Iterable[str], batches: list[dict[str, Tensor]],
-    round_layer: Callable[[str, Tensor, Tensor | None], Tensor], *, reference: nn.Module | None = None,
+    model: nn.Module,
+    names: Iterable[str],
+    batches: list[dict[str, Tensor]],
+    round_layer: Callable[[str, Tensor, Tensor | None], Tensor],
+    *,
+    reference: nn.Module | None = None,
 ) -> None:
     """Round the Linears `names` of `model` in order, each from the inputs the layers before it, already rounded, give it.
 
@@ -215,11 +243,15 @@ def _layer_inputs(model: nn.Module, name: str, batch: dict[str, Tensor], once: b
     return seen
 
 
-def run_with_input_hooks(model: nn.Module, batch: dict[str, Tensor], record: dict[str, Callable[[Tensor], None]]) -> None:
+def run_with_input_hooks(
+    model: nn.Module, batch: dict[str, Tensor], record: dict[str, Callable[[Tensor], None]]
+) -> None:
     """One forward pass of `model` on `batch` (its model inputs) in which `record[name](x)` sees the input x of the
     module `name` at each of its calls; a recorder may raise `StopForward` to end the pass there."""
-    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _module, args, fn=fn: fn(args[0]))
-             for name, fn in record.items()]
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(lambda _module, args, fn=fn: fn(args[0]))
+        for name, fn in record.items()
+    ]
     try:
         model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
     except StopForward:

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from compress.evaluate import glue
-from compress.measure import time_model
+from compress.evaluate.measure import time_model
 from compress.pipeline import Pipeline
 from compress.recipe import DataSpec, Recipe
 from compress.report import write_report
-from model.corpus import load_corpus
-from model.distributed import is_main
-from model.tokenizer import encode
+from model.data.corpus import load_corpus
+from model.data.tokenizer import encode
+from model.training.distributed import is_main
 from model.transformer import Transformer
 
 Batch = dict[str, torch.Tensor]
@@ -42,25 +42,31 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise ValueError("the model has no tokenizer attached (model.tokenizer); import or pretrain it with flashlite first")
+        raise ValueError(
+            "the model has no tokenizer attached (model.tokenizer); import or pretrain it with flashlite first"
+        )
     if spec.task is not None:
         if spec.glue_dir is None:
             raise ValueError(f"data.task={spec.task!r} needs data.glue_dir, the folder with GLUE's task folders")
         rows = glue.load(spec.task, "train", spec.glue_dir)[: spec.limit]
         held = glue.load(spec.task, "dev", spec.glue_dir)[: 8 * spec.batch_size]
         options = dict(max_len=spec.max_len, batch_size=spec.batch_size)
-        return glue.batches(rows, tokenizer, spec.task, shuffle=True, seed=seed, **options), glue.batches(held, tokenizer, spec.task, **options)
+        return glue.batches(rows, tokenizer, spec.task, shuffle=True, seed=seed, **options), glue.batches(
+            held, tokenizer, spec.task, **options
+        )
     texts = load_corpus(spec.corpus)
     random.Random(seed).shuffle(texts)
     texts = texts[: spec.limit]
     n_held = min(8 * spec.batch_size, max(spec.batch_size, len(texts) // 10))
     if len(texts) < n_held + spec.batch_size:
-        raise ValueError(f"the corpus has {len(texts)} texts; need at least {n_held + spec.batch_size} for batch_size={spec.batch_size}")
+        raise ValueError(
+            f"the corpus has {len(texts)} texts; need at least {n_held + spec.batch_size} for batch_size={spec.batch_size}"
+        )
 
     def batched(items: list[str]) -> list[Batch]:
         out = []
         for i in range(0, len(items) - spec.batch_size + 1, spec.batch_size):
-            batch = encode(tokenizer, items[i: i + spec.batch_size], max_len=spec.max_len)
+            batch = encode(tokenizer, items[i : i + spec.batch_size], max_len=spec.max_len)
             if model.config.decoder:
                 batch["decoder_input_ids"] = batch["input_ids"]
                 batch["decoder_attention_mask"] = batch["attention_mask"]
@@ -94,7 +100,9 @@ class FidelityEvaluator:
         metrics = {"fidelity": torch.cat(cosines).mean().item()}
         spec = self.spec
         if spec.task is not None and "classify" in model.config.heads:
-            metrics.update(glue.evaluate(model, spec.task, "dev", spec.glue_dir, max_len=spec.max_len, limit=8 * spec.batch_size))
+            metrics.update(
+                glue.evaluate(model, spec.task, "dev", spec.glue_dir, max_len=spec.max_len, limit=8 * spec.batch_size)
+            )
         self.latencies_ms.append(time_model(model, self.held_out[0], warmup=3, repeat=20)["p50_ms"])
         return metrics
 
@@ -110,8 +118,15 @@ def run_job(
     train_batches, held_out = recipe_batches(recipe.data, teacher, seed=seed)
     pipeline = Pipeline(recipe.passes)
     evaluate = FidelityEvaluator(teacher, held_out, recipe.data)
-    lite = pipeline.run(teacher, data=train_batches, evaluate=evaluate, device=device, seed=seed, workdir=out / "work",
-                        parallel=parallel)
+    lite = pipeline.run(
+        teacher,
+        data=train_batches,
+        evaluate=evaluate,
+        device=device,
+        seed=seed,
+        workdir=out / "work",
+        parallel=parallel,
+    )
     result = JobResult(lite, pipeline)
     if not is_main():  # under torchrun the other ranks trained along; rank 0 writes the files
         return result
@@ -119,14 +134,16 @@ def run_job(
     metric = recipe.data.task and next(iter(glue.get_task(recipe.data.task).metrics))
     result.files = write_report(pipeline.stages, out, metric=metric or "fidelity", latencies=evaluate.latencies_ms)
     if recipe.export.onnx:
-        from model.export import export_onnx  # ONNX tooling is only needed when exporting
+        from model.onnx.export import export_onnx  # ONNX tooling is only needed when exporting
 
         result.onnx = export_onnx(lite, out / "onnx")
         result.files["onnx"] = out / "onnx"
         if recipe.export.quantize:
-            from model.ort_quantize import quantize_onnx
+            from model.onnx.ort_quantize import quantize_onnx
 
             calibration = held_out if recipe.export.quantize == "int8-static" else None
-            quantize_onnx(out / "onnx", out / f"onnx-{recipe.export.quantize}", recipe.export.quantize, calibration=calibration)
+            quantize_onnx(
+                out / "onnx", out / f"onnx-{recipe.export.quantize}", recipe.export.quantize, calibration=calibration
+            )
             result.files["onnx_quantized"] = out / f"onnx-{recipe.export.quantize}"
     return result

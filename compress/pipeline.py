@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
-from model.distributed import is_main
 from model.io import atomic_write_text, load, save
+from model.training.distributed import is_main
 from model.transformer import MODEL_INPUTS, Transformer
 
 Batch = dict[str, torch.Tensor]
@@ -149,7 +149,7 @@ class Pipeline:
                 raise TypeError(f"pass {i} ({p!r}) is not callable; a pass takes (model, ctx) and returns a model")
         quantized_at = next((i for i, p in enumerate(passes) if getattr(p, "quantizes", False)), None)
         if quantized_at is not None:
-            late = [pass_name(p) for p in passes[quantized_at + 1:] if getattr(p, "restructures", False)]
+            late = [pass_name(p) for p in passes[quantized_at + 1 :] if getattr(p, "restructures", False)]
             if late:
                 raise ValueError(
                     f"{late[0]} after {pass_name(passes[quantized_at])} is not allowed: "
@@ -183,8 +183,15 @@ class Pipeline:
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a model.Transformer, got {type(model).__name__}")
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        ctx = Context(data=data, teacher=teacher, evaluate=evaluate, device=device, seed=seed,
-                      workdir=Path(workdir) if workdir is not None else None, parallel=parallel)
+        ctx = Context(
+            data=data,
+            teacher=teacher,
+            evaluate=evaluate,
+            device=device,
+            seed=seed,
+            workdir=Path(workdir) if workdir is not None else None,
+            parallel=parallel,
+        )
         hungry = [pass_name(p) for p in self.passes if getattr(p, "needs_data", False)]
         if hungry and not ctx.batches(1):
             raise ValueError(f"{hungry[0]} needs data (batches of token ids) but data is empty or None")

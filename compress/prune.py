@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from compress.pipeline import Context
 from model.config import Config, LayerShape
-from model.objectives import LABEL_KEYS
+from model.losses import LABEL_KEYS
 from model.transformer import MODEL_INPUTS, Transformer
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -359,16 +359,39 @@ def _units(model: Transformer) -> list[_Unit]:
                 attn = getattr(block, attn_name)
                 if attn is not None:
                     expected = {(attn.q_proj, True), (attn.k_proj, True), (attn.v_proj, True), (attn.out_proj, False)}
-                    units.append(_Unit(f"{name}.blocks.{b}.{attn_name}", attn.q_proj, tp.prune_linear_out_channels,
-                                       shapes[b].head_dim, frozenset(expected), name, b))
+                    units.append(
+                        _Unit(
+                            f"{name}.blocks.{b}.{attn_name}",
+                            attn.q_proj,
+                            tp.prune_linear_out_channels,
+                            shapes[b].head_dim,
+                            frozenset(expected),
+                            name,
+                            b,
+                        )
+                    )
             expected = {(block.ffn.up, True), (block.ffn.down, False)}
-            units.append(_Unit(f"{name}.blocks.{b}.ffn", block.ffn.up, tp.prune_linear_out_channels,
-                               expected=frozenset(expected), stack=name, block=b))
+            units.append(
+                _Unit(
+                    f"{name}.blocks.{b}.ffn",
+                    block.ffn.up,
+                    tp.prune_linear_out_channels,
+                    expected=frozenset(expected),
+                    stack=name,
+                    block=b,
+                )
+            )
     units.append(_Unit("embeddings", model.embeddings.norm, tp.prune_layernorm_out_channels))
     if model.pooler is not None:
         readers = {(model.heads[h], False) for h in ("pair", "classify") if h in model.heads}
-        units.append(_Unit("pooler", model.pooler.dense, tp.prune_linear_out_channels,
-                           expected=frozenset({(model.pooler.dense, True), *readers})))
+        units.append(
+            _Unit(
+                "pooler",
+                model.pooler.dense,
+                tp.prune_linear_out_channels,
+                expected=frozenset({(model.pooler.dense, True), *readers}),
+            )
+        )
     return units
 
 
@@ -518,7 +541,7 @@ def _renumber(state: dict[str, torch.Tensor], prefix: str, new_index: dict[int, 
         if not key.startswith(prefix):
             out[key] = value
             continue
-        block, rest = key[len(prefix):].split(".", 1)
+        block, rest = key[len(prefix) :].split(".", 1)
         if int(block) in new_index:
             out[f"{prefix}{new_index[int(block)]}.{rest}"] = value
     return out

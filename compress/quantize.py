@@ -85,7 +85,9 @@ class Quantize:
     temperature: float = 2.0
     lr: float = 1e-5
     rounding: str = "nearest"
-    calibration_batches: int = 64  # GPTQ on MiniLM, int4 g128: 14.5 dB output SQNR from 16 batches of 16 sentences, 15.7 from 64
+    calibration_batches: int = (
+        64  # GPTQ on MiniLM, int4 g128: 14.5 dB output SQNR from 16 batches of 16 sentences, 15.7 from 64
+    )
     smoothing: float | None = None
 
     quantizes: ClassVar[bool] = True  # the Pipeline refuses Share/Prune after it
@@ -94,7 +96,9 @@ class Quantize:
         if self.mode not in MODES:
             raise ValueError(f"Quantize mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.group_size is not None and (type(self.group_size) is not int or self.group_size not in GROUP_SIZES):
-            raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES} (or None: per channel, int8 only); got {self.group_size!r}")
+            raise ValueError(
+                f"Quantize group_size must be one of {GROUP_SIZES} (or None: per channel, int8 only); got {self.group_size!r}"
+            )
         if self.mode == "int4" and self.group_size is None:
             raise ValueError(f"Quantize group_size must be one of {GROUP_SIZES} for mode int4; got None")
         for name in ("embeddings", "symmetric"):
@@ -105,8 +109,14 @@ class Quantize:
         if self.mode == "qat-int8" and self.steps < 1:
             raise ValueError(f"Quantize steps must be >= 1 for mode qat-int8 (distillation steps), got {self.steps}")
         if self.mode != "qat-int8" and self.steps:
-            raise ValueError(f"Quantize steps={self.steps} applies only to mode qat-int8, not {self.mode!r}; leave it 0")
-        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(
+                f"Quantize steps={self.steps} applies only to mode qat-int8, not {self.mode!r}; leave it 0"
+            )
+        if (
+            isinstance(self.skip, str)
+            or not isinstance(self.skip, (list, tuple))
+            or not all(isinstance(p, str) for p in self.skip)
+        ):
             raise TypeError(f"Quantize skip must be a list of module-name prefixes, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
         for name in ("temperature", "lr"):
@@ -116,14 +126,28 @@ class Quantize:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"Quantize rounding must be one of {', '.join(ROUNDINGS)}; got {self.rounding!r}")
         if self.rounding != "nearest" and self.mode == "qat-int8":
-            raise ValueError(f"Quantize rounding={self.rounding!r} applies to int8, int8-dynamic and int4; qat-int8 learns its own rounding")
-        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise ValueError(
+                f"Quantize rounding={self.rounding!r} applies to int8, int8-dynamic and int4; qat-int8 learns its own rounding"
+            )
+        if (
+            isinstance(self.calibration_batches, bool)
+            or not isinstance(self.calibration_batches, int)
+            or self.calibration_batches < 1
+        ):
             raise ValueError(f"Quantize calibration_batches must be an int >= 1, got {self.calibration_batches!r}")
         if self.smoothing is not None:
-            if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float)) or not 0 < self.smoothing <= 1:
-                raise ValueError(f"Quantize smoothing must be None or a number in (0, 1] (SmoothQuant's alpha), got {self.smoothing!r}")
+            if (
+                isinstance(self.smoothing, bool)
+                or not isinstance(self.smoothing, (int, float))
+                or not 0 < self.smoothing <= 1
+            ):
+                raise ValueError(
+                    f"Quantize smoothing must be None or a number in (0, 1] (SmoothQuant's alpha), got {self.smoothing!r}"
+                )
             if self.mode != "int8-dynamic":
-                raise ValueError(f"Quantize smoothing applies to mode int8-dynamic (quantized activations), not {self.mode!r}")
+                raise ValueError(
+                    f"Quantize smoothing applies to mode int8-dynamic (quantized activations), not {self.mode!r}"
+                )
 
     @property
     def needs_data(self) -> bool:
@@ -139,8 +163,10 @@ class Quantize:
             model = self._train_fake_quantized(model, list(targets), ctx)
         smooth = self._smoothing_factors(model, targets, ctx) if self.smoothing is not None else {}
         rounded = self._gptq_twins(model, targets, ctx, smooth) if self.rounding != "nearest" else {}
-        twins = {name: rounded.get(name) or self._twin(name, model.get_submodule(name), smooth=smooth.get(name))
-                 for name in targets}
+        twins = {
+            name: rounded.get(name) or self._twin(name, model.get_submodule(name), smooth=smooth.get(name))
+            for name in targets
+        }
         result = _rebuild(model, twins)
         _log_sqnr(model, result, ctx)
         return result
@@ -163,11 +189,18 @@ class Quantize:
             else:
                 targets[name] = module
         for reason, names in left.items():
-            warnings.warn(f"Quantize({self.mode!r}) leaves {len(names)} layers in float, {reason}: {', '.join(names)}", stacklevel=3)
+            warnings.warn(
+                f"Quantize({self.mode!r}) leaves {len(names)} layers in float, {reason}: {', '.join(names)}",
+                stacklevel=3,
+            )
         return targets
 
     def _twin(
-        self, name: str, module: nn.Module, hessian: Tensor | None = None, smooth: Tensor | None = None,
+        self,
+        name: str,
+        module: nn.Module,
+        hessian: Tensor | None = None,
+        smooth: Tensor | None = None,
         cross: Tensor | None = None,
     ) -> tuple[QuantizedLayer, nn.Module]:
         """The layer's record and integer twin; with `hessian` (its inputs' x x^T sum) a Linear is GPTQ-rounded,
@@ -177,8 +210,11 @@ class Quantize:
             group = self._int8_group(module)
             return QuantizedLayer(name, "int8", 8, group), Int8Embedding.from_float(module, group)
         if self.mode == "int4":
-            codes = None if hessian is None else round_int4(module.weight, hessian, self.group_size, symmetric=self.symmetric,
-                                                            cross=cross)
+            codes = (
+                None
+                if hessian is None
+                else round_int4(module.weight, hessian, self.group_size, symmetric=self.symmetric, cross=cross)
+            )
             twin = Int4Linear.from_float(module, self.group_size, self.symmetric, codes=codes)
             return QuantizedLayer(name, "int4", 4, self.group_size), twin
         group = self._int8_group(module)
@@ -195,15 +231,21 @@ class Quantize:
     def _calibration(self, ctx: Context | None, setting: str) -> list:
         batches = ctx.batches(self.calibration_batches) if ctx is not None else []
         if not batches:
-            raise ValueError(f"Quantize({setting}) needs calibration data: pass data to the Pipeline (or a Context with data)")
+            raise ValueError(
+                f"Quantize({setting}) needs calibration data: pass data to the Pipeline (or a Context with data)"
+            )
         return batches
 
-    def _smoothing_factors(self, model: Transformer, targets: dict[str, nn.Module], ctx: Context | None) -> dict[str, Tensor]:
+    def _smoothing_factors(
+        self, model: Transformer, targets: dict[str, nn.Module], ctx: Context | None
+    ) -> dict[str, Tensor]:
         linears = [name for name, module in targets.items() if isinstance(module, nn.Linear)]
         return smoothing_factors(model, linears, self._calibration(ctx, f"smoothing={self.smoothing}"), self.smoothing)
 
     @torch.no_grad()
-    def _gptq_twins(self, model: Transformer, targets: dict[str, nn.Module], ctx: Context | None, smooth: dict[str, Tensor]) -> dict:
+    def _gptq_twins(
+        self, model: Transformer, targets: dict[str, nn.Module], ctx: Context | None, smooth: dict[str, Tensor]
+    ) -> dict:
         """Twins of the targets, the Linears GPTQ-rounded in forward order on a working copy fed with calibration
         batches, its tables already rounded (and, for "gptaq", beside a float copy that gives the float inputs)."""
         batches = self._calibration(ctx, f"rounding={self.rounding!r}")
@@ -279,7 +321,11 @@ def cluster_layers(model: Transformer, bits: int, *, layers: Iterable[str] | Non
         if name in done or not isinstance(module, (nn.Linear, nn.Embedding)):
             what = "is already quantized" if name in done else "is not a Linear or Embedding of the model"
             raise ValueError(f"cluster_layers: layer {name!r} {what}")
-        twin = ClusteredEmbedding.from_float(module, bits) if isinstance(module, nn.Embedding) else ClusteredLinear.from_float(module, bits)
+        twin = (
+            ClusteredEmbedding.from_float(module, bits)
+            if isinstance(module, nn.Embedding)
+            else ClusteredLinear.from_float(module, bits)
+        )
         twins[name] = (QuantizedLayer(name, "cluster", bits), twin)
     return _rebuild(model, twins)
 
@@ -308,7 +354,10 @@ def output_sqnr(a: Transformer, b: Transformer, batches: Iterable[dict[str, Tens
         for batch in batches:
             inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
             out_a, out_b = a(**inputs), b(**inputs)
-            masks = {"hidden_states": inputs.get("attention_mask"), "decoder_hidden_states": inputs.get("decoder_attention_mask")}
+            masks = {
+                "hidden_states": inputs.get("attention_mask"),
+                "decoder_hidden_states": inputs.get("decoder_attention_mask"),
+            }
             masks["logits"] = masks["hidden_states"]
             for key, mask in masks.items():
                 x, y = getattr(out_a, key), getattr(out_b, key)
@@ -365,8 +414,12 @@ def _log_sqnr(before: Transformer, after: Transformer, ctx: Context | None) -> N
     for name, value in per_layer.items():
         log.info("SQNR %s: %.1f dB", name, value)
     if per_layer:
-        log.info("weight SQNR over %d layers: min %.1f dB, mean %.1f dB", len(per_layer), min(per_layer.values()),
-                 sum(per_layer.values()) / len(per_layer))
+        log.info(
+            "weight SQNR over %d layers: min %.1f dB, mean %.1f dB",
+            len(per_layer),
+            min(per_layer.values()),
+            sum(per_layer.values()) / len(per_layer),
+        )
     batches = ctx.batches(2) if ctx is not None else []
     if batches:
         for key, value in output_sqnr(before, after, batches).items():

@@ -54,7 +54,9 @@ class ExportSpec:
         if not isinstance(self.onnx, bool):
             raise TypeError(f"export.onnx must be true or false, got {self.onnx!r}")
         if self.quantize is not None and self.quantize not in EXPORT_QUANTIZATION:
-            raise ValueError(f"export.quantize must be one of {', '.join(EXPORT_QUANTIZATION)} or null; got {self.quantize!r}")
+            raise ValueError(
+                f"export.quantize must be one of {', '.join(EXPORT_QUANTIZATION)} or null; got {self.quantize!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or len(step) != 1:
             raise ValueError(f"{source}: passes[{i}] must be a one-key mapping {{pass name: settings}}, got {step!r}")
-        (name, settings), = step.items()
+        ((name, settings),) = step.items()
         if name not in PASSES:
             raise ValueError(f"{source}: passes[{i}] names unknown pass {name!r}; allowed: {', '.join(PASSES)}")
         passes.append(_build(PASSES[name], settings, f"{source}: passes[{i}].{name}"))
@@ -116,7 +118,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 def builtin_recipes() -> list[str]:
     """Names of the recipes that ship with flashlite (compress/recipes/*.yaml)."""
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("compress.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("compress.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
@@ -137,7 +141,9 @@ def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
         steps = [step for step in data.get("passes", []) if isinstance(step, dict) and section in step]
         if not steps:
             names = [next(iter(step)) for step in data.get("passes", []) if isinstance(step, dict) and step]
-            raise ValueError(f"override {item!r}: {source} has no {section!r} pass; its passes: {names}, plus data and export")
+            raise ValueError(
+                f"override {item!r}: {source} has no {section!r} pass; its passes: {names}, plus data and export"
+            )
         steps[0][section] = {**(steps[0][section] or {}), key: value}
     return data
 

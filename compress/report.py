@@ -23,7 +23,9 @@ def _record(stage: Stage | Mapping[str, Any], index: int) -> dict[str, Any]:
     data = dataclasses.asdict(stage) if isinstance(stage, Stage) else dict(stage)
     missing = [f for f in _FIELDS if f not in data]
     if missing:
-        raise ValueError(f"stages[{index}] lacks {missing}; a stage needs {list(_FIELDS)} (a compress.pipeline.Stage has them)")
+        raise ValueError(
+            f"stages[{index}] lacks {missing}; a stage needs {list(_FIELDS)} (a compress.pipeline.Stage has them)"
+        )
     return {
         "name": str(data["name"]),
         "settings": data.get("settings", {}),
@@ -63,12 +65,26 @@ def _ratio(first: float | None, value: float | None) -> str:
 
 
 def _number(value: Any, scale: float = 1.0, digits: int = 2) -> str:
-    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value / scale:.{digits}f}"
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and not math.isfinite(value))
+        else f"{value / scale:.{digits}f}"
+    )
 
 
 def _markdown(records: list[dict[str, Any]], metric_names: list[str], plots: dict[str, Path]) -> str:
     first = records[0]
-    header = ["stage", "params (M)", "unique (M)", "size (MB)", "× smaller", *metric_names, "latency p50 (ms)", "× faster", "seconds"]
+    header = [
+        "stage",
+        "params (M)",
+        "unique (M)",
+        "size (MB)",
+        "× smaller",
+        *metric_names,
+        "latency p50 (ms)",
+        "× faster",
+        "seconds",
+    ]
     lines = [
         "# Compression report",
         "",
@@ -80,10 +96,15 @@ def _markdown(records: list[dict[str, Any]], metric_names: list[str], plots: dic
     ]
     for r in records:
         cells = [
-            r["name"], _number(r["params"], _M), _number(r["unique_params"], _M), _number(r["size_bytes"], _MB),
+            r["name"],
+            _number(r["params"], _M),
+            _number(r["unique_params"], _M),
+            _number(r["size_bytes"], _MB),
             _ratio(first["size_bytes"], r["size_bytes"]),
             *(_number(r["metrics"].get(m), digits=4) for m in metric_names),
-            _number(r["latency_ms"]), _ratio(first["latency_ms"], r["latency_ms"]), _number(r["seconds"], digits=1),
+            _number(r["latency_ms"]),
+            _ratio(first["latency_ms"], r["latency_ms"]),
+            _number(r["seconds"], digits=1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *(f"![{key}]({path.name})" for key, path in plots.items())]
@@ -101,7 +122,9 @@ def _pareto(points: list[tuple[float, float, str]], higher_is_better: bool) -> l
     return frontier
 
 
-def _plot(points: list[tuple[float, float, str]], path: Path, *, xlabel: str, metric: str, higher_is_better: bool) -> None:
+def _plot(
+    points: list[tuple[float, float, str]], path: Path, *, xlabel: str, metric: str, higher_is_better: bool
+) -> None:
     """A scatter of the stages with their names and the Pareto frontier as a step line."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
@@ -109,7 +132,9 @@ def _plot(points: list[tuple[float, float, str]], path: Path, *, xlabel: str, me
     for x, y, name in points:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     frontier = _pareto(points, higher_is_better)
-    ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="tab:orange", label="Pareto frontier")
+    ax.step(
+        [p[0] for p in frontier], [p[1] for p in frontier], where="post", color="tab:orange", label="Pareto frontier"
+    )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
     ax.set_title(f"{metric} vs {xlabel.split(' (')[0]}")
@@ -151,12 +176,16 @@ def write_report(
         if isinstance(latencies, Mapping):
             unknown = sorted(set(latencies) - {r["name"] for r in records})
             if unknown:
-                raise ValueError(f"latencies names unknown stages {unknown}; the stages are {[r['name'] for r in records]}")
+                raise ValueError(
+                    f"latencies names unknown stages {unknown}; the stages are {[r['name'] for r in records]}"
+                )
             values = [latencies.get(r["name"]) for r in records]
         else:
             values = list(latencies)
             if len(values) != len(records):
-                raise ValueError(f"latencies holds {len(values)} values for {len(records)} stages; give one per stage (None if unmeasured)")
+                raise ValueError(
+                    f"latencies holds {len(values)} values for {len(records)} stages; give one per stage (None if unmeasured)"
+                )
         for record, value in zip(records, values):
             if value is not None:
                 record["latency_ms"] = _latency_ms(value)
@@ -172,11 +201,22 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     if metric is not None:
-        scored = [r for r in records if isinstance(r["metrics"].get(metric), (int, float)) and math.isfinite(r["metrics"][metric])]
+        scored = [
+            r
+            for r in records
+            if isinstance(r["metrics"].get(metric), (int, float)) and math.isfinite(r["metrics"][metric])
+        ]
         axes = {
-            "size_plot": ("metric_vs_size.png", "size (MB)", [(r["size_bytes"] / _MB, r["metrics"][metric], r["name"]) for r in scored]),
-            "latency_plot": ("metric_vs_latency.png", "latency p50 (ms)",
-                             [(r["latency_ms"], r["metrics"][metric], r["name"]) for r in scored if r["latency_ms"] is not None]),
+            "size_plot": (
+                "metric_vs_size.png",
+                "size (MB)",
+                [(r["size_bytes"] / _MB, r["metrics"][metric], r["name"]) for r in scored],
+            ),
+            "latency_plot": (
+                "metric_vs_latency.png",
+                "latency p50 (ms)",
+                [(r["latency_ms"], r["metrics"][metric], r["name"]) for r in scored if r["latency_ms"] is not None],
+            ),
         }
         for key, (filename, xlabel, points) in axes.items():
             if points:
@@ -184,7 +224,9 @@ def write_report(
                 _plot(points, paths[key], xlabel=xlabel, metric=metric, higher_is_better=higher_is_better)
     paths = {"json": out / "report.json", "markdown": out / "report.md", **paths}
     report = {"metric": metric, "higher_is_better": higher_is_better, "stages": records}
-    paths["json"].write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n", encoding="utf-8")
+    paths["json"].write_text(
+        json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n", encoding="utf-8"
+    )
     plots = {k: v for k, v in paths.items() if k.endswith("_plot")}
     paths["markdown"].write_text(_markdown(records, metric_names, plots), encoding="utf-8")
     return paths

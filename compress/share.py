@@ -72,7 +72,9 @@ class Share:
         if self.cluster_bits is not None:
             check_int("cluster_bits", self.cluster_bits, 1)
             if self.cluster_bits > 8:
-                raise ValueError(f"cluster_bits must be <= 8 (a codebook of at most 256 centroids), got {self.cluster_bits}")
+                raise ValueError(
+                    f"cluster_bits must be <= 8 (a codebook of at most 256 centroids), got {self.cluster_bits}"
+                )
 
     @property
     def needs_data(self) -> bool:
@@ -83,17 +85,26 @@ class Share:
         """Apply the settings to `model` (not modified) and return a new Transformer with a new Config."""
         if model.config.quantized:
             names = [layer.name for layer in model.config.quantized]
-            raise ValueError(f"Share needs float weights but the model has quantized layers {names}; share before quantizing")
+            raise ValueError(
+                f"Share needs float weights but the model has quantized layers {names}; share before quantizing"
+            )
         if self.layers_per_group > 1:
             model = share_layers(model, self.layers_per_group, init=self.init)
         if self.embed_dim is not None:
             batches = ctx.batches(FREQUENCY_BATCHES) if ctx is not None and self.embed_fit != "uniform" else []
             if self.embed_fit == "frequency" and not batches:
-                raise ValueError("Share(embed_fit='frequency') needs data to count tokens in; pass data or use embed_fit='uniform'")
+                raise ValueError(
+                    "Share(embed_fit='frequency') needs data to count tokens in; pass data or use embed_fit='uniform'"
+                )
             counts = token_counts(batches, model.config.vocab_size) if batches else None
             model, error = factorize_embeddings(model, self.embed_dim, counts=counts, full_rows=self.embed_full_rows)
-            logger.info("Share: word embeddings factorized to rank %d (%s fit, %d full rows), relative error %.4f",
-                        self.embed_dim, "frequency" if batches else "uniform", self.embed_full_rows, error)
+            logger.info(
+                "Share: word embeddings factorized to rank %d (%s fit, %d full rows), relative error %.4f",
+                self.embed_dim,
+                "frequency" if batches else "uniform",
+                self.embed_full_rows,
+                error,
+            )
         if self.cluster_bits is not None:
             model = cluster_layers(model, self.cluster_bits)
         return model
@@ -122,7 +133,9 @@ def share_layers(model: Transformer, layers_per_group: int, *, init: str = "mean
         if share[-1] + 1 > len(stack.blocks):
             logger.warning(
                 "Share: regrouping the %s by position splits its %d weight blocks into %d (its sharing was coarser)",
-                name, len(stack.blocks), share[-1] + 1,
+                name,
+                len(stack.blocks),
+                share[-1] + 1,
             )
         for group in range(share[-1] + 1):
             members = [layer for layer, g in enumerate(share) if g == group]
@@ -147,7 +160,9 @@ def token_counts(batches: list[dict[str, torch.Tensor]], vocab_size: int) -> tor
         mask = batch.get("attention_mask")
         ids = ids[mask.bool()] if mask is not None else ids.flatten()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"the data's input_ids must be in [0, {vocab_size}); got ids in [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"the data's input_ids must be in [0, {vocab_size}); got ids in [{int(ids.min())}, {int(ids.max())}]"
+            )
         counts += torch.bincount(ids.cpu(), minlength=vocab_size).double()
     return counts
 
@@ -181,7 +196,9 @@ def factorize_embeddings(
     if full_rows > config.vocab_size:
         raise ValueError(f"full_rows must be <= vocab_size ({config.vocab_size}); got {full_rows}")
     if counts is not None and (tuple(counts.shape) != (config.vocab_size,) or bool((counts < 0).any())):
-        raise ValueError(f"counts must be {config.vocab_size} non-negative token counts; got shape {tuple(counts.shape)}")
+        raise ValueError(
+            f"counts must be {config.vocab_size} non-negative token counts; got shape {tuple(counts.shape)}"
+        )
     with torch.no_grad():
         w = model.embeddings.word_matrix().double()  # (V, dim)
         weight = counts.double().to(w.device) + 1 if counts is not None else torch.ones_like(w[:, 0])
@@ -207,7 +224,11 @@ def factorize_embeddings(
         total = (w.square().sum(1) * weight).sum().sqrt()
         error = float(((w - fitted).square().sum(1) * weight).sum().sqrt() / total) if total > 0 else 0.0
     dtype = model.embeddings.word.weight.dtype
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("embeddings.word_full.", "embeddings.full_slot"))}
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.startswith(("embeddings.word_full.", "embeddings.full_slot"))
+    }
     state["embeddings.word.weight"] = a.to(dtype)
     state["embeddings.word_proj.weight"] = b.T.contiguous().to(dtype)  # Linear(E, dim).weight is (dim, E)
     if full_rows:
@@ -239,7 +260,9 @@ def _init_block(states: list[dict[str, torch.Tensor]], init: str) -> dict[str, t
 def _rebuild(model: Transformer, config: Config, state: dict[str, torch.Tensor]) -> Transformer:
     """A fresh Transformer for `config` holding `state` (strict), on the old model's device, dtype and mode."""
     reference = model.embeddings.word.weight
-    new = Transformer(config, attention_backend=model.attention_backend).to(device=reference.device, dtype=reference.dtype)
+    new = Transformer(config, attention_backend=model.attention_backend).to(
+        device=reference.device, dtype=reference.dtype
+    )
     new.load_state_dict(state, strict=True)
     new.tokenizer = model.tokenizer
     return new.train(model.training)

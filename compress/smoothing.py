@@ -42,7 +42,9 @@ def smoothing_factors(
     model.eval()
     try:
         for batch in batches:
-            run_with_input_hooks(model, batch, {name: recorder(name, batch.get(input_mask_key(name))) for name in names})
+            run_with_input_hooks(
+                model, batch, {name: recorder(name, batch.get(input_mask_key(name))) for name in names}
+            )
     finally:
         model.train(was_training)
     factors = {}

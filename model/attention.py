@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,19 +70,19 @@ def _sdpa(q, k, v, *, key_mask, causal, scale, dropout):
 # The Triton kernels are imported on first use: a CPU-only install never imports triton, and
 # TRITON_INTERPRET (which triton reads when a module's kernels are defined) can still be set by then.
 def _flash(q, k, v, *, key_mask, causal, scale, dropout):
-    from model.attention_flash import flash_attention
+    from model.kernels.flash import flash_attention
 
     return flash_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)
 
 
 def _flash_int8(q, k, v, *, key_mask, causal, scale, dropout):
-    from model.attention_int8 import int8_attention
+    from model.kernels.int8 import int8_attention
 
     return int8_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)
 
 
 def _flash_lsh(q, k, v, *, key_mask, causal, scale, dropout):
-    from model.attention_lsh import lsh_attention
+    from model.kernels.lsh import lsh_attention
 
     return lsh_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)
 

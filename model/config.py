@@ -85,7 +85,9 @@ def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
         allowed = [f.name for f in dataclasses.fields(QuantizedLayer)]
         unknown = set(item) - set(allowed)
         if unknown:
-            raise ValueError(f"quantized[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: {', '.join(allowed)}")
+            raise ValueError(
+                f"quantized[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: {', '.join(allowed)}"
+            )
         try:
             layers.append(QuantizedLayer(**item))
         except (TypeError, ValueError) as err:
@@ -93,7 +95,9 @@ def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
     layers = tuple(layers)
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):
-        raise ValueError(f"quantized lists a layer more than once: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        raise ValueError(
+            f"quantized lists a layer more than once: {sorted(n for n in set(names) if names.count(n) > 1)}"
+        )
     return layers
 
 
@@ -108,7 +112,9 @@ def _as_shapes(name: str, value: Any) -> tuple[LayerShape, ...]:
         elif isinstance(item, dict):
             unknown = set(item) - {"n_heads", "head_dim", "ffn_dim"}
             if unknown:
-                raise ValueError(f"{name}[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: n_heads, head_dim, ffn_dim")
+                raise ValueError(
+                    f"{name}[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: n_heads, head_dim, ffn_dim"
+                )
             try:
                 shapes.append(LayerShape(**item))
             except (TypeError, ValueError) as err:
@@ -191,7 +197,9 @@ class Config:
         set_(self, "embed_dim", embed_dim)
         check_int("embed_full_rows", self.embed_full_rows, 0)
         if self.embed_full_rows and embed_dim == self.dim:
-            raise ValueError(f"embed_full_rows={self.embed_full_rows} needs factorized word embeddings (embed_dim < dim={self.dim})")
+            raise ValueError(
+                f"embed_full_rows={self.embed_full_rows} needs factorized word embeddings (embed_dim < dim={self.dim})"
+            )
         if self.embed_full_rows > self.vocab_size:
             raise ValueError(f"embed_full_rows must be <= vocab_size ({self.vocab_size}), got {self.embed_full_rows}")
         set_(self, "encoder_share", _check_share("encoder_share", self.encoder_share, self.encoder))
@@ -207,7 +215,11 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < math.inf:
+        if (
+            isinstance(self.norm_eps, bool)
+            or not isinstance(self.norm_eps, (int, float))
+            or not 0 < self.norm_eps < math.inf
+        ):
             raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
         if isinstance(self.heads, str) or not isinstance(self.heads, (list, tuple)):
             raise TypeError(f"heads must be a list of head names from {HEADS}, got {self.heads!r}")
@@ -300,7 +312,9 @@ class Config:
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
         shape = LayerShape(n_heads=n_heads, head_dim=dim // n_heads, ffn_dim=ffn_dim)
-        return cls(vocab_size=vocab_size, dim=dim, encoder=(shape,) * n_layers, decoder=(shape,) * decoder_layers, **rest)
+        return cls(
+            vocab_size=vocab_size, dim=dim, encoder=(shape,) * n_layers, decoder=(shape,) * decoder_layers, **rest
+        )
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Config:
@@ -309,12 +323,24 @@ class Config:
             # ~22M parameters: big enough to learn from the built-in corpus, small enough to
             # pretrain for a few minutes on 2 CPU cores.
             "full": dict(
-                vocab_size=16000, dim=384, n_layers=6, decoder_layers=2, n_heads=6, ffn_dim=1536,
-                max_positions=512, heads=("mlm", "pair", "lm"),
+                vocab_size=16000,
+                dim=384,
+                n_layers=6,
+                decoder_layers=2,
+                n_heads=6,
+                ffn_dim=1536,
+                max_positions=512,
+                heads=("mlm", "pair", "lm"),
             ),
             "tiny": dict(
-                vocab_size=512, dim=64, n_layers=2, decoder_layers=2, n_heads=4, ffn_dim=128,
-                max_positions=128, heads=("mlm", "pair", "lm"),
+                vocab_size=512,
+                dim=64,
+                n_layers=2,
+                decoder_layers=2,
+                n_heads=4,
+                ffn_dim=128,
+                max_positions=128,
+                heads=("mlm", "pair", "lm"),
             ),
         }
         if name not in presets:

@@ -28,10 +28,21 @@ MAX_HEADER_BYTES = 100 * 2**20
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _RESERVED = ("format", "format_version", "flashlite_version", "torch_version", "created", "files")
 _DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _PICKLE_REFUSAL = "refusing to load it: unpickling can run arbitrary code, and flashlite reads only safetensors"
 
@@ -78,7 +89,9 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Atomically write `tensors` (name -> tensor) as a safetensors file with optional str->str `metadata`.
 
     Tensors are written as contiguous CPU copies. Names whose tensors share memory are refused:
@@ -135,7 +148,9 @@ def save(model: Transformer, directory: str | os.PathLike, *, manifest: dict[str
         "flashlite_version": _flashlite_version(),
         "torch_version": torch.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()},
+        "files": {
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()
+        },
         **extra,
     }
     atomic_write_text(folder / MANIFEST, json.dumps(record, indent=2) + "\n")
@@ -167,7 +182,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", st
     header = _check_safetensors(data, folder / WEIGHTS)
     with torch.device("meta"):  # shapes only: a config.json that lies about sizes allocates nothing before the check
         skeleton = Transformer(config)
-    floats = {_DTYPES[e["dtype"]] for n, e in header.items() if n != "__metadata__" and _DTYPES[e["dtype"]].is_floating_point}
+    floats = {
+        _DTYPES[e["dtype"]] for n, e in header.items() if n != "__metadata__" and _DTYPES[e["dtype"]].is_floating_point
+    }
     dtype = floats.pop() if len(floats) == 1 else None  # a model saved in half precision loads in half precision
     _check_matches(skeleton.to(dtype) if dtype else skeleton, header, folder, strict)
     _check_manifest(folder, data)
@@ -192,7 +209,11 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except ValueError as err:
         raise ValueError(f"{path} is not valid UTF-8 JSON: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise ValueError(f"{path} is not a flashlite manifest (needs format={FORMAT!r} and a 'files' object)")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -216,7 +237,9 @@ def _read_safetensors(path: Path) -> tuple[bytes, dict[str, Any]]:
 
 
 def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
         raise TypeError("tensors must be a dict of str -> torch.Tensor")
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
@@ -249,10 +272,14 @@ def _check_safetensors(data: bytes, path: Path) -> dict[str, Any]:
         if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
             raise ValueError(f"{path} is a pickle, not safetensors; {_PICKLE_REFUSAL}")
     if len(data) < 8:
-        raise ValueError(f"{path}: {len(data)} bytes is too short for a safetensors file (needs an 8-byte header length)")
+        raise ValueError(
+            f"{path}: {len(data)} bytes is too short for a safetensors file (needs an 8-byte header length)"
+        )
     n = int.from_bytes(data[:8], "little")
     if not 0 < n <= MAX_HEADER_BYTES:
-        raise ValueError(f"{path}: header length {n} is outside 1..{MAX_HEADER_BYTES}; not a safetensors file, or corrupted")
+        raise ValueError(
+            f"{path}: header length {n} is outside 1..{MAX_HEADER_BYTES}; not a safetensors file, or corrupted"
+        )
     if 8 + n > len(data):
         raise ValueError(f"{path}: header length {n} runs past the end of the {len(data)}-byte file (truncated?)")
     try:
@@ -278,7 +305,9 @@ def _check_safetensors(data: bytes, path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: {begin - end} unused bytes before tensor {name!r}; the file is corrupted")
         end, previous = stop, name
     if end != size:
-        raise ValueError(f"{path}: the data section has {size} bytes but the tensors cover {end}; the file is corrupted")
+        raise ValueError(
+            f"{path}: the data section has {size} bytes but the tensors cover {end}; the file is corrupted"
+        )
     return header
 
 

@@ -48,7 +48,9 @@ def pack(values: Tensor, width: int) -> Tensor:
     """
     per = 8 // width
     if width not in (1, 2, 4, 8) or values.shape[-1] % per:
-        raise ValueError(f"cannot pack a last dim of {values.shape[-1]} at width {width} (need 1/2/4/8 and a multiple of {per})")
+        raise ValueError(
+            f"cannot pack a last dim of {values.shape[-1]} at width {width} (need 1/2/4/8 and a multiple of {per})"
+        )
     v = values.to(torch.uint8).reshape(*values.shape[:-1], values.shape[-1] // per, per)
     packed = v[..., 0].clone()
     for j in range(1, per):
@@ -129,12 +131,16 @@ def kmeans_1d(
     positions = ((torch.arange(k, dtype=torch.float64, device=values.device) + 0.5) / k * (n - 1)).round().long()
     centroids = _pinned(ordered[positions], pin_zero)
     for _ in range(iterations):
-        cuts = torch.searchsorted(ordered, _midpoints(centroids), right=True)  # values <= midpoint i lie in clusters <= i
+        cuts = torch.searchsorted(
+            ordered, _midpoints(centroids), right=True
+        )  # values <= midpoint i lie in clusters <= i
         bounds = F.pad(cuts, (1, 0), value=0)
         bounds = F.pad(bounds, (0, 1), value=n)
         counts = bounds[1:] - bounds[:-1]
         sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
-        centroids = _pinned(torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), centroids).sort().values, pin_zero)
+        centroids = _pinned(
+            torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), centroids).sort().values, pin_zero
+        )
     return centroids, torch.bucketize(values, _midpoints(centroids))
 
 
@@ -158,11 +164,15 @@ class Int8Linear(nn.Module):
         _check_group(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features, in_features // group_size) if group_size else torch.ones(out_features))
+        self.register_buffer(
+            "scale", torch.ones(out_features, in_features // group_size) if group_size else torch.ones(out_features)
+        )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int | None = None, codes: tuple[Tensor, Tensor] | None = None) -> Int8Linear:
+    def from_float(
+        cls, linear: nn.Linear, group_size: int | None = None, codes: tuple[Tensor, Tensor] | None = None
+    ) -> Int8Linear:
         """The int8 twin of `linear` (of type `cls`): quantized weight, float bias copied.
 
         codes: (q, scale) in `quantize_int8`'s format to store instead of rounding to nearest
@@ -198,14 +208,23 @@ class Int8DynamicLinear(Int8Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, group_size: int | None = None, *, bias: bool = True, smoothed: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int | None = None,
+        *,
+        bias: bool = True,
+        smoothed: bool = False,
     ):
         super().__init__(in_features, out_features, group_size, bias=bias)
         self.register_buffer("smooth", torch.ones(in_features) if smoothed else None)
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, group_size: int | None = None, codes: tuple[Tensor, Tensor] | None = None,
+        cls,
+        linear: nn.Linear,
+        group_size: int | None = None,
+        codes: tuple[Tensor, Tensor] | None = None,
         smooth: Tensor | None = None,
     ) -> Int8DynamicLinear:
         """The int8 twin of `linear`; with `smooth` (in,) it stores W * smooth (`codes`, if given, round W * smooth)."""
@@ -233,7 +252,8 @@ class Int8DynamicLinear(Int8Linear):
             x_int8 = torch.clamp(torch.round(x_groups / x_scale[..., None]), -127, 127).to(torch.int8)
             y = sum(
                 integer_matmul(x_int8[:, g], self.weight_int8[:, g * width : (g + 1) * width].t()).float()
-                * scale[:, g] * x_scale[:, g : g + 1]
+                * scale[:, g]
+                * x_scale[:, g : g + 1]
                 for g in range(groups)
             ).to(x.dtype)  # (N, out)
         if torch.is_grad_enabled() and x.requires_grad:  # straight-through: adds exactly 0 in forward
@@ -270,7 +290,11 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, group_size: int, symmetric: bool = False, codes: tuple[Tensor, Tensor, Tensor] | None = None
+        cls,
+        linear: nn.Linear,
+        group_size: int,
+        symmetric: bool = False,
+        codes: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Int4Linear:
         """The int4 twin of `linear`; codes: (packed, scale, zero) in `quantize_int4`'s format instead of nearest rounding."""
         packed, scale, zero = codes if codes is not None else quantize_int4(linear.weight, group_size, symmetric)
@@ -361,7 +385,9 @@ class ClusteredEmbedding(nn.Module):
 
 def _check_group(in_features: int, group_size: int | None) -> None:
     if group_size is not None and (group_size not in GROUP_SIZES or in_features % group_size):
-        raise ValueError(f"group_size must be None or one of {GROUP_SIZES} dividing in_features {in_features}, got {group_size}")
+        raise ValueError(
+            f"group_size must be None or one of {GROUP_SIZES} dividing in_features {in_features}, got {group_size}"
+        )
 
 
 def _register_codebook(module: nn.Module, numel: int, bits: int) -> None:
@@ -404,7 +430,9 @@ def empty_twin(module: nn.Module, layer: QuantizedLayer) -> nn.Module:
             return ClusteredEmbedding(module.num_embeddings, module.embedding_dim, layer.bits)
         raise ValueError(f"quantized layer {layer.name}: embeddings support modes int8 and cluster, not {layer.mode!r}")
     if not isinstance(module, nn.Linear):
-        raise ValueError(f"quantized layer {layer.name} is a {type(module).__name__}; only Linear and Embedding can be quantized")
+        raise ValueError(
+            f"quantized layer {layer.name} is a {type(module).__name__}; only Linear and Embedding can be quantized"
+        )
     args, bias = (module.in_features, module.out_features), module.bias is not None
     if layer.mode == "int8":
         return Int8Linear(*args, layer.group_size, bias=bias)
@@ -428,7 +456,8 @@ def swap_quantized(model: nn.Module, layers: Iterable[QuantizedLayer]) -> None:
         except AttributeError:
             raise ValueError(f"quantized layer {layer.name!r} is not a module of this model") from None
         if not isinstance(module, (nn.Linear, nn.Embedding)):
-            raise ValueError(f"quantized layer {layer.name} is a {type(module).__name__}; only Linear and Embedding can be quantized")
+            raise ValueError(
+                f"quantized layer {layer.name} is a {type(module).__name__}; only Linear and Embedding can be quantized"
+            )
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, empty_twin(module, layer))
-

@@ -9,7 +9,7 @@ from torch import nn
 
 from model.attention import attend, choose_backend, reference_attention
 from model.config import Config, LayerShape
-from model.objectives import IGNORE, LABEL_KEYS, task_losses
+from model.losses import IGNORE, LABEL_KEYS, task_losses
 
 Tensor = torch.Tensor
 # The token inputs `Transformer.forward` takes (besides labels and flags): what a batch feeds the model.
@@ -81,7 +81,9 @@ class Embeddings(nn.Module):
         """Logits over the vocabulary with the (tied) word embeddings: (B,T,dim) -> (B,T,vocab)."""
         logits = (h @ self.word_proj.weight if self.word_proj is not None else h) @ self.word.weight.T
         if self.word_full is not None:
-            logits = logits + (h @ self.word_full.weight.T).index_select(-1, self.full_slot)  # (B, T, K+1) -> (B, T, vocab)
+            logits = logits + (h @ self.word_full.weight.T).index_select(
+                -1, self.full_slot
+            )  # (B, T, K+1) -> (B, T, vocab)
         return logits
 
     def word_matrix(self) -> Tensor:
@@ -179,9 +181,13 @@ class Block(nn.Module):
         need_weights: bool,
     ) -> tuple[Tensor, Tensor | None]:
         opts = dict(backend=backend, need_weights=need_weights)
-        x, weights = self._residual(x, self.attn_norm, lambda h: self.self_attn(h, None, key_mask, causal=causal, **opts))
+        x, weights = self._residual(
+            x, self.attn_norm, lambda h: self.self_attn(h, None, key_mask, causal=causal, **opts)
+        )
         if self.cross_attn is not None:
-            x, _ = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory, memory_mask, causal=False, **opts))
+            x, _ = self._residual(
+                x, self.cross_norm, lambda h: self.cross_attn(h, memory, memory_mask, causal=False, **opts)
+            )
         x, _ = self._residual(x, self.ffn_norm, lambda h: (self.ffn(h), None))
         return x, weights
 
@@ -197,15 +203,29 @@ class Stack(nn.Module):
         self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if config.norm == "pre" else None
 
     def forward(
-        self, x, key_mask, *, causal=False, memory=None, memory_mask=None, backend="auto",
-        hidden_states=False, attentions=False,
+        self,
+        x,
+        key_mask,
+        *,
+        causal=False,
+        memory=None,
+        memory_mask=None,
+        backend="auto",
+        hidden_states=False,
+        attentions=False,
     ):
         """Returns (last hidden (B,T,dim), [input + each layer's output] or None, [each layer's weights] or None)."""
         hiddens = [x] if hidden_states else None
         weights = [] if attentions else None
         for block_index in self.share:
             x, w = self.blocks[block_index](
-                x, key_mask, causal=causal, memory=memory, memory_mask=memory_mask, backend=backend, need_weights=attentions
+                x,
+                key_mask,
+                causal=causal,
+                memory=memory,
+                memory_mask=memory_mask,
+                backend=backend,
+                need_weights=attentions,
             )
             if hidden_states:
                 hiddens.append(x)
@@ -346,7 +366,9 @@ class Transformer(nn.Module):
             raise ValueError("decoder_input_ids given but this model has no decoder layers (decoder=[])")
         mask = check_ids(self.config, ids, mask, "decoder_input_ids", "decoder_attention_mask")
         if isinstance(encoded, Tensor) and encoded.dim() and len(encoded) != len(ids):
-            raise ValueError(f"decoder_input_ids has {len(ids)} rows but the encoder batch has {len(encoded)}; one target per source")
+            raise ValueError(
+                f"decoder_input_ids has {len(ids)} rows but the encoder batch has {len(encoded)}; one target per source"
+            )
         return mask
 
     def forward(
@@ -364,7 +386,14 @@ class Transformer(nn.Module):
         """Run the model on one batch; label keys (mlm_labels, pair_labels, labels, ...) add `loss`."""
         unknown = sorted(set(labels) - set(LABEL_KEYS))
         if unknown:
-            allowed = ["input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask", *LABEL_KEYS]
+            allowed = [
+                "input_ids",
+                "attention_mask",
+                "token_type_ids",
+                "decoder_input_ids",
+                "decoder_attention_mask",
+                *LABEL_KEYS,
+            ]
             raise TypeError(f"unexpected batch keys {unknown}; allowed keys: {allowed}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids) if isinstance(input_ids, Tensor) else None
@@ -435,8 +464,12 @@ def check_ids(config: Config, ids: Tensor, mask: Tensor | None, name: str, mask_
 
 def _check_labels(config: Config, labels: dict[str, Tensor], ids: Tensor, decoder_ids: Tensor | None) -> None:
     """Labels must fit the batch and their head: cross_entropy would fail inside its kernel, after the forward pass."""
-    classes = {"mlm_labels": config.vocab_size, "decoder_labels": config.vocab_size, "pair_labels": 2,
-               "labels": config.n_labels if config.n_labels > 1 else None}  # 1 label: regression targets
+    classes = {
+        "mlm_labels": config.vocab_size,
+        "decoder_labels": config.vocab_size,
+        "pair_labels": 2,
+        "labels": config.n_labels if config.n_labels > 1 else None,
+    }  # 1 label: regression targets
     for key, value in labels.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"{key} must be a torch.Tensor, got {type(value).__name__}")
@@ -448,7 +481,9 @@ def _check_labels(config: Config, labels: dict[str, Tensor], ids: Tensor, decode
         if limit is not None and value.numel():
             bad = (value != IGNORE) & ((value < 0) | (value >= limit))
             if bool(bad.any()):
-                raise ValueError(f"{key} holds {value[bad][0].item()}; labels must be in [0, {limit}) or {IGNORE} (ignored)")
+                raise ValueError(
+                    f"{key} holds {value[bad][0].item()}; labels must be in [0, {limit}) or {IGNORE} (ignored)"
+                )
 
 
 def check_token_types(config: Config, types: Tensor, ids: Tensor) -> None:
@@ -459,4 +494,6 @@ def check_token_types(config: Config, types: Tensor, ids: Tensor) -> None:
         raise ValueError(f"token_type_ids has shape {tuple(types.shape)} but input_ids has {tuple(ids.shape)}")
     limit = max(config.type_vocab_size, 1)  # with no token-type embedding only zeros are meaningful
     if int(types.min()) < 0 or int(types.max()) >= limit:
-        raise ValueError(f"token_type_ids must be in [0, {limit}), got values in [{int(types.min())}, {int(types.max())}]")
+        raise ValueError(
+            f"token_type_ids must be in [0, {limit}), got values in [{int(types.min())}, {int(types.max())}]"
+        )

@@ -14,7 +14,7 @@ from interrupt import Interrupt, stop_at
 from compress import Context, Distill, Prune
 from model.config import Config
 from model.io import save_tensors
-from model.train import TrainConfig, train
+from model.training.loop import TrainConfig, train
 from model.transformer import Transformer
 
 STEPS = 3
@@ -26,13 +26,17 @@ def classification_batches(n: int) -> list[dict[str, torch.Tensor]]:
     batches = []
     for _ in range(n):
         ids = torch.randint(5, 512, (4, 10), generator=g)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (4,), generator=g)})
+        batches.append(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (4,), generator=g)}
+        )
     return batches
 
 
 def model() -> Transformer:
     torch.manual_seed(0)
-    config = Config.preset("tiny", decoder_layers=0, heads=("classify",), n_labels=3, dropout=0.0, attention_dropout=0.0)
+    config = Config.preset(
+        "tiny", decoder_layers=0, heads=("classify",), n_labels=3, dropout=0.0, attention_dropout=0.0
+    )
     return Transformer(config)
 
 
@@ -46,12 +50,21 @@ def main() -> None:
         (out / f"losses{dist.get_rank()}.txt").write_text(" ".join(x.hex() for x in result.losses))
     elif mode == "fsdp-resume":  # stop after 2 steps with a checkpoint, then resume to STEPS in a fresh model
         ckpt = str(out / "checkpoints")
-        train(net, classification_batches(2 * STEPS), TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp",
-                                                                  checkpoint_dir=ckpt, checkpoint_every=2),
-              callback=stop_at(2))
+        train(
+            net,
+            classification_batches(2 * STEPS),
+            TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp", checkpoint_dir=ckpt, checkpoint_every=2),
+            callback=stop_at(2),
+        )
     elif mode == "fsdp-resume-finish":
-        run = TrainConfig(steps=STEPS, lr=1e-3, progress=False, parallel="fsdp", checkpoint_dir=str(out / "checkpoints"),
-                          checkpoint_every=2)
+        run = TrainConfig(
+            steps=STEPS,
+            lr=1e-3,
+            progress=False,
+            parallel="fsdp",
+            checkpoint_dir=str(out / "checkpoints"),
+            checkpoint_every=2,
+        )
         result = train(net, classification_batches(2 * STEPS), run)
         save_tensors(out / f"rank{dist.get_rank()}.safetensors", dict(net.state_dict()))
         (out / f"losses{dist.get_rank()}.txt").write_text(" ".join(x.hex() for x in result.losses))

@@ -27,7 +27,7 @@ import torch
 import model.io
 from model.config import Config
 from model.io import save_tensors
-from model.train import TrainConfig, train
+from model.training.loop import TrainConfig, train
 from model.transformer import Transformer
 
 STEPS = 8
@@ -41,14 +41,16 @@ def batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
     for _ in range(n):
         ids = torch.randint(5, CONFIG.vocab_size, (4, 12), generator=g)
         decoder_ids = torch.randint(5, CONFIG.vocab_size, (4, 6), generator=g)
-        out.append({
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "mlm_labels": torch.where(torch.rand(4, 12, generator=g) < 0.3, ids, torch.full_like(ids, -100)),
-            "pair_labels": torch.randint(0, 2, (4,), generator=g),
-            "decoder_input_ids": decoder_ids,
-            "decoder_labels": decoder_ids.roll(-1, dims=1),
-        })
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "mlm_labels": torch.where(torch.rand(4, 12, generator=g) < 0.3, ids, torch.full_like(ids, -100)),
+                "pair_labels": torch.randint(0, 2, (4,), generator=g),
+                "decoder_input_ids": decoder_ids,
+                "decoder_labels": decoder_ids.roll(-1, dims=1),
+            }
+        )
     return out
 
 
@@ -106,8 +108,12 @@ def main() -> None:
     if args.pause:
         _install_pause(args.pause)
     net = fresh_model()
-    result = train(net, batches(), run_config(args.checkpoint_dir, args.every),
-                   callback=lambda step, loss: print(f"step {step} {loss.hex()}", flush=True))
+    result = train(
+        net,
+        batches(),
+        run_config(args.checkpoint_dir, args.every),
+        callback=lambda step, loss: print(f"step {step} {loss.hex()}", flush=True),
+    )
     save_tensors(args.out, dict(net.state_dict()))
     print("done", result.resumed_from, *(loss.hex() for loss in result.losses), flush=True)
 

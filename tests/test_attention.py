@@ -16,8 +16,9 @@ def naive_attention(q, k, v, key_mask=None, causal=False):
     out = torch.zeros(b, h, tq, d, dtype=torch.float64)
     for bi in range(b):
         for i in range(tq):
-            allowed = [j for j in range(tk)
-                       if (key_mask is None or key_mask[bi, j]) and (not causal or j <= i + tk - tq)]
+            allowed = [
+                j for j in range(tk) if (key_mask is None or key_mask[bi, j]) and (not causal or j <= i + tk - tq)
+            ]
             scores = torch.stack([(q[bi, :, i] * k[bi, :, j]).sum(-1) / math.sqrt(d) for j in allowed], -1)
             weights = torch.softmax(scores, -1)
             out[bi, :, i] = (weights[..., None] * v[bi, :, allowed]).sum(1)
@@ -30,9 +31,9 @@ def naive_attention(q, k, v, key_mask=None, causal=False):
 def test_backends_match_naive_reference(backend, causal, tq, tk):
     q, k, v = torch.randn(2, 3, tq, 8), torch.randn(2, 3, tk, 8), torch.randn(2, 3, tk, 8)
     key_mask = torch.ones(2, tk, dtype=torch.bool)
-    key_mask[1, tk - 3:] = False
+    key_mask[1, tk - 3 :] = False
     if causal:  # every query must still see one real key: mask a middle key instead of the tail
-        key_mask[1, tk - 3:] = True
+        key_mask[1, tk - 3 :] = True
         key_mask[1, 2] = False
     expected = naive_attention(q, k, v, key_mask, causal)
     got = attend(q, k, v, key_mask=key_mask, causal=causal, backend=backend)
@@ -67,7 +68,12 @@ def test_auto_says_which_backend_and_why():
         ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), {}, ValueError, "q must be"),
         ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)), {}, ValueError, "must agree"),
         ((torch.randn(1, 2, 4, 8),) * 3, {"key_mask": torch.ones(1, 4)}, TypeError, "key_mask must be a bool"),
-        ((torch.randn(1, 2, 4, 8),) * 3, {"key_mask": torch.ones(1, 5, dtype=torch.bool)}, ValueError, r"key_mask must be \(B, Tk\)"),
+        (
+            (torch.randn(1, 2, 4, 8),) * 3,
+            {"key_mask": torch.ones(1, 5, dtype=torch.bool)},
+            ValueError,
+            r"key_mask must be \(B, Tk\)",
+        ),
         ((torch.randn(1, 2, 4, 8),) * 3, {"backend": "flash9"}, ValueError, "backend must be"),
         ((torch.ones(1, 2, 4, 8, dtype=torch.long),) * 3, {}, TypeError, "floating-point"),
     ],

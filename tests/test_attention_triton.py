@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-from torch.utils._device import _device_constructors
 import torch.nn.functional as F
+from torch.utils._device import _device_constructors
 
 from model.attention import attend, choose_backend, reference_attention
 from model.config import Config
@@ -28,7 +28,7 @@ def _import_kernels():
     if not ON_GPU:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        return [importlib.import_module(f"model.attention_{name}") for name in ("flash", "int8", "lsh")]
+        return [importlib.import_module(f"model.kernels.{name}") for name in ("flash", "int8", "lsh")]
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -38,8 +38,10 @@ def _import_kernels():
 
 flash_mod, int8_mod, lsh_mod = _import_kernels()
 if not ON_GPU and type(flash_mod._attn_fwd).__name__ != "InterpretedFunction":
-    raise RuntimeError("model.attention_flash was imported before TRITON_INTERPRET=1 was set: its kernels are "
-                       "compiled for a GPU and cannot run on CPU; import it only through this module or attend()")
+    raise RuntimeError(
+        "model.kernels.flash was imported before TRITON_INTERPRET=1 was set: its kernels are "
+        "compiled for a GPU and cannot run on CPU; import it only through this module or attend()"
+    )
 flash_attention, int8_attention = flash_mod.flash_attention, int8_mod.int8_attention
 lsh_attention = lsh_mod.lsh_attention
 
@@ -66,6 +68,7 @@ def _interpreter_and_poison(monkeypatch):
             if t.is_floating_point():
                 return t.fill_(float("nan"))
             return t.fill_(torch.iinfo(t.dtype).min) if t.dtype != torch.bool else t
+
         return make
 
     _device_constructors()  # cache the real torch.empty first, or `with torch.device("meta")` misses it later
@@ -80,6 +83,7 @@ def make_inputs(b, h, tq, tk, d, dtype=torch.float32, *, mask=None, transposed=F
     keys off, and batch row 0 fully masked at the front, so causal rows there see no key).
     transposed: q, k, v as the Transformer makes them, (B,T,H,D) memory seen as (B,H,T,D).
     """
+
     def rand(t):
         if transposed:
             return torch.randn(b, t, h, d, device=DEVICE).transpose(1, 2).to(dtype)
@@ -105,8 +109,9 @@ def forward_backward(fn, q, k, v, d_out):
 
 
 def reference64(q, k, v, d_out, **kw):
-    return forward_backward(lambda a, b, c: reference_attention(a, b, c, **kw)[0],
-                            *(x.double() for x in (q, k, v, d_out)))
+    return forward_backward(
+        lambda a, b, c: reference_attention(a, b, c, **kw)[0], *(x.double() for x in (q, k, v, d_out))
+    )
 
 
 def max_errors(got, expected):
@@ -145,12 +150,20 @@ def assert_within_twice_torch(dtype, b, h, tq, tk, d, causal, mask, transposed=F
     d_out = torch.randn_like(q)
     expected = reference64(q, k, v, d_out, key_mask=key_mask, causal=causal)
     low = [x.to(dtype) for x in (q, k, v, d_out)]
-    ours = max_errors(forward_backward(
-        lambda a, b, c: flash_attention(a, b, c, key_mask=key_mask, causal=causal), *low[:3], low[3]), expected)
+    ours = max_errors(
+        forward_backward(lambda a, b, c: flash_attention(a, b, c, key_mask=key_mask, causal=causal), *low[:3], low[3]),
+        expected,
+    )
     # Two baselines, as each has its weak spot (fp16 SDPA on CPU with fully masked rows, for one).
-    torch_errors = [max_errors(forward_backward(
-        lambda a, b, c: attend(a, b, c, key_mask=key_mask, causal=causal, backend=name), *low[:3], low[3]), expected)
-        for name in ("sdpa", "reference")]
+    torch_errors = [
+        max_errors(
+            forward_backward(
+                lambda a, b, c: attend(a, b, c, key_mask=key_mask, causal=causal, backend=name), *low[:3], low[3]
+            ),
+            expected,
+        )
+        for name in ("sdpa", "reference")
+    ]
     for name, err, sdpa_err, ref_err in zip(("out", "dq", "dk", "dv"), ours, *torch_errors):
         assert err <= 2 * min(sdpa_err, ref_err), (name, err, sdpa_err, ref_err)
 
@@ -214,8 +227,10 @@ def test_lsh_buckets_find_the_keys_that_matter():
     """Clustered queries and keys: nearly all attention mass is within each cluster, so bucketing keeps it."""
     b, h, t, d, n_clusters = 1, 2, 96, 32, 4
     centers = F.normalize(torch.randn(n_clusters, d, device=DEVICE), dim=-1) * 8  # in-cluster scores ~11
-    q, k = (centers[torch.randint(n_clusters, (b, h, t), device=DEVICE)] + 0.1 * torch.randn(b, h, t, d, device=DEVICE)
-            for _ in range(2))
+    q, k = (
+        centers[torch.randint(n_clusters, (b, h, t), device=DEVICE)] + 0.1 * torch.randn(b, h, t, d, device=DEVICE)
+        for _ in range(2)
+    )
     v = torch.randn(b, h, t, d, device=DEVICE)
     exact = reference_attention(q.double(), k.double(), v.double())[0]
     got = lsh_attention(q, k, v, n_buckets=8)
@@ -247,13 +262,18 @@ def test_inference_kernels_refuse_backward_clearly(fn, name):
         out.sum().backward()
 
 
-@pytest.mark.parametrize("backend, fn", [("flash", flash_attention), ("flash-int8", int8_attention),
-                                         ("flash-lsh", lsh_attention)])
+@pytest.mark.parametrize(
+    "backend, fn", [("flash", flash_attention), ("flash-int8", int8_attention), ("flash-lsh", lsh_attention)]
+)
 def test_attend_runs_each_kernel_backend(backend, fn):
     q, k, v, key_mask = make_inputs(2, 2, 19, 23, 32, mask="pad")
-    assert choose_backend(q, backend) == (backend, "requested (approximate)" if fn is not flash_attention else "requested")
-    torch.testing.assert_close(attend(q, k, v, key_mask=key_mask, causal=True, backend=backend),
-                               fn(q, k, v, key_mask=key_mask, causal=True))
+    assert choose_backend(q, backend) == (
+        backend,
+        "requested (approximate)" if fn is not flash_attention else "requested",
+    )
+    torch.testing.assert_close(
+        attend(q, k, v, key_mask=key_mask, causal=True, backend=backend), fn(q, k, v, key_mask=key_mask, causal=True)
+    )
 
 
 def test_dispatch_reasons_and_refusals(monkeypatch):
@@ -261,9 +281,11 @@ def test_dispatch_reasons_and_refusals(monkeypatch):
     assert choose_backend(q)[0] == "sdpa"  # auto uses the kernels on CUDA only
     name, reason = choose_backend(q, "flash", dropout=0.1)
     assert name == "sdpa" and "dropout" in reason
-    for bad, message in [(torch.randn(1, 2, 4, 16, dtype=torch.float64), "float16, bfloat16 or float32"),
-                         (torch.randn(1, 2, 4, 16, dtype=torch.bfloat16), "bfloat16 needs a GPU"),
-                         (torch.randn(1, 2, 4, 160), "head_dim 160 is over 128")]:
+    for bad, message in [
+        (torch.randn(1, 2, 4, 16, dtype=torch.float64), "float16, bfloat16 or float32"),
+        (torch.randn(1, 2, 4, 16, dtype=torch.bfloat16), "bfloat16 needs a GPU"),
+        (torch.randn(1, 2, 4, 160), "head_dim 160 is over 128"),
+    ]:
         with pytest.raises(ValueError, match=message):
             choose_backend(bad, "flash")
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -344,8 +366,15 @@ def test_onnx_export_holds_exact_attention(dynamo):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tq, tk, d, causal, mask", [(300, 300, 128, False, "pad"), (300, 300, 64, True, "holes"),
-                                                     (200, 517, 64, True, "holes"), (517, 200, 32, True, "pad")])
+@pytest.mark.parametrize(
+    "tq, tk, d, causal, mask",
+    [
+        (300, 300, 128, False, "pad"),
+        (300, 300, 64, True, "holes"),
+        (200, 517, 64, True, "holes"),
+        (517, 200, 32, True, "pad"),
+    ],
+)
 def test_flash_on_gpu_tiles_within_twice_torch(tq, tk, d, causal, mask, dtype):
     """The GPU's large tiles, several per sequence, in both half-precision types."""
     assert_within_twice_torch(dtype, 2, 4, tq, tk, d, causal, mask)

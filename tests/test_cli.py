@@ -17,24 +17,94 @@ from compress.cli import main
 from model import load
 from model.io import load_tensors
 
-ARGS = ["pretrain", "--preset", "tiny", "--steps", "6", "--batch-size", "4", "--max-len", "32",
-        "--checkpoint-every", "2"]
-SUBJECTS = ["parser", "compiler", "module", "function", "library", "reader", "interpreter", "socket", "thread",
-            "buffer", "table", "queue", "server", "client", "archive", "decoder", "scheduler", "cache"]
-VERBS = ["reads", "writes", "returns", "checks", "builds", "opens", "closes", "sorts", "keeps", "drops",
-         "sends", "receives", "parses", "stores", "formats", "validates"]
-ADJECTIVES = ["small", "large", "empty", "sorted", "hidden", "public", "shared", "quick", "careful", "simple",
-              "broken", "nested", "frozen", "temporary", "remote", "local"]
-ENDINGS = ["before the next call", "when the file is closed", "after every request", "without copying the data",
-           "in a background thread", "once the timeout expires", "unless the caller objects"]
+ARGS = [
+    "pretrain",
+    "--preset",
+    "tiny",
+    "--steps",
+    "6",
+    "--batch-size",
+    "4",
+    "--max-len",
+    "32",
+    "--checkpoint-every",
+    "2",
+]
+SUBJECTS = [
+    "parser",
+    "compiler",
+    "module",
+    "function",
+    "library",
+    "reader",
+    "interpreter",
+    "socket",
+    "thread",
+    "buffer",
+    "table",
+    "queue",
+    "server",
+    "client",
+    "archive",
+    "decoder",
+    "scheduler",
+    "cache",
+]
+VERBS = [
+    "reads",
+    "writes",
+    "returns",
+    "checks",
+    "builds",
+    "opens",
+    "closes",
+    "sorts",
+    "keeps",
+    "drops",
+    "sends",
+    "receives",
+    "parses",
+    "stores",
+    "formats",
+    "validates",
+]
+ADJECTIVES = [
+    "small",
+    "large",
+    "empty",
+    "sorted",
+    "hidden",
+    "public",
+    "shared",
+    "quick",
+    "careful",
+    "simple",
+    "broken",
+    "nested",
+    "frozen",
+    "temporary",
+    "remote",
+    "local",
+]
+ENDINGS = [
+    "before the next call",
+    "when the file is closed",
+    "after every request",
+    "without copying the data",
+    "in a background thread",
+    "once the timeout expires",
+    "unless the caller objects",
+]
 
 
 def paragraph(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.randint(5, 8)):
         a, b = rng.sample(SUBJECTS, 2)
-        sentences.append(f"The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} a {rng.choice(ADJECTIVES)} {b} "
-                         f"{rng.choice(ENDINGS)}.")
+        sentences.append(
+            f"The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} a {rng.choice(ADJECTIVES)} {b} "
+            f"{rng.choice(ENDINGS)}."
+        )
     return " ".join(sentences)
 
 
@@ -66,7 +136,7 @@ def trained(corpus, tmp_path_factory):
 def table_row(stdout: str, name: str) -> list[float]:
     rows = [line for line in stdout.splitlines() if line.startswith(name + " ")]
     assert len(rows) == 1, f"expected one {name!r} row in:\n{stdout}"
-    return [float(x) for x in rows[0][len(name):].split()]
+    return [float(x) for x in rows[0][len(name) :].split()]
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -200,7 +270,11 @@ def test_missing_corpus_exits_2_from_a_real_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "compress.cli", *ARGS, "--corpus", str(missing)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 2
     assert str(missing) in done.stderr
@@ -318,8 +392,20 @@ def finetuned(trained, shared_data, tmp_path_factory):
     """The tiny pretrained model fine-tuned on 300 SST-2 rows through the CLI, once per module: (code, stdout, stderr, out)."""
     if "run" not in _FINETUNED:
         out = tmp_path_factory.mktemp("finetune") / "sst2"
-        code, stdout, stderr = run_main(["finetune", "--task", "sst2", "--model", str(trained[3]),
-                                         "--data", str(shared_data / "glue"), "--out", str(out), *FINETUNE])
+        code, stdout, stderr = run_main(
+            [
+                "finetune",
+                "--task",
+                "sst2",
+                "--model",
+                str(trained[3]),
+                "--data",
+                str(shared_data / "glue"),
+                "--out",
+                str(out),
+                *FINETUNE,
+            ]
+        )
         _FINETUNED["run"] = code, stdout, stderr, out
     return _FINETUNED["run"]
 
@@ -334,10 +420,10 @@ def one_error_line(stderr: str, command: str) -> str:
 def test_the_cli_task_and_mode_lists_match_the_library():
     from compress.cli import ONNX_MODES, PARALLELS, TASKS
     from compress.evaluate import glue
-    from model import train
-    from model.ort_quantize import MODES
+    from model.onnx.ort_quantize import MODES
+    from model.training import loop as train
 
-    assert TASKS == (*glue.TASKS, "squad")
+    assert (*glue.TASKS, "squad") == TASKS
     assert set(ONNX_MODES) == {"none", *MODES}
     assert PARALLELS == train.PARALLELS
 
@@ -367,13 +453,22 @@ def test_a_bad_quantize_mode_is_refused_by_the_parser(capsys, tmp_path, mode, me
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["finetune", "--task", "sst2", "--model", "{missing}", "--data", "{glue}"], "model folder {missing} does not exist"),
+        (
+            ["finetune", "--task", "sst2", "--model", "{missing}", "--data", "{glue}"],
+            "model folder {missing} does not exist",
+        ),
         (["finetune", "--task", "sst2", "--model", "{empty}", "--data", "{glue}"], "config.json is missing"),
-        (["finetune", "--task", "sst2", "--model", "{model}", "--data", "{empty}"], "expected SST-2/train.tsv under {empty}"),
+        (
+            ["finetune", "--task", "sst2", "--model", "{model}", "--data", "{empty}"],
+            "expected SST-2/train.tsv under {empty}",
+        ),
         (["finetune", "--task", "squad", "--model", "{model}", "--data", "{empty}"], "must hold one SQuAD JSON file"),
         (["eval", "--task", "mrpc", "--model", "{model}", "--data", "{empty}"], "expected MRPC/dev.tsv under {empty}"),
         (["eval", "--task", "sst2", "--model", "{model}", "--data", "{glue}"], "needs a 'classify' head"),
-        (["eval", "--task", "sst2", "--onnx", "{missing}.onnx", "--data", "{glue}"], "ONNX file {missing}.onnx does not exist"),
+        (
+            ["eval", "--task", "sst2", "--onnx", "{missing}.onnx", "--data", "{glue}"],
+            "ONNX file {missing}.onnx does not exist",
+        ),
         (["eval", "--task", "sst2", "--onnx", "{model}/config.json", "--data", "{glue}"], "is not an .onnx file"),
         (["export", "--model", "{empty}"], "config.json is missing"),
         (["export", "--model", "{model}/config.json"], "is a file; load() takes the folder"),
@@ -382,7 +477,12 @@ def test_a_bad_quantize_mode_is_refused_by_the_parser(capsys, tmp_path, mode, me
     ],
 )
 def test_bad_usage_exits_2_with_one_line(trained, shared_data, tmp_path, argv, expected):
-    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "glue": shared_data / "glue", "model": trained[3]}
+    places = {
+        "missing": tmp_path / "missing",
+        "empty": tmp_path / "empty",
+        "glue": shared_data / "glue",
+        "model": trained[3],
+    }
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     argv = [arg.format(**places) for arg in argv] + (["--out", str(out)] if argv[0] in ("finetune", "export") else [])
@@ -429,9 +529,27 @@ def test_finetune_squad_holds_out_the_last_article(trained, shared_data, tmp_pat
     articles = json.loads(path.read_text())["data"]
     held_out = sum(len(p["qas"]) for p in articles[-1]["paragraphs"])
     out = tmp_path / "qa"
-    code, stdout, stderr = run_main(["finetune", "--task", "squad", "--model", str(trained[3]), "--data", str(path),
-                                     "--out", str(out), "--steps", "2", "--batch-size", "4", "--max-len", "128",
-                                     "--train-rows", "40"])
+    code, stdout, stderr = run_main(
+        [
+            "finetune",
+            "--task",
+            "squad",
+            "--model",
+            str(trained[3]),
+            "--data",
+            str(path),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-len",
+            "128",
+            "--train-rows",
+            "40",
+        ]
+    )
     assert code == 0, stderr
     dev = json.loads((out / "manifest.json").read_text())["finetune"]["dev"]
     assert dev["total"] == held_out and dev["HasAns_total"] + dev["NoAns_total"] == held_out
@@ -445,8 +563,23 @@ def test_eval_prints_what_glue_evaluate_returns(finetuned, shared_data, tmp_path
     code, _, stderr, out = finetuned
     assert code == 0, stderr
     report = tmp_path / "eval.json"
-    code, stdout, stderr = run_main(["eval", "--model", str(out), "--task", "sst2", "--data", str(shared_data / "glue"),
-                                     "--rows", "200", "--max-len", "32", "--json", str(report)])
+    code, stdout, stderr = run_main(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--task",
+            "sst2",
+            "--data",
+            str(shared_data / "glue"),
+            "--rows",
+            "200",
+            "--max-len",
+            "32",
+            "--json",
+            str(report),
+        ]
+    )
     assert code == 0, stderr
     model = load(out)
     expected = glue.evaluate(model, "sst2", "dev", shared_data / "glue", max_len=32, limit=200, progress=False)
@@ -469,7 +602,9 @@ def test_export_int8_dynamic_loads_in_onnxruntime_and_matches_pytorch(finetuned,
     code, _, stderr, out = finetuned
     assert code == 0, stderr
     onnx_dir = tmp_path / "onnx"
-    code, stdout, stderr = run_main(["export", "--model", str(out), "--out", str(onnx_dir), "--quantize", "int8-dynamic"])
+    code, stdout, stderr = run_main(
+        ["export", "--model", str(out), "--out", str(onnx_dir), "--quantize", "int8-dynamic"]
+    )
     assert code == 0, stderr
     fp32, int8 = onnx_dir / "model.onnx", onnx_dir / "model-int8-dynamic.onnx"
     listed = {line.split()[0]: int(line.split()[1]) for line in stdout.splitlines() if line.startswith(str(onnx_dir))}
@@ -487,7 +622,10 @@ def test_export_int8_dynamic_loads_in_onnxruntime_and_matches_pytorch(finetuned,
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feeds = {i.name: batch[i.name].numpy() for i in session.get_inputs()}
         results[path] = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-    for name, want in (("hidden_states", expected.hidden_states), ("classify_logits", expected.head_logits["classify"])):
+    for name, want in (
+        ("hidden_states", expected.hidden_states),
+        ("classify_logits", expected.head_logits["classify"]),
+    ):
         assert np.abs(results[fp32][name] - want.numpy()).max() <= 1e-4
         noise = results[int8][name] - results[fp32][name]
         sqnr = 10 * np.log10((results[fp32][name] ** 2).sum() / (noise**2).sum())
@@ -501,8 +639,21 @@ def test_eval_runs_an_onnx_export_like_the_pytorch_model(finetuned, shared_data,
     code, _, stderr, out = finetuned
     assert code == 0, stderr
     assert run_main(["export", "--model", str(out), "--out", str(tmp_path / "onnx")])[0] == 0
-    code, stdout, stderr = run_main(["eval", "--onnx", str(tmp_path / "onnx" / "model.onnx"), "--task", "sst2",
-                                     "--data", str(shared_data / "glue"), "--rows", "200", "--max-len", "32"])
+    code, stdout, stderr = run_main(
+        [
+            "eval",
+            "--onnx",
+            str(tmp_path / "onnx" / "model.onnx"),
+            "--task",
+            "sst2",
+            "--data",
+            str(shared_data / "glue"),
+            "--rows",
+            "200",
+            "--max-len",
+            "32",
+        ]
+    )
     assert code == 0, stderr
     expected = glue.evaluate(load(out), "sst2", "dev", shared_data / "glue", max_len=32, limit=200, progress=False)
     assert table_row(stdout, "accuracy") == [pytest.approx(expected["accuracy"], abs=5e-7)]
@@ -513,8 +664,23 @@ def test_bench_times_pytorch_and_onnx_runtime_side_by_side(finetuned):
     code, _, stderr, out = finetuned
     assert code == 0, stderr
     threads = torch.get_num_threads()
-    code, stdout, stderr = run_main(["bench", "--model", str(out), "--seq-len", "16", "--rounds", "2", "--repeat", "3",
-                                     "--warmup", "1", "--threads", "2"])
+    code, stdout, stderr = run_main(
+        [
+            "bench",
+            "--model",
+            str(out),
+            "--seq-len",
+            "16",
+            "--rounds",
+            "2",
+            "--repeat",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "2",
+        ]
+    )
     assert code == 0, stderr
     assert torch.get_num_threads() == threads  # --threads is restored afterwards
     runtimes = ("PyTorch eager fp32 (cpu)", "ONNX Runtime fp32", "ONNX Runtime int8 dynamic")
@@ -526,7 +692,9 @@ def test_bench_times_pytorch_and_onnx_runtime_side_by_side(finetuned):
         assert 0 < p50 <= p90
         for ratio, mine, theirs in ((x50, p50, base[0]), (x90, p90, base[1])):
             assert (theirs - half) / (mine + half) - 0.005 <= ratio <= (theirs + half) / max(mine - half, 1e-9) + 0.005
-    code, stdout, _ = run_main(["bench", "--model", str(out), "--no-onnx", "--seq-len", "16", "--rounds", "1", "--repeat", "2"])
+    code, stdout, _ = run_main(
+        ["bench", "--model", str(out), "--no-onnx", "--seq-len", "16", "--rounds", "1", "--repeat", "2"]
+    )
     assert code == 0 and "ONNX Runtime" not in stdout and table_row(stdout, "PyTorch eager fp32 (cpu)")[2] == 1.0
 
 
@@ -546,7 +714,9 @@ def test_export_leaves_the_root_logger_alone(finetuned, tmp_path):
         "sys.exit(code)\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no INFO lines, no "consider pre-processing" warnings
     assert (tmp_path / "onnx" / "model-int4.onnx").is_file()
@@ -561,8 +731,12 @@ def test_the_readme_cli_examples_parse():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
-    lines = [line for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL) for line in block.splitlines()
-             if line.startswith("flashlite ")]
+    lines = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+        for line in block.splitlines()
+        if line.startswith("flashlite ")
+    ]
     assert {shlex.split(line)[1] for line in lines} >= set(HELP_OPTIONS)  # one example per subcommand at least
     parser = build_parser()
     for line in lines:

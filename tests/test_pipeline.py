@@ -127,12 +127,14 @@ def test_the_design_api_runs_end_to_end_on_tiny(tmp_path):
 
     teacher = Transformer(Config.preset("tiny"))
     batches = [{**b, "decoder_input_ids": b["input_ids"][:, :5]} for b in data(teacher.config, n=4)]
-    pipeline = Pipeline([
-        Share(layers_per_group=2, embed_dim=32),
-        Prune(heads=0.5, ffn=0.5),
-        Distill(steps=3, temperature=2.0, progress=False),
-        Quantize("int8"),
-    ])
+    pipeline = Pipeline(
+        [
+            Share(layers_per_group=2, embed_dim=32),
+            Prune(heads=0.5, ffn=0.5),
+            Distill(steps=3, temperature=2.0, progress=False),
+            Quantize("int8"),
+        ]
+    )
     lite = pipeline.run(teacher, data=batches)
     assert [s.name for s in pipeline.stages] == ["input", "Share", "Prune", "Distill", "Quantize"]
     assert pipeline.stages[-1].size_bytes < pipeline.stages[0].size_bytes / 4

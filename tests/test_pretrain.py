@@ -7,9 +7,9 @@ import tokenizers
 import torch
 
 from model.config import Config
-from model.corpus import builtin_corpus
-from model.objectives import PretrainingData
-from model.pretrain import evaluate_losses, pretrain
+from model.data.corpus import builtin_corpus
+from model.training.objectives import PretrainingData
+from model.training.pretrain import evaluate_losses, pretrain
 
 STEPS = 40
 
@@ -84,7 +84,9 @@ def test_heads_follow_the_pair_task(sop, single):
 def test_the_same_seed_repeats_exactly(documents, single):
     again = run(documents, pair_task=None)
     # The tokenizer is trained inside pretrain(), so it must come out the same too.
-    assert again.model.tokenizer.get_vocab() == single.model.tokenizer.get_vocab(), "train_tokenizer is not deterministic"
+    assert again.model.tokenizer.get_vocab() == single.model.tokenizer.get_vocab(), (
+        "train_tokenizer is not deterministic"
+    )
     assert len(again.train.losses) == 4
     assert again.train.losses == single.train.losses
     assert again.eval_before == single.eval_before and again.eval_after == single.eval_after
@@ -118,8 +120,9 @@ def test_holdout_outside_the_open_unit_interval_is_refused(documents, holdout):
 )
 def test_evaluate_losses_reports_the_supervised_heads(sop, documents, pair_task, denoise, expected):
     model = sop.model
-    data = PretrainingData(documents[:40], model.tokenizer, max_len=64, batch_size=8, pair_task=pair_task,
-                           denoise=denoise, seed=5)
+    data = PretrainingData(
+        documents[:40], model.tokenizer, max_len=64, batch_size=8, pair_task=pair_task, denoise=denoise, seed=5
+    )
     assert len(data) >= 2
     losses = evaluate_losses(model, data, 2)
     assert set(losses) == expected
@@ -131,8 +134,9 @@ def test_evaluate_losses_reports_the_supervised_heads(sop, documents, pair_task,
 
 def test_evaluate_losses_caps_the_batches_and_keeps_the_mode(sop, documents):
     model = sop.model
-    data = PretrainingData(documents[:20], model.tokenizer, max_len=64, batch_size=8, pair_task=None,
-                           denoise=False, seed=5)
+    data = PretrainingData(
+        documents[:20], model.tokenizer, max_len=64, batch_size=8, pair_task=None, denoise=False, seed=5
+    )
     n = len(data)
     assert 1 <= n < 100
     model.train()

@@ -30,8 +30,13 @@ def expected_params(c: Config) -> int:
     for shapes, share, cross in ((c.encoder, c.encoder_share, False), (c.decoder, c.decoder_share, True)):
         n += sum(block(shapes[share.index(b)], cross) for b in set(share))
         n += 2 * d if shapes and c.norm == "pre" else 0
-    heads = {"mlm": d * d + d + 2 * d + c.vocab_size, "lm": c.vocab_size, "pair": 2 * d + 2, "qa": 2 * d + 2,
-             "classify": d * c.n_labels + c.n_labels}
+    heads = {
+        "mlm": d * d + d + 2 * d + c.vocab_size,
+        "lm": c.vocab_size,
+        "pair": 2 * d + 2,
+        "qa": 2 * d + 2,
+        "classify": d * c.n_labels + c.n_labels,
+    }
     n += sum(heads[h] for h in c.heads)
     n += d * d + d if {"pair", "classify"} & set(c.heads) else 0
     return n
@@ -60,8 +65,11 @@ def batch_for(model: Transformer, seed: int = 0) -> dict:
 def outputs(model: Transformer, batch: dict) -> list[torch.Tensor]:
     with torch.no_grad():
         out = model.eval()(**batch)
-    return [out.hidden_states, *([out.decoder_hidden_states] if out.decoder_hidden_states is not None else []),
-            *out.head_logits.values()]
+    return [
+        out.hidden_states,
+        *([out.decoder_hidden_states] if out.decoder_hidden_states is not None else []),
+        *out.head_logits.values(),
+    ]
 
 
 def ctx_for(model: Transformer, n: int = 2) -> Context:
@@ -325,8 +333,9 @@ def test_pruned_model_trains_and_round_trips_bit_identically(tmp_path):
     pruned = Prune(heads=0.5, ffn=0.5, hidden=0.25, layers=1, steps=2)(model, ctx_for(model))
     batch = batch_for(pruned)
     pruned.train()
-    labels = dict(mlm_labels=batch["input_ids"], pair_labels=torch.tensor([0, 1]),
-                  decoder_labels=batch["decoder_input_ids"])
+    labels = dict(
+        mlm_labels=batch["input_ids"], pair_labels=torch.tensor([0, 1]), decoder_labels=batch["decoder_input_ids"]
+    )
     out = pruned(**batch, **labels)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pruned.parameters())
@@ -349,8 +358,10 @@ def test_prune_runs_in_a_pipeline():
 
 def test_taylor_with_labels_runs_deterministically():
     model = tiny()
-    data = [{**batch_for(model, s), "mlm_labels": batch_for(model, s)["input_ids"], "pair_labels": torch.tensor([0, 1])}
-            for s in range(2)]
+    data = [
+        {**batch_for(model, s), "mlm_labels": batch_for(model, s)["input_ids"], "pair_labels": torch.tensor([0, 1])}
+        for s in range(2)
+    ]
     ctx = Context(data=data, teacher=model, seed=3)
     a, b = (Prune(ffn=0.5, hidden=0.25, importance="taylor")(model, ctx) for _ in range(2))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -362,10 +373,18 @@ def test_taylor_with_labels_runs_deterministically():
 @pytest.mark.parametrize(
     "settings, name",
     [
-        (dict(heads=1.0), "heads"), (dict(heads=-0.1), "heads"), (dict(ffn=1.5), "ffn"), (dict(hidden=1.0), "hidden"),
-        (dict(layers=-1), "layers"), (dict(importance="l1"), "importance"), (dict(steps=0), "steps"),
-        (dict(round_to=0), "round_to"), (dict(params=1.5), "params"), (dict(params=0), "params"),
-        (dict(params=0.5, heads=0.5), "params"), (dict(batches=0), "batches"),
+        (dict(heads=1.0), "heads"),
+        (dict(heads=-0.1), "heads"),
+        (dict(ffn=1.5), "ffn"),
+        (dict(hidden=1.0), "hidden"),
+        (dict(layers=-1), "layers"),
+        (dict(importance="l1"), "importance"),
+        (dict(steps=0), "steps"),
+        (dict(round_to=0), "round_to"),
+        (dict(params=1.5), "params"),
+        (dict(params=0), "params"),
+        (dict(params=0.5, heads=0.5), "params"),
+        (dict(batches=0), "batches"),
     ],
 )
 def test_invalid_settings_are_refused_naming_the_setting(settings, name):
@@ -407,11 +426,11 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def sentences(minilm):
-    from model.corpus import builtin_corpus
-    from model.tokenizer import encode
+    from model.data.corpus import builtin_corpus
+    from model.data.tokenizer import encode
 
     texts = [doc.split(". ")[0] for doc in builtin_corpus(max_documents=40)][:16]
-    return [encode(minilm.tokenizer, texts[i:i + 8], max_len=32) for i in (0, 8)]
+    return [encode(minilm.tokenizer, texts[i : i + 8], max_len=32) for i in (0, 8)]
 
 
 def mean_pooled(model, batch):

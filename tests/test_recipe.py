@@ -16,7 +16,9 @@ def test_builtin_recipes_parse_into_passes():
 
 def test_a_recipe_file_round_trips_its_settings(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("passes:\n  - prune: {heads: 0.5}\n  - distill: {steps: 7, layer_map: [1, 1]}\ndata: {max_len: 32}\n")
+    path.write_text(
+        "passes:\n  - prune: {heads: 0.5}\n  - distill: {steps: 7, layer_map: [1, 1]}\ndata: {max_len: 32}\n"
+    )
     recipe = load_recipe(path)
     assert recipe == Recipe(passes=(Prune(heads=0.5), Distill(steps=7, layer_map=(1, 1))), data=recipe.data)
     assert recipe.data.max_len == 32 and recipe.data.batch_size == 16
@@ -25,7 +27,11 @@ def test_a_recipe_file_round_trips_its_settings(tmp_path):
 @pytest.mark.parametrize(
     "text, error, message",
     [
-        ("passes:\n  - prune: {head: 0.5}\n", ValueError, r"passes\[0\]\.prune: unknown setting\(s\) \['head'\]; allowed: heads, ffn"),
+        (
+            "passes:\n  - prune: {head: 0.5}\n",
+            ValueError,
+            r"passes\[0\]\.prune: unknown setting\(s\) \['head'\]; allowed: heads, ffn",
+        ),
         ("passes:\n  - prune: {heads: half}\n", TypeError, r"passes\[0\]\.prune: .*heads"),
         ("passes:\n  - distill: {steps: 0}\n", ValueError, r"passes\[0\]\.distill: .*steps"),
         ("passes:\n  - squeeze: {}\n", ValueError, "unknown pass 'squeeze'; allowed: share, prune, distill, quantize"),

@@ -20,15 +20,26 @@ def _stages():
 
 
 def test_report_files(tmp_path):
-    paths = write_report(_stages(), tmp_path / "out", latencies={"input": 20.0, "Share": {"p50_ms": 18.0, "p90_ms": 30.0},
-                                                                  "Quantize": 10.0})
+    paths = write_report(
+        _stages(),
+        tmp_path / "out",
+        latencies={"input": 20.0, "Share": {"p50_ms": 18.0, "p90_ms": 30.0}, "Quantize": 10.0},
+    )
     assert set(paths) == {"json", "markdown", "size_plot", "latency_plot"}
     report = json.loads(paths["json"].read_text())
     assert report["metric"] == "accuracy"
     assert [s["name"] for s in report["stages"]] == ["input", "Share", "Quantize"]
     share = report["stages"][1]
-    assert share == {"name": "Share", "settings": {"layers_per_group": 2}, "params": 22_700_000, "unique_params": 11_000_000,
-                     "size_bytes": 44_000_000, "metrics": {"accuracy": 0.88}, "latency_ms": 18.0, "seconds": 12.5}
+    assert share == {
+        "name": "Share",
+        "settings": {"layers_per_group": 2},
+        "params": 22_700_000,
+        "unique_params": 11_000_000,
+        "size_bytes": 44_000_000,
+        "metrics": {"accuracy": 0.88},
+        "latency_ms": 18.0,
+        "seconds": 12.5,
+    }
     for key in ("size_plot", "latency_plot"):
         data = paths[key].read_bytes()
         assert data.startswith(PNG) and len(data) > 5000

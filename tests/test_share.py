@@ -59,7 +59,9 @@ def _assert_round_trip(model: Transformer, batch: dict, folder: Path) -> None:
 def _assert_trains(model: Transformer, batch: dict) -> None:
     model.train()
     out = model(**batch)
-    loss = out.hidden_states.square().mean() + sum(logits.float().square().mean() for logits in out.head_logits.values())
+    loss = out.hidden_states.square().mean() + sum(
+        logits.float().square().mean() for logits in out.head_logits.values()
+    )
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -96,7 +98,9 @@ def test_tiny_pairs_share_encoder_and_decoder_blocks_with_mean_init(tmp_path):
 
     per_use, unique = count_params(model)
     new_per_use, new_unique = count_params(shared)
-    saved_block = _block_params(TINY.dim, TINY.encoder[0], cross=False) + _block_params(TINY.dim, TINY.decoder[0], cross=True)
+    saved_block = _block_params(TINY.dim, TINY.encoder[0], cross=False) + _block_params(
+        TINY.dim, TINY.decoder[0], cross=True
+    )
     assert new_per_use == per_use and unique - new_unique == saved_block
 
     batch = _batch(TINY)
@@ -149,8 +153,12 @@ def test_already_shared_model_is_regrouped_by_position():
     regrouped = share_layers(model, 2)
     assert regrouped.config.encoder_share == (0, 0, 1, 1)
     for key in old[0]:
-        torch.testing.assert_close(regrouped.encoder.blocks[0].state_dict()[key], (old[0][key] + old[1][key]) / 2, rtol=0, atol=1e-7)
-        torch.testing.assert_close(regrouped.encoder.blocks[1].state_dict()[key], (old[1][key] + old[2][key]) / 2, rtol=0, atol=1e-7)
+        torch.testing.assert_close(
+            regrouped.encoder.blocks[0].state_dict()[key], (old[0][key] + old[1][key]) / 2, rtol=0, atol=1e-7
+        )
+        torch.testing.assert_close(
+            regrouped.encoder.blocks[1].state_dict()[key], (old[1][key] + old[2][key]) / 2, rtol=0, atol=1e-7
+        )
 
     coarse = _model(Config.preset("tiny", n_layers=4, encoder_share=(0, 0, 0, 0)))
     split = share_layers(coarse, 2)
@@ -209,10 +217,14 @@ def test_frequency_fit_minimizes_the_error_over_the_data_tokens():
     d = (counts + 1).sqrt()[:, None]
     s = torch.linalg.svdvals(d * w)
     assert error == pytest.approx(float(s[8:].square().sum().sqrt() / (d * w).norm()), rel=1e-9)
-    product = weighted.embeddings.word.weight.detach().double() @ weighted.embeddings.word_proj.weight.detach().double().T
+    product = (
+        weighted.embeddings.word.weight.detach().double() @ weighted.embeddings.word_proj.weight.detach().double().T
+    )
     assert float((d * (w - product)).norm() / (d * w).norm()) == pytest.approx(error, rel=1e-5)
     plain, _ = factorize_embeddings(model, 8)
-    plain_product = plain.embeddings.word.weight.detach().double() @ plain.embeddings.word_proj.weight.detach().double().T
+    plain_product = (
+        plain.embeddings.word.weight.detach().double() @ plain.embeddings.word_proj.weight.detach().double().T
+    )
     frequent_error = (w - product)[:10].norm()
     assert frequent_error < 0.5 * (w - plain_product)[:10].norm()
     assert (d * (w - product)).norm() < (d * (w - plain_product)).norm()
@@ -220,7 +232,9 @@ def test_frequency_fit_minimizes_the_error_over_the_data_tokens():
     even, _ = factorize_embeddings(model, 8, counts=torch.full((TINY.vocab_size,), 7.0))
     even_product = even.embeddings.word.weight.detach().double() @ even.embeddings.word_proj.weight.detach().double().T
     torch.testing.assert_close(even_product, plain_product, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match=f"counts must be {TINY.vocab_size} non-negative token counts; got shape \\(3,\\)"):
+    with pytest.raises(
+        ValueError, match=f"counts must be {TINY.vocab_size} non-negative token counts; got shape \\(3,\\)"
+    ):
         factorize_embeddings(model, 8, counts=torch.ones(3))
 
 
@@ -255,7 +269,9 @@ def test_full_rows_make_the_most_missed_rows_exact_and_refit_the_rest(tmp_path):
     assert not factored.embeddings.word_full.weight[0].any()  # the row every other token reads
     # An unfactorized model holding the corrected table computes the same outputs.
     reference = _model(TINY)
-    reference.load_state_dict({k: v for k, v in factored.state_dict().items() if not k.startswith("embeddings.")}, strict=False)
+    reference.load_state_dict(
+        {k: v for k, v in factored.state_dict().items() if not k.startswith("embeddings.")}, strict=False
+    )
     with torch.no_grad():
         for name in ("position", "token_type", "norm"):
             getattr(reference.embeddings, name).load_state_dict(getattr(factored.embeddings, name).state_dict())
@@ -275,8 +291,9 @@ def test_full_rows_make_the_most_missed_rows_exact_and_refit_the_rest(tmp_path):
     again, _ = factorize_embeddings(factored, 4)
     assert again.config.embed_full_rows == 0 and again.embeddings.word_full is None
     plain_basis = torch.linalg.svd(table, full_matrices=False)[2][:4]
-    torch.testing.assert_close(again.embeddings.word_matrix().detach().double(), table @ plain_basis.T @ plain_basis,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        again.embeddings.word_matrix().detach().double(), table @ plain_basis.T @ plain_basis, rtol=0, atol=1e-5
+    )
 
 
 def test_share_counts_the_full_rows_and_trains_them_but_not_the_zero_row():
@@ -294,7 +311,9 @@ def test_share_counts_the_full_rows_and_trains_them_but_not_the_zero_row():
     ids = batch["input_ids"].clone()
     ids[0, 0] = int(slot.nonzero()[0])  # make sure one corrected token is read
     lite.train()
-    lite(input_ids=ids, attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"]).hidden_states.sum().backward()
+    lite(
+        input_ids=ids, attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"]
+    ).hidden_states.sum().backward()
     read = set(slot[ids].flatten().tolist()) - {0}  # padding positions are looked up too
     moved = {i for i, row in enumerate(lite.embeddings.word_full.weight.grad) if row.any()}
     assert moved == read and read
@@ -319,7 +338,9 @@ def test_share_fits_the_embeddings_to_the_context_data():
     data_fit = Pipeline([Share(embed_dim=8)]).run(model, data=[batch])
     expected, _ = factorize_embeddings(model, 8, counts=token_counts([batch], TINY.vocab_size))
     assert torch.equal(data_fit.embeddings.word.weight, expected.embeddings.word.weight)
-    assert torch.equal(Share(embed_dim=8)(model).embeddings.word.weight, factorize_embeddings(model, 8)[0].embeddings.word.weight)
+    assert torch.equal(
+        Share(embed_dim=8)(model).embeddings.word.weight, factorize_embeddings(model, 8)[0].embeddings.word.weight
+    )
     uniform = Pipeline([Share(embed_dim=8, embed_fit="uniform")]).run(model, data=[batch])
     assert torch.equal(uniform.embeddings.word.weight, factorize_embeddings(model, 8)[0].embeddings.word.weight)
     with pytest.raises(ValueError, match="embed_fit='frequency'\\) needs data"):
@@ -333,7 +354,9 @@ def test_share_and_factorize_compose_on_tiny(tmp_path):
     lite = Share(layers_per_group=2, embed_dim=16)(model)
     assert lite.config.encoder_share == (0, 0) and lite.config.decoder_share == (0, 0) and lite.config.embed_dim == 16
     _, unique = count_params(model)
-    saved_blocks = _block_params(TINY.dim, TINY.encoder[0], cross=False) + _block_params(TINY.dim, TINY.decoder[0], cross=True)
+    saved_blocks = _block_params(TINY.dim, TINY.encoder[0], cross=False) + _block_params(
+        TINY.dim, TINY.decoder[0], cross=True
+    )
     saved_words = TINY.vocab_size * TINY.dim - (TINY.vocab_size * 16 + 16 * TINY.dim)
     assert unique - count_params(lite)[1] == saved_blocks + saved_words
     batch = _batch(TINY)
@@ -346,8 +369,9 @@ def test_pipeline_records_the_smaller_model():
     pipeline = Pipeline([Share(layers_per_group=2, init="closest", embed_dim=32)])
     lite = pipeline.run(_model(TINY), data=[batch])
     assert [s.name for s in pipeline.stages] == ["input", "Share"]
-    assert pipeline.stages[1].settings == dict(layers_per_group=2, init="closest", embed_dim=32, embed_fit="auto", embed_full_rows=0,
-                                               cluster_bits=None)
+    assert pipeline.stages[1].settings == dict(
+        layers_per_group=2, init="closest", embed_dim=32, embed_fit="auto", embed_full_rows=0, cluster_bits=None
+    )
     assert pipeline.stages[1].unique_params < pipeline.stages[0].unique_params
     assert pipeline.stages[1].size_bytes < pipeline.stages[0].size_bytes
     assert lite.config.embed_dim == 32
@@ -355,7 +379,7 @@ def test_pipeline_records_the_smaller_model():
 
 def test_minilm_pairs_and_rank_128(minilm, tmp_path):
     """6 layers, k=2 -> 3 blocks: unique params fall by exactly 3 blocks; words V*384 -> V*128 + 128*384."""
-    from model.tokenizer import encode
+    from model.data.tokenizer import encode
 
     config = minilm.config
     per_use, unique = count_params(minilm)
@@ -431,6 +455,8 @@ def test_settings_that_do_not_fit_the_model_are_named():
         Share(embed_dim=16)(factored)
     wide, narrow = LayerShape(n_heads=4, head_dim=16, ffn_dim=128), LayerShape(n_heads=4, head_dim=16, ffn_dim=96)
     mixed = _model(Config(vocab_size=64, dim=64, encoder=(wide, narrow), heads=("mlm",)))
-    with pytest.raises(ValueError, match=r"encoder layers 0 and 1 cannot share weights: their shapes differ .*ffn_dim=128.*ffn_dim=96"):
+    with pytest.raises(
+        ValueError, match=r"encoder layers 0 and 1 cannot share weights: their shapes differ .*ffn_dim=128.*ffn_dim=96"
+    ):
         Share(layers_per_group=2)(mixed)
     assert math.isfinite(factorize_embeddings(factored, 8)[1])

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from test_quantize import batches, tiny
 from torch import nn
 
 from compress.smoothing import smoothing_factors
-from test_quantize import batches, tiny
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.8])
@@ -15,11 +15,17 @@ def test_factors_are_the_smoothquant_formula_over_real_tokens(alpha):
     for batch in data:
         batch["decoder_attention_mask"] = torch.ones_like(batch["decoder_input_ids"])
         batch["decoder_attention_mask"][1, -2:] = 0  # decoder padding, on its own mask
-    names = ["encoder.blocks.0.self_attn.q_proj", "encoder.blocks.1.ffn.down", "decoder.blocks.0.self_attn.v_proj",
-             "decoder.blocks.1.cross_attn.k_proj"]  # the cross-attention keys read the encoder's (masked) states
+    names = [
+        "encoder.blocks.0.self_attn.q_proj",
+        "encoder.blocks.1.ffn.down",
+        "decoder.blocks.0.self_attn.v_proj",
+        "decoder.blocks.1.cross_attn.k_proj",
+    ]  # the cross-attention keys read the encoder's (masked) states
     seen = {name: [] for name in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].detach()))
-             for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].detach()))
+        for n in names
+    ]
     with torch.no_grad():
         for batch in data:
             model(**batch)
@@ -27,7 +33,11 @@ def test_factors_are_the_smoothquant_formula_over_real_tokens(alpha):
         hook.remove()
     factors = smoothing_factors(model, names, data, alpha)
     for name in names:
-        key = "decoder_attention_mask" if name.startswith("decoder.") and "cross_attn.k_proj" not in name else "attention_mask"
+        key = (
+            "decoder_attention_mask"
+            if name.startswith("decoder.") and "cross_attn.k_proj" not in name
+            else "attention_mask"
+        )
         real = torch.cat([x[batch[key].bool()] for x, batch in zip(seen[name], data)]).double()
         w = model.get_submodule(name).weight.detach().double()
         expected = real.abs().amax(0) ** alpha / w.abs().amax(0) ** (1 - alpha)

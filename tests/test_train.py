@@ -7,7 +7,7 @@ import torch
 from interrupt import Interrupt, stop_at
 
 from model.config import Config
-from model.train import NonFiniteError, TrainConfig, train
+from model.training.loop import NonFiniteError, TrainConfig, train
 from model.transformer import Transformer
 
 CONFIG = Config.preset("tiny", decoder_layers=0, heads=("mlm",))  # dropout stays on: RNG state must resume too
@@ -145,7 +145,9 @@ def test_shuffling_dataloader_resumes_exactly(tmp_path):
     straight = train(fresh_model(0), loader, run(), callback=sampling_callback)
     with pytest.raises(Interrupt):
         train(fresh_model(0), loader, run(checkpoint_dir=str(tmp_path), checkpoint_every=2), callback=stop_at(3))
-    resumed = train(fresh_model(5), loader, run(checkpoint_dir=str(tmp_path), checkpoint_every=2), callback=sampling_callback)
+    resumed = train(
+        fresh_model(5), loader, run(checkpoint_dir=str(tmp_path), checkpoint_every=2), callback=sampling_callback
+    )
     assert resumed.resumed_from == 2 and resumed.losses == straight.losses
 
 
@@ -157,4 +159,6 @@ def test_one_shot_iterator_that_runs_out_is_named():
 def test_resuming_with_other_settings_is_refused(tmp_path):
     train(fresh_model(0), make_batches(), run(steps=2, checkpoint_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="written with lr=0.001 but this run has lr=0.002"):
-        train(fresh_model(0), make_batches(), TrainConfig(steps=2, lr=2e-3, progress=False, checkpoint_dir=str(tmp_path)))
+        train(
+            fresh_model(0), make_batches(), TrainConfig(steps=2, lr=2e-3, progress=False, checkpoint_dir=str(tmp_path))
+        )

@@ -14,10 +14,10 @@ def batch_for(config, b=3, t=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, config.vocab_size, (b, t), generator=g)
     mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, t - 4:] = 0
-    ids[1, t - 4:] = config.pad_id
+    mask[1, t - 4 :] = 0
+    ids[1, t - 4 :] = config.pad_id
     types = torch.zeros(b, t, dtype=torch.long)
-    types[:, t // 2:] = 1
+    types[:, t // 2 :] = 1
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
@@ -83,7 +83,9 @@ def test_backends_agree_inside_the_model():
         model.attention_backend = backend
         outs[backend] = model(**batch, **dec)
     for head in ("mlm", "pair", "lm"):
-        torch.testing.assert_close(outs["reference"].head_logits[head], outs["sdpa"].head_logits[head], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            outs["reference"].head_logits[head], outs["sdpa"].head_logits[head], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_shared_layers_hold_one_set_of_weights():
@@ -172,8 +174,18 @@ def test_gradients_reach_tied_embeddings():
     "change, error, message",
     [
         (lambda b: b.update(input_ids=b["input_ids"].float()), TypeError, "input_ids must be int64"),
-        (lambda b: b.update(input_ids=b["input_ids"][:0], attention_mask=None, token_type_ids=None), ValueError, "empty batch"),
-        (lambda b: b.update(input_ids=torch.ones(1, 129, dtype=torch.long), attention_mask=None, token_type_ids=None), ValueError, "max_positions is 128"),
+        (
+            lambda b: b.update(input_ids=b["input_ids"][:0], attention_mask=None, token_type_ids=None),
+            ValueError,
+            "empty batch",
+        ),
+        (
+            lambda b: b.update(
+                input_ids=torch.ones(1, 129, dtype=torch.long), attention_mask=None, token_type_ids=None
+            ),
+            ValueError,
+            "max_positions is 128",
+        ),
         (lambda b: b["input_ids"].__setitem__((0, 0), 512), ValueError, "vocabulary is \\[0, 512\\)"),
         (lambda b: b.update(attention_mask=b["attention_mask"][:, :5]), ValueError, "attention_mask has shape"),
         (lambda b: b["attention_mask"].__setitem__(0, 0), ValueError, "rows \\[0\\] have no tokens"),

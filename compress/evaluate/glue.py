@@ -17,8 +17,8 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from model.config import check_int
-from model.tokenizer import encode
-from model.train import TrainConfig, train
+from model.data.tokenizer import encode
+from model.training.loop import TrainConfig, train
 
 Row = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -76,8 +76,17 @@ TASKS: dict[str, Task] = {
         Task("mrpc", "MRPC", ("sentence1", "sentence2"), (3, 4), (3, 4), 0, True, _BINARY, ("accuracy", "f1")),
         Task("stsb", "STS-B", ("sentence1", "sentence2"), (7, 8), (7, 8), -1, True, None, ("pearson", "spearman")),
         Task("qqp", "QQP", ("question1", "question2"), (3, 4), (1, 2), -1, True, _BINARY, ("accuracy", "f1")),
-        Task("mnli", "MNLI", ("premise", "hypothesis"), (8, 9), (8, 9), -1, True,
-             ("entailment", "neutral", "contradiction"), ("accuracy",)),
+        Task(
+            "mnli",
+            "MNLI",
+            ("premise", "hypothesis"),
+            (8, 9),
+            (8, 9),
+            -1,
+            True,
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+        ),
         Task("qnli", "QNLI", ("question", "sentence"), (1, 2), (1, 2), -1, True, _NLI, ("accuracy",)),
         Task("rte", "RTE", ("sentence1", "sentence2"), (1, 2), (1, 2), -1, True, _NLI, ("accuracy",)),
         # WNLI's files hold 0/1 with 1 = entailment, the `datasets` label ids as they are.
@@ -134,7 +143,9 @@ def load(task: str, split: str, data_dir: str | os.PathLike) -> list[Row]:
     split = _resolve_split(task, split)
     path = Path(data_dir) / info.folder / info.splits()[split]
     if not path.is_file():
-        raise FileNotFoundError(f"GLUE file {path} not found; expected {info.folder}/{path.name} under {data_dir}: {info.layout()}")
+        raise FileNotFoundError(
+            f"GLUE file {path} not found; expected {info.folder}/{path.name} under {data_dir}: {info.layout()}"
+        )
     test = split.startswith("test")
     with open(path, encoding="utf-8-sig", newline="") as f:
         lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -159,7 +170,10 @@ def load(task: str, split: str, data_dir: str | os.PathLike) -> list[Row]:
         row["label"] = None if label_column is None else _parse_label(info, cells[label_column], path, number)
         rows.append(row)
     if skipped:
-        warnings.warn(f"{path}: skipped {len(skipped)} rows with fewer than {needed} columns (lines {skipped[:5]}...)", stacklevel=2)
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} rows with fewer than {needed} columns (lines {skipped[:5]}...)",
+            stacklevel=2,
+        )
     return rows
 
 
@@ -168,9 +182,13 @@ def _parse_label(info: Task, text: str, path: Path, line: int) -> int | float:
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"{path} line {line}: label {text!r} is not a number ({info.name} is scored 0 to 5)") from None
+            raise ValueError(
+                f"{path} line {line}: label {text!r} is not a number ({info.name} is scored 0 to 5)"
+            ) from None
     if text not in info.labels:
-        raise ValueError(f"{path} line {line}: label {text!r} is not one of {', '.join(info.labels)}; expected {info.layout()}")
+        raise ValueError(
+            f"{path} line {line}: label {text!r} is not one of {', '.join(info.labels)}; expected {info.layout()}"
+        )
     return info.labels.index(text)
 
 
@@ -241,7 +259,7 @@ def matthews(predictions: Sequence, labels: Sequence) -> float:
     classes, index = np.unique(np.concatenate([p, y]), return_inverse=True)
     k = len(classes)
     confusion = np.zeros((k, k), dtype=np.float64)
-    np.add.at(confusion, (index[len(p):], index[: len(p)]), 1)  # rows: true class, columns: predicted
+    np.add.at(confusion, (index[len(p) :], index[: len(p)]), 1)  # rows: true class, columns: predicted
     t_sum, p_sum, n = confusion.sum(1), confusion.sum(0), confusion.sum()
     cov_tp = np.trace(confusion) * n - t_sum @ p_sum
     denominator = math.sqrt((n * n - p_sum @ p_sum) * (n * n - t_sum @ t_sum))
@@ -298,7 +316,14 @@ def score(task: str, metrics: dict[str, float]) -> float:
 
 
 def batches(
-    rows: Sequence[Row], tokenizer: Tokenizer, task: str, *, max_len: int, batch_size: int, shuffle: bool = False, seed: int = 0
+    rows: Sequence[Row],
+    tokenizer: Tokenizer,
+    task: str,
+    *,
+    max_len: int,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
 ) -> list[Batch]:
     """Tokenize rows into model batches.
 
@@ -322,7 +347,7 @@ def batches(
     order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
     out = []
     for start in range(0, len(rows), batch_size):
-        chunk = [rows[i] for i in order[start: start + batch_size]]
+        chunk = [rows[i] for i in order[start : start + batch_size]]
         texts = [row[info.fields[0]] for row in chunk]
         pairs = [row[info.fields[1]] for row in chunk] if len(info.fields) > 1 else None
         batch = encode(tokenizer, texts, pairs, max_len=max_len)
@@ -416,8 +441,11 @@ def predict(
     model.eval()
     outputs = []
     try:
-        for batch in tqdm(batches(unlabelled, tokenizer, task, max_len=max_len, batch_size=batch_size),
-                          desc=f"{info.name} predict", disable=not progress):
+        for batch in tqdm(
+            batches(unlabelled, tokenizer, task, max_len=max_len, batch_size=batch_size),
+            desc=f"{info.name} predict",
+            disable=not progress,
+        ):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).head_logits["classify"].float().cpu()
             outputs.append(logits[:, 0] if info.labels is None else logits.argmax(dim=1))
     finally:

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from compress.evaluate.glue import epoch_order, tokenizer_of
 from model.config import check_int
-from model.tokenizer import special_tokens
-from model.train import TrainConfig, train
+from model.data.tokenizer import special_tokens
+from model.training.loop import TrainConfig, train
 
 Example = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -55,7 +55,9 @@ def load(path: str | os.PathLike, *, articles: Sequence[int | str] | None = None
             elif isinstance(key, int) and not isinstance(key, bool) and -len(found) <= key < len(found):
                 chosen.append(found[key])
             else:
-                raise ValueError(f"articles: {key!r} is neither a title nor a position in {path} ({len(found)} articles: {titles[:10]})")
+                raise ValueError(
+                    f"articles: {key!r} is neither a title nor a position in {path} ({len(found)} articles: {titles[:10]})"
+                )
         found = chosen
     return [
         {
@@ -79,7 +81,9 @@ def split_articles(examples: Sequence[Example], n_train: int) -> tuple[list[Exam
     """
     titles = list(dict.fromkeys(e["title"] for e in examples))
     if isinstance(n_train, bool) or not isinstance(n_train, int) or not 0 < n_train < len(titles):
-        raise ValueError(f"n_train must be an int in [1, {len(titles) - 1}] (the examples hold {len(titles)} articles), got {n_train!r}")
+        raise ValueError(
+            f"n_train must be an int in [1, {len(titles) - 1}] (the examples hold {len(titles)} articles), got {n_train!r}"
+        )
     train_titles = set(titles[:n_train])
     return [e for e in examples if e["title"] in train_titles], [e for e in examples if e["title"] not in train_titles]
 
@@ -116,7 +120,12 @@ def _answer_tokens(example: Example, offsets: list[tuple[int, int]]) -> tuple[in
 
 
 def features(
-    examples: Sequence[Example], tokenizer: Tokenizer, *, max_len: int = 384, doc_stride: int = 128, max_query_len: int = 64
+    examples: Sequence[Example],
+    tokenizer: Tokenizer,
+    *,
+    max_len: int = 384,
+    doc_stride: int = 128,
+    max_query_len: int = 64,
 ) -> list[Feature]:
     """Tokenize examples into windows `[CLS] question [SEP] context window [SEP]` covering each whole context.
 
@@ -143,7 +152,9 @@ def features(
         context = contexts[example["context"]]
         room = max_len - len(question) - 3
         if room < 1:
-            raise ValueError(f"max_len={max_len} leaves no room for the context after a {len(question)}-token question; raise max_len")
+            raise ValueError(
+                f"max_len={max_len} leaves no room for the context after a {len(question)}-token question; raise max_len"
+            )
         answer = _answer_tokens(example, context.offsets)
         prefix = [special.cls, *question, special.sep]
         start = 0
@@ -152,14 +163,16 @@ def features(
             positions = (0, 0)
             if answer is not None and start <= answer[0] and answer[1] < end:
                 positions = (answer[0] - start + len(prefix), answer[1] - start + len(prefix))
-            out.append(Feature(
-                example=index,
-                input_ids=[*prefix, *context.ids[start:end], special.sep],
-                token_type_ids=[0] * len(prefix) + [1] * (end - start + 1),
-                offsets=[None] * len(prefix) + list(context.offsets[start:end]) + [None],
-                start_position=positions[0],
-                end_position=positions[1],
-            ))
+            out.append(
+                Feature(
+                    example=index,
+                    input_ids=[*prefix, *context.ids[start:end], special.sep],
+                    token_type_ids=[0] * len(prefix) + [1] * (end - start + 1),
+                    offsets=[None] * len(prefix) + list(context.offsets[start:end]) + [None],
+                    start_position=positions[0],
+                    end_position=positions[1],
+                )
+            )
             if end == len(context.ids):
                 break
             start += min(doc_stride, room)
@@ -171,15 +184,13 @@ def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
     return pad_sequence([torch.tensor(r, dtype=torch.int64) for r in rows], batch_first=True, padding_value=fill)
 
 
-def batches(
-    feats: Sequence[Feature], tokenizer: Tokenizer, *, batch_size: int, labels: bool = False
-) -> list[Batch]:
+def batches(feats: Sequence[Feature], tokenizer: Tokenizer, *, batch_size: int, labels: bool = False) -> list[Batch]:
     """Pad features into model batches (input_ids, attention_mask, token_type_ids; with labels also start/end_positions)."""
     check_int("batch_size", batch_size, 1)
     pad = special_tokens(tokenizer).pad
     out = []
     for i in range(0, len(feats), batch_size):
-        chunk = feats[i: i + batch_size]
+        chunk = feats[i : i + batch_size]
         batch = {
             "input_ids": _pad([f.input_ids for f in chunk], pad),
             "attention_mask": _pad([[1] * len(f.input_ids) for f in chunk], 0),
@@ -195,7 +206,9 @@ def batches(
 def _check_head(model: torch.nn.Module) -> None:
     heads = getattr(model.config, "heads", ())
     if "qa" not in heads:
-        raise ValueError(f"SQuAD needs a 'qa' (span) head; the model has heads {list(heads)} (e.g. from_hf(path, heads=('qa',)))")
+        raise ValueError(
+            f"SQuAD needs a 'qa' (span) head; the model has heads {list(heads)} (e.g. from_hf(path, heads=('qa',)))"
+        )
 
 
 def finetune(
@@ -241,7 +254,12 @@ def finetune(
 
 @torch.no_grad()
 def span_logits(
-    model: torch.nn.Module, feats: Sequence[Feature], tokenizer: Tokenizer, *, batch_size: int = 32, progress: bool = True
+    model: torch.nn.Module,
+    feats: Sequence[Feature],
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
 ) -> list[np.ndarray]:
     """Run the model: per feature a (T, 2) array of start and end logits over its own tokens."""
     _check_head(model)
@@ -303,7 +321,7 @@ def extract(
             s, e = np.unravel_index(np.argmax(grid), grid.shape)
             if grid[s, e] > best_score:
                 best_score = float(grid[s, e])
-                best_text = example["context"][f.offsets[starts[s]][0]: f.offsets[ends[e]][1]]
+                best_text = example["context"][f.offsets[starts[s]][0] : f.offsets[ends[e]][1]]
         if version_2 and null_score - best_score > null_threshold:
             best_text = ""
         predictions[example["id"]] = best_text
@@ -368,7 +386,10 @@ def scores(examples: Sequence[Example], predictions: dict[str, str]) -> dict[str
     em = {e["id"]: exact(predictions[e["id"]], _gold(e)) for e in examples}
     f = {e["id"]: f1(predictions[e["id"]], _gold(e)) for e in examples}
     result = {"exact": 100 * np.mean(list(em.values())), "f1": 100 * np.mean(list(f.values())), "total": len(examples)}
-    groups = {"HasAns": [e["id"] for e in examples if _gold(e) != [""]], "NoAns": [e["id"] for e in examples if _gold(e) == [""]]}
+    groups = {
+        "HasAns": [e["id"] for e in examples if _gold(e) != [""]],
+        "NoAns": [e["id"] for e in examples if _gold(e) == [""]],
+    }
     for name, ids in groups.items():
         if ids:
             result[f"{name}_exact"] = 100 * np.mean([em[i] for i in ids])
@@ -408,11 +429,20 @@ def predict(
         version_2 = any(e["is_impossible"] for e in examples)
     feats = features(examples, tokenizer, max_len=max_len, doc_stride=doc_stride)
     logits = span_logits(model, feats, tokenizer, batch_size=batch_size, progress=progress)
-    return extract(examples, feats, logits, n_best=n_best, max_answer_len=max_answer_len,
-                   version_2=version_2, null_threshold=null_threshold)
+    return extract(
+        examples,
+        feats,
+        logits,
+        n_best=n_best,
+        max_answer_len=max_answer_len,
+        version_2=version_2,
+        null_threshold=null_threshold,
+    )
 
 
-def evaluate(model: torch.nn.Module, examples: Sequence[Example], tokenizer: Tokenizer | None = None, **options: Any) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, examples: Sequence[Example], tokenizer: Tokenizer | None = None, **options: Any
+) -> dict[str, float]:
     """Answer the examples with a span model and score them with the official EM/F1.
 
     Args:

@@ -8,7 +8,7 @@ uniform weights, which autograd takes through that bias). Dead rows always form 
 of each batch row's queries (the allowed key set only grows with i), so one count per batch
 row (`_dead_rows`) describes them.
 
-The kernels also serve `model.attention_int8` and `model.attention_lsh`, which reuse the
+The kernels also serve `model.kernels.int8` and `model.kernels.lsh`, which reuse the
 masking and online-softmax helpers below.
 """
 
@@ -51,8 +51,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _mask_scores(s, offs_m, offs_n, dead, key_mask_row, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                 BOUNDS: tl.constexpr):
+def _mask_scores(
+    s, offs_m, offs_n, dead, key_mask_row, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr
+):
     """Disallowed scores become _MASKED (0 in dead rows: uniform weights); keys past TK become -inf."""
     masked = tl.where(offs_m < dead, 0.0, _MASKED)[:, None]
     if HAS_MASK:
@@ -80,8 +81,11 @@ def _softmax_step(acc, l_i, m_i, s, v, PRECISION: tl.constexpr):
 def _finish_rows(acc, l_i, m_i, O, LSE, offs_m, offs_d, stride_om, stride_od, TQ, HEAD_DIM: tl.constexpr):
     """Normalize and store a block of output rows and their log2-sum-exp."""
     row_ok = offs_m < TQ
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(
+        O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        (acc / l_i[:, None]).to(O.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+    )
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -98,10 +102,37 @@ def _key_range(start_m, dead, TQ, TK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, K_SCALE, K_ORDER, key_mask_row, offs_m, offs_d, dead, lo, hi, stride_kn,
-               stride_kd, stride_vn, stride_vd, TQ, TK, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, PRECISION: tl.constexpr,
-               QUANT: tl.constexpr, GATHER: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    K_SCALE,
+    K_ORDER,
+    key_mask_row,
+    offs_m,
+    offs_d,
+    dead,
+    lo,
+    hi,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    TQ,
+    TK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BOUNDS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
+    GATHER: tl.constexpr,
+):
     """Key tiles lo..hi of the forward pass, shared by flash (plain), flash-int8 (QUANT) and flash-lsh (GATHER).
 
     QUANT: q and K are int8, qk_scale holds q's row scales and K_SCALE K's (one per key).
@@ -113,16 +144,18 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, K_SCALE, K_ORDER, key_mask_row, offs_m, o
         if GATHER:  # slots past the end map to TK, which every mask below treats as out of bounds
             offs_n = tl.load(K_ORDER + offs_n, mask=offs_n < TK, other=TK)
         n_ok = offs_n < TK
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :] & d_ok[:, None],
-                     other=0)  # (BLOCK_D, BLOCK_N)
+        kt = tl.load(
+            K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :] & d_ok[:, None], other=0
+        )  # (BLOCK_D, BLOCK_N)
         if QUANT:
             k_scale = tl.load(K_SCALE + offs_n, mask=n_ok, other=0.0)
             s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * qk_scale[:, None] * k_scale[None, :]
         else:
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         s = _mask_scores(s, offs_m, offs_n, dead, key_mask_row, TQ, TK, CAUSAL, HAS_MASK, BOUNDS)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        v = tl.load(
+            V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        )
         if QUANT:  # SageAttention keeps P.V in fp16 with fp32 accumulation
             v = v.to(tl.float16)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, PRECISION)
@@ -130,20 +163,56 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, K_SCALE, K_ORDER, key_mask_row, offs_m, o
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KEY_MASK, DEAD, Q_SCALE, K_SCALE,
-              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-              H, TQ, TK, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KEY_MASK,
+    DEAD,
+    Q_SCALE,
+    K_SCALE,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    TQ,
+    TK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
+):
     """One query block of flash (or, with QUANT, flash-int8: Q/K int8 with per-token scales Q_SCALE/K_SCALE)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < HEAD_DIM), other=0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < HEAD_DIM),
+        other=0,
+    )
     if QUANT:  # q's row scales already hold the softmax scale and log2(e)
         qk_scale = tl.load(Q_SCALE + bh * TQ + offs_m, mask=offs_m < TQ, other=0.0)
         K_SCALE += bh * TK
@@ -155,36 +224,150 @@ def _attn_fwd(Q, K, V, O, LSE, KEY_MASK, DEAD, Q_SCALE, K_SCALE,
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     full_hi, hi = _key_range(start_m, dead, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, K_SCALE, K, key_mask_row, offs_m, offs_d, dead, 0, full_hi,
-                               stride_kn, stride_kd, stride_vn, stride_vd, TQ, TK, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL,
-                               HAS_MASK, False, PRECISION, QUANT, False)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, K_SCALE, K, key_mask_row, offs_m, offs_d, dead, full_hi, hi,
-                               stride_kn, stride_kd, stride_vn, stride_vd, TQ, TK, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL,
-                               HAS_MASK, True, PRECISION, QUANT, False)
-    _finish_rows(acc, l_i, m_i, O + b * stride_ob + h * stride_oh, LSE + bh * TQ, offs_m, offs_d, stride_om,
-                 stride_od, TQ, HEAD_DIM)
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        K_SCALE,
+        K,
+        key_mask_row,
+        offs_m,
+        offs_d,
+        dead,
+        0,
+        full_hi,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        TQ,
+        TK,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        CAUSAL,
+        HAS_MASK,
+        False,
+        PRECISION,
+        QUANT,
+        False,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        K_SCALE,
+        K,
+        key_mask_row,
+        offs_m,
+        offs_d,
+        dead,
+        full_hi,
+        hi,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        TQ,
+        TK,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        CAUSAL,
+        HAS_MASK,
+        True,
+        PRECISION,
+        QUANT,
+        False,
+    )
+    _finish_rows(
+        acc,
+        l_i,
+        m_i,
+        O + b * stride_ob + h * stride_oh,
+        LSE + bh * TQ,
+        offs_m,
+        offs_d,
+        stride_om,
+        stride_od,
+        TQ,
+        HEAD_DIM,
+    )
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_db, stride_dh, stride_dm,
-                    stride_dd, H, TQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    stride_dd,
+    H,
+    TQ,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """delta_i = sum_d O_id dO_id: the softmax-Jacobian term every backward tile needs."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < TQ) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok,
-                other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
-                 mask=ok, other=0.0)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=ok,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+        mask=ok,
+        other=0.0,
+    )
     tl.store(DELTA + bh * TQ + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < TQ)
 
 
 @triton.jit
-def _bwd_kv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, key_mask_row, offs_n, offs_d, dead, lo, hi, stride_qm, stride_qd,
-                  stride_dm, stride_dd, TQ, TK, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_kv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    key_mask_row,
+    offs_n,
+    offs_d,
+    dead,
+    lo,
+    hi,
+    stride_qm,
+    stride_qd,
+    stride_dm,
+    stride_dd,
+    TQ,
+    TK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -204,12 +387,46 @@ def _bwd_kv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, key_mask_row, offs_n, offs_d,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_MASK, DEAD,
-                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                   stride_vb, stride_vh, stride_vn, stride_vd, stride_db, stride_dh, stride_dm, stride_dd,
-                   H, TQ, TK, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    KEY_MASK,
+    DEAD,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    stride_dd,
+    H,
+    TQ,
+    TK,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dK and dV for one key block, scanning the query blocks that see it (DK/DV share K/V's strides)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -234,23 +451,106 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_MASK, DEAD,
         # Queries before `first` cannot see this key block, except dead rows, which weigh every key.
         first = tl.maximum(start_n - (TK - TQ), 0) // BLOCK_M * BLOCK_M
         dead_hi = tl.minimum((dead + BLOCK_M - 1) // BLOCK_M * BLOCK_M, first)
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, key_mask_row, offs_n, offs_d, dead, 0, dead_hi,
-                               stride_qm, stride_qd, stride_dm, stride_dd, TQ, TK, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL,
-                               HAS_MASK, PRECISION)
-    dk, dv = _bwd_kv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, key_mask_row, offs_n, offs_d, dead, first, TQ, stride_qm,
-                           stride_qd, stride_dm, stride_dd, TQ, TK, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, HAS_MASK,
-                           PRECISION)
+        dk, dv = _bwd_kv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            DO,
+            LSE,
+            DELTA,
+            key_mask_row,
+            offs_n,
+            offs_d,
+            dead,
+            0,
+            dead_hi,
+            stride_qm,
+            stride_qd,
+            stride_dm,
+            stride_dd,
+            TQ,
+            TK,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            CAUSAL,
+            HAS_MASK,
+            PRECISION,
+        )
+    dk, dv = _bwd_kv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        key_mask_row,
+        offs_n,
+        offs_d,
+        dead,
+        first,
+        TQ,
+        stride_qm,
+        stride_qd,
+        stride_dm,
+        stride_dd,
+        TQ,
+        TK,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        CAUSAL,
+        HAS_MASK,
+        PRECISION,
+    )
     tl.store(DK + k_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
     tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK, DEAD,
-                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd, stride_db, stride_dh, stride_dm, stride_dd,
-                 H, TQ, TK, qk_scale, sm_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    KEY_MASK,
+    DEAD,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    stride_dd,
+    H,
+    TQ,
+    TK,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dQ for one query block, scanning the key blocks it sees (DQ shares Q's strides)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -261,8 +561,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK, DEAD,
     ok = (offs_m[:, None] < TQ) & d_ok[None, :]
     q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(Q + q_off, mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
-                 mask=ok, other=0.0)
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+        mask=ok,
+        other=0.0,
+    )
     lse = tl.load(LSE + bh * TQ + offs_m, mask=offs_m < TQ, other=float("inf"))
     delta = tl.load(DELTA + bh * TQ + offs_m, mask=offs_m < TQ, other=0.0)
     K += b * stride_kb + h * stride_kh
@@ -311,8 +614,9 @@ def _mask_arg(key_mask: Tensor | None, q: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("flashlite::flash_fwd", mutates_args=())
-def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float
-               ) -> tuple[Tensor, Tensor]:
+def _flash_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     b, h, tq, d = q.shape
     tk = k.shape[2]
     out = torch.empty_like(q)
@@ -320,9 +624,32 @@ def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal:
     dead = _dead_rows(key_mask, causal, b, tq, tk, q.device)
     cfg = _launch_config(q, "fwd")
     grid = (triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
-    _attn_fwd[grid](q, k, v, out, lse, _mask_arg(key_mask, q), dead, q, q, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(out), h, tq, tk, scale * LOG2E, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal,
-                    HAS_MASK=key_mask is not None, PRECISION=_dot_precision(q.dtype), QUANT=False, **cfg)
+    _attn_fwd[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        _mask_arg(key_mask, q),
+        dead,
+        q,
+        q,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        h,
+        tq,
+        tk,
+        scale * LOG2E,
+        HEAD_DIM=d,
+        BLOCK_D=_block_d(d),
+        CAUSAL=causal,
+        HAS_MASK=key_mask is not None,
+        PRECISION=_dot_precision(q.dtype),
+        QUANT=False,
+        **cfg,
+    )
     return out, lse
 
 
@@ -332,25 +659,38 @@ def _flash_fwd_fake(q, k, v, key_mask, causal, scale):
 
 
 @torch.library.custom_op("flashlite::flash_bwd", mutates_args=())
-def _flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_mask: Tensor | None,
-               causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     b, h, tq, d = q.shape
     tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     dead = _dead_rows(key_mask, causal, b, tq, tk, q.device)
     mask = _mask_arg(key_mask, q)
-    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=key_mask is not None,
-                  PRECISION=_dot_precision(q.dtype))
+    common = dict(
+        HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=key_mask is not None, PRECISION=_dot_precision(q.dtype)
+    )
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    _attn_bwd_delta[(triton.cdiv(tq, 64), b * h)](out, do, delta, *_strides(out), *_strides(do), h, tq, HEAD_DIM=d,
-                                                   BLOCK_D=_block_d(d), BLOCK_M=64)
+    _attn_bwd_delta[(triton.cdiv(tq, 64), b * h)](
+        out, do, delta, *_strides(out), *_strides(do), h, tq, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=64
+    )
     cfg = _launch_config(q, "dkdv")
     _attn_bwd_dkdv[(triton.cdiv(tk, cfg["BLOCK_N"]), b * h)](
-        q, k, v, do, lse, delta, dk, dv, mask, dead, *strides, h, tq, tk, scale * LOG2E, scale, **common, **cfg)
+        q, k, v, do, lse, delta, dk, dv, mask, dead, *strides, h, tq, tk, scale * LOG2E, scale, **common, **cfg
+    )
     cfg = _launch_config(q, "dq")
     _attn_bwd_dq[(triton.cdiv(tq, cfg["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dq, mask, dead, *strides, h, tq, tk, scale * LOG2E, scale, **common, **cfg)
+        q, k, v, do, lse, delta, dq, mask, dead, *strides, h, tq, tk, scale * LOG2E, scale, **common, **cfg
+    )
     return dq, dk, dv
 
 
@@ -378,13 +718,16 @@ _flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def inference_only(backend: str):
     """A custom op's backward for a kernel that has none: it says so instead of failing obscurely."""
+
     def backward(ctx, *grads):
         raise RuntimeError(f"{backend} is inference-only (no backward); run it under torch.no_grad() or use 'flash'")
+
     return backward
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, causal: bool = False,
-                    scale: float | None = None) -> Tensor:
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None
+) -> Tensor:
     """Exact attention of q (B,H,Tq,D) over k, v (B,H,Tk,D) with the Triton flash kernels; returns (B,H,Tq,D).
 
     Differentiable in q, k and v. Inputs are fp16, bf16 or fp32 (one dtype), D <= 128; they run on

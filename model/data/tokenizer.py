@@ -102,8 +102,7 @@ def train_tokenizer(
     """
     if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(
-            f"vocab_size={vocab_size!r}: expected an int above {len(SPECIAL_TOKENS)}, "
-            "the number of special tokens"
+            f"vocab_size={vocab_size!r}: expected an int above {len(SPECIAL_TOKENS)}, the number of special tokens"
         )
     texts = list(texts)
     if not any(text.strip() for text in texts):

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from model.config import Config, LayerShape
+from model.data.tokenizer import load_tokenizer
 from model.io import load_tensors
-from model.tokenizer import load_tokenizer
 from model.transformer import Transformer
 
 Tensor = torch.Tensor
@@ -36,16 +36,36 @@ _ACTIVATIONS = {
 }
 # BertConfig's defaults: config.json files may omit a key whose value is the default.
 _BERT_DEFAULTS = dict(
-    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
-    type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0, position_embedding_type="absolute",
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    position_embedding_type="absolute",
 )
 # Hugging Face module name -> flashlite module name; "{i}" is the layer index.
 # The type of every BertConfig key we read; a config.json that disagrees is refused naming the key.
 _BERT_TYPES = {
-    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "intermediate_size": int,
-    "max_position_embeddings": int, "type_vocab_size": int, "pad_token_id": int, "hidden_act": str,
-    "position_embedding_type": str, "hidden_dropout_prob": float, "attention_probs_dropout_prob": float, "layer_norm_eps": float,
+    "vocab_size": int,
+    "hidden_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "intermediate_size": int,
+    "max_position_embeddings": int,
+    "type_vocab_size": int,
+    "pad_token_id": int,
+    "hidden_act": str,
+    "position_embedding_type": str,
+    "hidden_dropout_prob": float,
+    "attention_probs_dropout_prob": float,
+    "layer_norm_eps": float,
 }
 _MODULES = {
     "embeddings.word_embeddings": "embeddings.word",
@@ -129,10 +149,19 @@ def config_from_hf(
     for key, kind in _BERT_TYPES.items():
         value = hf[key]
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-            raise TypeError(f"{key} must be {'a number' if kind is float else 'an int' if kind is int else 'a string'}, got {value!r}")
+            raise TypeError(
+                f"{key} must be {'a number' if kind is float else 'an int' if kind is int else 'a string'}, got {value!r}"
+            )
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{key} must be a finite number, got {value!r}")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    ):
         if hf[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {hf[key]}")
     if hf["position_embedding_type"] != "absolute":
@@ -153,11 +182,20 @@ def config_from_hf(
         n_labels = (hf.get("num_labels") or len(hf.get("id2label") or {}) or 2) if "classify" in heads else 0
     shape = LayerShape(n_heads=n_heads, head_dim=dim // n_heads, ffn_dim=hf["intermediate_size"])
     return Config(
-        vocab_size=hf["vocab_size"], dim=dim, encoder=(shape,) * hf["num_hidden_layers"], decoder=(),
-        norm="post", activation=_ACTIVATIONS[hf["hidden_act"]], max_positions=hf["max_position_embeddings"],
-        type_vocab_size=hf["type_vocab_size"], pad_id=hf["pad_token_id"], dropout=hf["hidden_dropout_prob"],
-        attention_dropout=hf["attention_probs_dropout_prob"], norm_eps=hf["layer_norm_eps"],
-        heads=heads, n_labels=n_labels,
+        vocab_size=hf["vocab_size"],
+        dim=dim,
+        encoder=(shape,) * hf["num_hidden_layers"],
+        decoder=(),
+        norm="post",
+        activation=_ACTIVATIONS[hf["hidden_act"]],
+        max_positions=hf["max_position_embeddings"],
+        type_vocab_size=hf["type_vocab_size"],
+        pad_id=hf["pad_token_id"],
+        dropout=hf["hidden_dropout_prob"],
+        attention_dropout=hf["attention_probs_dropout_prob"],
+        norm_eps=hf["layer_norm_eps"],
+        heads=heads,
+        n_labels=n_labels,
     )
 
 
@@ -169,7 +207,9 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index} is not a safetensors shard index (needs a 'weight_map' object): {err!r}") from None
+            raise ValueError(
+                f"{index} is not a safetensors shard index (needs a 'weight_map' object): {err!r}"
+            ) from None
         if any(Path(shard).name != shard for shard in shards):
             raise ValueError(f"{index} names shards outside {folder}: {[s for s in shards if Path(s).name != s]}")
         return {name: t for shard in shards for name, t in load_tensors(folder / shard).items()}
@@ -293,12 +333,15 @@ def from_hf(
     for hf_name, tensor in state.items():
         name = _flashlite_name(hf_name)
         if name in expected and tensor.shape != expected[name]:
-            raise ValueError(f"{hf_name} has shape {tuple(tensor.shape)} but config.json makes {name} {tuple(expected[name])}")
+            raise ValueError(
+                f"{hf_name} has shape {tuple(tensor.shape)} but config.json makes {name} {tuple(expected[name])}"
+            )
     model = Transformer(config)
     # Heads the checkpoint lacks (or holds with another label count) start fresh, as does a pooler it lacks.
     checkpoint = config_from_hf(hf, architecture)
     fresh = [
-        f"heads.{h}." for h in config.heads
+        f"heads.{h}."
+        for h in config.heads
         if h not in checkpoint.heads or (h == "classify" and config.n_labels != checkpoint.n_labels)
     ]
     has_pooler = any(n.removeprefix("bert.").startswith("pooler.") for n in state)

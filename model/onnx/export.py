@@ -6,7 +6,7 @@ with the ranges we give (sequence <= max_positions) instead of tracing Python co
 on one example shape, and its translation table lets quantized layers become
 DequantizeLinear / MatMulInteger nodes on integer initializers.
 
-What is exported (see model/ort.py for the file layout):
+What is exported (see model/onnx/runtime.py for the file layout):
   encoder graph  inputs input_ids, attention_mask (B,T) int64 [, token_type_ids when the model
                  has token types]; outputs hidden_states (B,T,dim) and `<head>_logits` for every
                  head that reads the encoder (mlm, pair, classify, qa), in config order
@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from model.config import check_int
-from model.export_quantized import TRANSLATIONS, has_dynamic, needs_blocks, should_fold, swap_for_export
-from model.ort import DECODER_INPUTS, OrtModel, graph_metadata, graph_paths
+from model.onnx.export_ops import TRANSLATIONS, has_dynamic, needs_blocks, should_fold, swap_for_export
+from model.onnx.runtime import DECODER_INPUTS, OrtModel, graph_metadata, graph_paths
 from model.transformer import Transformer
 
 OPSET = 21  # the first opset with 4-bit and blocked DequantizeLinear (group-quantized layers need it)
@@ -97,8 +97,12 @@ class _DecoderGraph(nn.Module):
     def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):
         m = self.model
         y, _, _ = m.decoder(
-            m.embeddings(decoder_input_ids), None, causal=True,
-            memory=encoder_hidden_states, memory_mask=encoder_attention_mask.bool(), backend="sdpa",
+            m.embeddings(decoder_input_ids),
+            None,
+            causal=True,
+            memory=encoder_hidden_states,
+            memory_mask=encoder_attention_mask.bool(),
+            backend="sdpa",
         )
         return (y, m.heads["lm"](y, m.embeddings)) if "lm" in m.heads else (y,)
 
@@ -140,9 +144,13 @@ def export_onnx(
     if external_data not in (None, True, False):
         raise ValueError(f"external_data must be None, True or False, got {external_data!r}")
     if model.config.max_positions < 2:
-        raise ValueError(f"max_positions is {model.config.max_positions}; a dynamic sequence axis needs room for 2 tokens")
+        raise ValueError(
+            f"max_positions is {model.config.max_positions}; a dynamic sequence axis needs room for 2 tokens"
+        )
     if needs_blocks(model) and opset < 21:
-        raise ValueError(f"the model has int4 or group-quantized int8 layers: blocked DequantizeLinear needs opset >= 21, got {opset}")
+        raise ValueError(
+            f"the model has int4 or group-quantized int8 layers: blocked DequantizeLinear needs opset >= 21, got {opset}"
+        )
 
     graph_model = _fp32_copy(model)
     swap_for_export(graph_model)
@@ -194,7 +202,7 @@ def _example(model: Transformer, graph: str) -> tuple[tuple[torch.Tensor, ...], 
     length = min(9, config.max_positions)
     ids = torch.randint(0, config.vocab_size, (2, length))
     mask = torch.ones_like(ids)
-    mask[1, length // 2 + 1:] = 0
+    mask[1, length // 2 + 1 :] = 0
     if graph == "encoder":
         names = ["input_ids", "attention_mask"] + (["token_type_ids"] if config.type_vocab_size else [])
         args = (ids, mask, torch.zeros_like(ids))[: len(names)]
@@ -203,8 +211,11 @@ def _example(model: Transformer, graph: str) -> tuple[tuple[torch.Tensor, ...], 
     decoder_seq = torch.export.Dim("decoder_sequence", max=config.max_positions)
     dec = ids[:, : max(2, length - 2)]
     memory = torch.randn(2, length, config.dim)
-    shapes = {"decoder_input_ids": {0: batch, 1: decoder_seq}, "encoder_hidden_states": {0: batch, 1: seq},
-              "encoder_attention_mask": {0: batch, 1: seq}}
+    shapes = {
+        "decoder_input_ids": {0: batch, 1: decoder_seq},
+        "encoder_hidden_states": {0: batch, 1: seq},
+        "encoder_attention_mask": {0: batch, 1: seq},
+    }
     outputs = ["decoder_hidden_states"] + (["lm_logits"] if "lm" in config.heads else [])
     return (dec, memory, mask), shapes, list(DECODER_INPUTS), outputs
 
@@ -221,9 +232,17 @@ def _trace(graph: nn.Module, name: str, opset: int) -> ir.Model:
         registration.setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                graph, args, dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
+                graph,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=inputs,
+                output_names=outputs,
                 dynamic_shapes=shapes,
-                custom_translation_table=TRANSLATIONS, optimize=False, verbose=False, report=False,
+                custom_translation_table=TRANSLATIONS,
+                optimize=False,
+                verbose=False,
+                report=False,
             )
         finally:
             registration.setLevel(level)
@@ -251,7 +270,9 @@ def _write(model: ir.Model, path: Path, external_data: bool | None) -> None:
     """Save one graph (weights inside, or in `NAME.onnx.data` beside it) and run the full ONNX check on the file."""
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if external_data is False and weights >= TWO_GB:
-        raise ValueError(f"the weights take {weights} bytes, over protobuf's 2 GB limit; use external_data=True or None")
+        raise ValueError(
+            f"the weights take {weights} bytes, over protobuf's 2 GB limit; use external_data=True or None"
+        )
     use_external = bool(external_data) or (external_data is None and weights >= TWO_GB)
     ir.save(model, path, external_data=f"{path.name}.data" if use_external else None)
     onnx.checker.check_model(str(path), full_check=True)
@@ -300,7 +321,7 @@ def parity_batches(config, max_len: int) -> list[dict[str, torch.Tensor]]:
             batch = {"input_ids": ids, "attention_mask": mask}
             if config.type_vocab_size >= 2:
                 types = torch.zeros_like(ids)
-                types[:, t // 2:] = 1
+                types[:, t // 2 :] = 1
                 batch["token_type_ids"] = types
             if config.decoder:
                 batch["decoder_input_ids"] = ids

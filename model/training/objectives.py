@@ -1,36 +1,29 @@
-"""Pretraining objectives: BERT masking, NSP/SOP/denoising batch building, and the loss of every task head."""
+"""Pretraining objectives: BERT masking and NSP/SOP/denoising batch building."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Mapping
-from types import MappingProxyType
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from model.corpus import split_sentences
-from model.tokenizer import SpecialTokens, special_tokens
+from model.data.corpus import split_sentences
+from model.data.tokenizer import SpecialTokens, special_tokens
+from model.losses import IGNORE
 
-IGNORE = -100  # the label of positions that carry no loss (torch's cross_entropy default)
 PAIR_TASKS = ("nsp", "sop", None)
-
-# Which head each label key of a batch supervises.
-LABEL_KEYS: Mapping[str, str] = MappingProxyType({
-    "mlm_labels": "mlm",
-    "pair_labels": "pair",
-    "decoder_labels": "lm",
-    "labels": "classify",
-    "start_positions": "qa",
-    "end_positions": "qa",
-})
 
 
 def mask_tokens(
-    input_ids: torch.Tensor, *, special: SpecialTokens, vocab_size: int, generator: torch.Generator,
-    prob: float = 0.15, special_ids_extra: Iterable[int] = (),
+    input_ids: torch.Tensor,
+    *,
+    special: SpecialTokens,
+    vocab_size: int,
+    generator: torch.Generator,
+    prob: float = 0.15,
+    special_ids_extra: Iterable[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupt token ids the BERT way for masked language modelling.
 
@@ -105,8 +98,16 @@ class PretrainingData:
     step_indexed = True  # the training loop passes the global step; epochs are handled here
 
     def __init__(
-        self, documents: list[str], tokenizer: Tokenizer, *, max_len: int = 128, batch_size: int = 32,
-        pair_task: str | None = "nsp", mlm_prob: float = 0.15, denoise: bool = True, seed: int = 0,
+        self,
+        documents: list[str],
+        tokenizer: Tokenizer,
+        *,
+        max_len: int = 128,
+        batch_size: int = 32,
+        pair_task: str | None = "nsp",
+        mlm_prob: float = 0.15,
+        denoise: bool = True,
+        seed: int = 0,
     ) -> None:
         """Tokenize the documents once and build the examples (see the class for the arguments)."""
         if pair_task not in PAIR_TASKS:
@@ -185,7 +186,7 @@ class PretrainingData:
         if step < 0:
             raise IndexError(f"step={step}: expected an int >= 0")
         epoch, position = divmod(int(step), len(self))
-        rows = self._epoch_order(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+        rows = self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
         batch = self._collate(self._examples[rows.numpy()])
         generator = torch.Generator().manual_seed(_stream_seed(self.seed, 1, int(step)))
         original = batch["input_ids"]
@@ -209,8 +210,8 @@ class PretrainingData:
             sep, last = a1 - a0 + 1, lengths[row] - 1  # where the first and the last [SEP] go
             ids[row, 0], ids[row, 1:sep], ids[row, sep] = s.cls, self._tokens[a0:a1], s.sep
             if self.pair_task is not None:
-                ids[row, sep + 1:last], ids[row, last] = self._tokens[b0:b1], s.sep
-                types[row, sep + 1:last + 1] = 1
+                ids[row, sep + 1 : last], ids[row, last] = self._tokens[b0:b1], s.sep
+                types[row, sep + 1 : last + 1] = 1
         batch = {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": (torch.arange(ids.shape[1]) < torch.from_numpy(lengths)[:, None]).long(),
@@ -240,12 +241,12 @@ def _tokenize(documents: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, l
         tokenizer.no_padding()
     chunks = [np.zeros(0, dtype=np.int32)]
     for start in range(0, len(flat), 4096):  # bounded memory for the Encoding objects
-        encodings = tokenizer.encode_batch(flat[start:start + 4096], add_special_tokens=False)
+        encodings = tokenizer.encode_batch(flat[start : start + 4096], add_special_tokens=False)
         chunks += [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
     offsets = np.cumsum([0, *map(len, chunks[1:])])
     bounds, first = [], 0
     for doc in sentences:
-        doc_offsets = np.unique(offsets[first:first + len(doc) + 1])  # token-less sentences collapse
+        doc_offsets = np.unique(offsets[first : first + len(doc) + 1])  # token-less sentences collapse
         if len(doc_offsets) > 1:
             bounds.append(doc_offsets)
         first += len(doc)
@@ -276,98 +277,3 @@ def _truncate(a: tuple[int, int], b: tuple[int, int], budget: int) -> tuple[tupl
     # unless either segment was short enough to keep whole.
     b_len = min(b1 - b0, max(budget - (a1 - a0), budget // 2))
     return (int(a1 - (budget - b_len)), int(a1)), (int(b0), int(b0 + b_len))
-
-
-def _check(**tensors: tuple[torch.Tensor, int]) -> None:
-    """Raise ValueError for a tensor whose number of dimensions is not the expected one."""
-    for name, (tensor, dims) in tensors.items():
-        if tensor.dim() != dims:
-            raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(tensor.shape)}")
-
-
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labels that are not -100; zero (not NaN) when all are -100."""
-    total = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE, reduction="sum")
-    return total / (labels != IGNORE).sum().clamp_min(1)
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Masked-LM loss: logits (B, T, V), labels (B, T) with -100 at unmasked positions; returns the mean."""
-    _check(logits=(logits, 3), labels=(labels, 2))
-    return _cross_entropy(logits.flatten(0, 1), labels.flatten())
-
-
-def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Decoder LM loss: logits (B, S, V), labels (B, S) with -100 at padding; returns the mean."""
-    return mlm_loss(logits, labels)
-
-
-def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sentence-pair (NSP/SOP) loss: logits (B, 2), labels (B,) in {0, 1}; returns the mean."""
-    _check(logits=(logits, 2), labels=(labels, 1))
-    return _cross_entropy(logits, labels)
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sequence classification loss: logits (B, C), labels (B,) class ids; returns the mean cross-entropy.
-
-    C == 1 is regression: labels are target values and the loss is the mean squared error
-    against logits[:, 0].
-    """
-    _check(logits=(logits, 2), labels=(labels, 1))
-    if logits.shape[1] == 1:
-        return F.mse_loss(logits[:, 0], labels.to(logits.dtype))
-    return _cross_entropy(logits, labels)
-
-
-def span_loss(logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor) -> torch.Tensor:
-    """Extractive QA loss: the mean of the start and end cross-entropies.
-
-    Args:
-        logits: (B, T, 2): start logits in [..., 0], end logits in [..., 1].
-        start_positions, end_positions: (B,) token index of each answer's first and last token;
-            positions outside [0, T) (answers cut off by truncation) are ignored.
-
-    Returns:
-        The loss.
-    """
-    _check(logits=(logits, 3), start_positions=(start_positions, 1), end_positions=(end_positions, 1))
-    length = logits.shape[1]
-
-    def one(position_logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        inside = (positions >= 0) & (positions < length)
-        return _cross_entropy(position_logits, positions.long().masked_fill(~inside, IGNORE))
-
-    return (one(logits[..., 0], start_positions) + one(logits[..., 1], end_positions)) / 2
-
-
-# The labels a head's loss takes are its keys in LABEL_KEYS, in that order.
-_HEAD_LOSSES = {
-    "mlm": mlm_loss, "pair": pair_loss, "lm": seq2seq_loss, "classify": classification_loss, "qa": span_loss,
-}
-
-
-def task_losses(head_logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Compute the loss of every head whose labels are present.
-
-    Args:
-        head_logits: logits per head name ("mlm", "pair", "lm", "classify", "qa").
-        labels: the batch (or its labels); keys outside LABEL_KEYS are ignored.
-
-    Returns:
-        The loss per supervised head name. A label key whose head is missing, or only one of
-        start_positions and end_positions, raises ValueError.
-    """
-    for key, head in LABEL_KEYS.items():
-        if key in labels and head not in head_logits:
-            raise ValueError(
-                f"labels has {key!r}, which supervises head {head!r}, but the model's heads are {sorted(head_logits)}"
-            )
-    if ("start_positions" in labels) != ("end_positions" in labels):
-        raise ValueError("labels: start_positions and end_positions must be given together")
-    losses = {}
-    for head, logits in head_logits.items():
-        keys = [key for key, owner in LABEL_KEYS.items() if owner == head and key in labels]
-        if keys:
-            losses[head] = _HEAD_LOSSES[head](logits, *(labels[key] for key in keys))
-    return losses

@@ -145,7 +145,11 @@ def latency(
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)), "mean_ms": float(np.mean(times))}
+    return {
+        "p50_ms": float(np.percentile(times, 50)),
+        "p90_ms": float(np.percentile(times, 90)),
+        "mean_ms": float(np.mean(times)),
+    }
 
 
 def time_model(
@@ -184,7 +188,7 @@ def time_onnx(session: Any, batch: Batch, *, warmup: int = 3, repeat: int = 20) 
 
     Args:
         session: an onnxruntime.InferenceSession (fed the batch's tensors its inputs name, as
-            numpy arrays), or any callable taking the batch, such as model.export.OrtModel.
+            numpy arrays), or any callable taking the batch, such as model.onnx.runtime.OrtModel.
         batch: the inputs. warmup, repeat: as for `latency`.
 
     Returns:

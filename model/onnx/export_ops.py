@@ -81,7 +81,9 @@ def matmul_integer(a: Tensor, b: Tensor) -> Tensor:
 
 @matmul_integer.register_fake
 def _(a, b):
-    return torch.empty(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), dtype=torch.int32)
+    return torch.empty(
+        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), dtype=torch.int32
+    )
 
 
 def _dequantize_onnx(q, scale, zero, axis: int, block_size: int, bits: int):
@@ -156,7 +158,9 @@ class _DynamicInt8Linear(nn.Module):
         scale = module.scale.reshape(module.out_features, -1).T  # (groups, out)
         self.groups, self.width = scale.shape[0], module.in_features // scale.shape[0]
         q_t = module.weight_int8.T  # (in, out)
-        self.register_buffer("q_t", (q_t if self.groups == 1 else q_t.reshape(self.groups, self.width, -1)).contiguous())
+        self.register_buffer(
+            "q_t", (q_t if self.groups == 1 else q_t.reshape(self.groups, self.width, -1)).contiguous()
+        )
         self.register_buffer("scale", (scale[0] if self.groups == 1 else scale[:, None, :]).contiguous())
         self.register_buffer("smooth", module.smooth)
         self.bias = module.bias
@@ -214,7 +218,9 @@ class _DequantizedEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)  # (N,)
-        rows = dequantize_linear(self.weight_int8[flat], self.scale[flat], None, self.axis, self.block_size, 8)  # (N, E)
+        rows = dequantize_linear(
+            self.weight_int8[flat], self.scale[flat], None, self.axis, self.block_size, 8
+        )  # (N, E)
         return rows.reshape(*ids.shape, rows.shape[-1])
 
 
@@ -281,7 +287,8 @@ def swap_for_export(model: nn.Module) -> int:
 def needs_blocks(model: nn.Module) -> bool:
     """Whether `model` holds group-quantized layers (int4, grouped int8): blocked DequantizeLinear needs opset >= 21."""
     return any(
-        isinstance(m, Int4Linear) or (isinstance(m, Int8Linear) and not isinstance(m, Int8DynamicLinear) and m.scale.dim() == 2)
+        isinstance(m, Int4Linear)
+        or (isinstance(m, Int8Linear) and not isinstance(m, Int8DynamicLinear) and m.scale.dim() == 2)
         for m in model.modules()
     )
 

@@ -6,7 +6,7 @@ queries attends only to the key tiles whose bucket range meets its own. Keys out
 tiles get no weight, which is the approximation; with one bucket every tile meets every
 other and the result is exact attention. Masks and causality apply by original position;
 a query whose visited keys are all disallowed averages them uniformly (exact attention would
-average over all keys). Inference only. The attention loop is `model.attention_flash._fwd_tiles`.
+average over all keys). Inference only. The attention loop is `model.kernels.flash._fwd_tiles`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from model.attention_flash import (
-    LOG2E, _block_d, _dead_rows, _dot_precision, _finish_rows, _fwd_tiles, _launch_config, _mask_arg, _strides,
+from model.kernels.flash import (
+    LOG2E,
+    _block_d,
+    _dead_rows,
+    _dot_precision,
+    _finish_rows,
+    _fwd_tiles,
+    _launch_config,
+    _mask_arg,
+    _strides,
     inference_only,
 )
 
@@ -32,12 +40,45 @@ def default_buckets(tk: int) -> int:
 
 
 @triton.jit
-def _attn_lsh_fwd(Q, K, V, O, LSE, KEY_MASK, DEAD, Q_ORDER, K_ORDER, K_SLOTS,
-                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-                  H, TQ, TK, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _attn_lsh_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KEY_MASK,
+    DEAD,
+    Q_ORDER,
+    K_ORDER,
+    K_SLOTS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    TQ,
+    TK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One tile of bucket-sorted queries over the sorted key slots K_SLOTS gives it; rows are written in place."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -45,19 +86,60 @@ def _attn_lsh_fwd(Q, K, V, O, LSE, KEY_MASK, DEAD, Q_ORDER, K_ORDER, K_SLOTS,
     slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_m = tl.load(Q_ORDER + bh * TQ + slots, mask=slots < TQ, other=TQ)  # original query positions
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
     lo = tl.load(K_SLOTS + (bh * tl.num_programs(0) + tile) * 2)
     hi = tl.load(K_SLOTS + (bh * tl.num_programs(0) + tile) * 2 + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                               K, K_ORDER + bh * TK, KEY_MASK + b * TK, offs_m, offs_d, tl.load(DEAD + b), lo, hi,
-                               stride_kn, stride_kd, stride_vn, stride_vd, TQ, TK, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL,
-                               HAS_MASK, True, PRECISION, False, True)
-    _finish_rows(acc, l_i, m_i, O + b * stride_ob + h * stride_oh, LSE + bh * TQ, offs_m, offs_d, stride_om,
-                 stride_od, TQ, HEAD_DIM)
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K + b * stride_kb + h * stride_kh,
+        V + b * stride_vb + h * stride_vh,
+        K,
+        K_ORDER + bh * TK,
+        KEY_MASK + b * TK,
+        offs_m,
+        offs_d,
+        tl.load(DEAD + b),
+        lo,
+        hi,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        TQ,
+        TK,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        CAUSAL,
+        HAS_MASK,
+        True,
+        PRECISION,
+        False,
+        True,
+    )
+    _finish_rows(
+        acc,
+        l_i,
+        m_i,
+        O + b * stride_ob + h * stride_oh,
+        LSE + bh * TQ,
+        offs_m,
+        offs_d,
+        stride_om,
+        stride_od,
+        TQ,
+        HEAD_DIM,
+    )
 
 
 def _sorted_buckets(x: Tensor, rotations: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -93,8 +175,9 @@ def _key_slots(q_ordered: Tensor, k_ordered: Tensor, block_m: int, block_n: int)
 
 
 @torch.library.custom_op("flashlite::lsh_fwd", mutates_args=())
-def _lsh_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float, n_buckets: int,
-             seed: int) -> Tensor:
+def _lsh_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float, n_buckets: int, seed: int
+) -> Tensor:
     b, h, tq, d = q.shape
     tk = k.shape[2]
     rotations = None
@@ -109,9 +192,31 @@ def _lsh_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: b
     lse = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
     dead = _dead_rows(key_mask, causal, b, tq, tk, q.device)
     _attn_lsh_fwd[(slots.shape[2], b * h)](
-        q, k, v, out, lse, _mask_arg(key_mask, q), dead, q_order, k_order, slots, *_strides(q), *_strides(k),
-        *_strides(v), *_strides(out), h, tq, tk, scale * LOG2E, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal,
-        HAS_MASK=key_mask is not None, PRECISION=_dot_precision(q.dtype), **cfg)
+        q,
+        k,
+        v,
+        out,
+        lse,
+        _mask_arg(key_mask, q),
+        dead,
+        q_order,
+        k_order,
+        slots,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        h,
+        tq,
+        tk,
+        scale * LOG2E,
+        HEAD_DIM=d,
+        BLOCK_D=_block_d(d),
+        CAUSAL=causal,
+        HAS_MASK=key_mask is not None,
+        PRECISION=_dot_precision(q.dtype),
+        **cfg,
+    )
     return out
 
 
@@ -123,8 +228,17 @@ def _lsh_fwd_fake(q, k, v, key_mask, causal, scale, n_buckets, seed):
 _lsh_fwd.register_autograd(inference_only("flash-lsh"))
 
 
-def lsh_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, causal: bool = False,
-                  scale: float | None = None, n_buckets: int | None = None, seed: int = 0) -> Tensor:
+def lsh_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    n_buckets: int | None = None,
+    seed: int = 0,
+) -> Tensor:
     """Approximate attention of q (B,H,Tq,D) over k, v (B,H,Tk,D) within LSH buckets; returns (B,H,Tq,D).
 
     n_buckets: 1 (exact) or an even count; default `default_buckets(Tk)`. seed: picks the

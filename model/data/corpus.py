@@ -13,9 +13,7 @@ from pathlib import Path
 
 # Folders of the standard library whose docstrings are not prose about Python: test suites,
 # the IDLE application, the deprecated 2to3 fixers and turtle demos.
-_SKIPPED_FOLDERS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
-)
+_SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"})
 _MIN_DOCUMENT_CHARS = 80
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 # reST heading underlines ("*****", "=====") carry no words, only tokens.
@@ -24,8 +22,28 @@ _DEFINITION_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 # Words ending in a period that rarely end a sentence; compared in lower case.
 _ABBREVIATIONS = frozenset(
-    {"e.g.", "i.e.", "etc.", "cf.", "vs.", "viz.", "al.", "approx.", "mr.", "mrs.", "ms.",
-     "dr.", "prof.", "sr.", "jr.", "st.", "no.", "fig.", "vol.", "resp."}
+    {
+        "e.g.",
+        "i.e.",
+        "etc.",
+        "cf.",
+        "vs.",
+        "viz.",
+        "al.",
+        "approx.",
+        "mr.",
+        "mrs.",
+        "ms.",
+        "dr.",
+        "prof.",
+        "sr.",
+        "jr.",
+        "st.",
+        "no.",
+        "fig.",
+        "vol.",
+        "resp.",
+    }
 )
 # A candidate boundary: terminal punctuation, optional closing quotes/brackets, whitespace,
 # then something that can start a sentence.
@@ -55,10 +73,7 @@ def _stdlib_files() -> list[Path]:
     """The standard library's Python files outside the skipped folders, in sorted order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = (path for path in root.rglob("*.py") if path.is_file())
-    return sorted(
-        path for path in files
-        if not _SKIPPED_FOLDERS.intersection(path.relative_to(root).parts[:-1])
-    )
+    return sorted(path for path in files if not _SKIPPED_FOLDERS.intersection(path.relative_to(root).parts[:-1]))
 
 
 def _docstrings(path: Path) -> list[str]:
@@ -147,13 +162,11 @@ def read_jsonl(path: str | os.PathLike, field: str = "text") -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(
-                    f"{path}:{number}: not valid JSON ({error.msg}); expected an object "
-                    f"with a string under {field!r}"
+                    f"{path}:{number}: not valid JSON ({error.msg}); expected an object with a string under {field!r}"
                 ) from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise ValueError(
-                    f"{path}:{number}: expected a JSON object with a string under {field!r}, "
-                    f"got {line.strip()[:80]!r}"
+                    f"{path}:{number}: expected a JSON object with a string under {field!r}, got {line.strip()[:80]!r}"
                 )
             documents.append(record[field])
     return documents
@@ -197,9 +210,7 @@ def load_corpus(source: str | os.PathLike | Sequence[str] | None = None) -> list
         else:
             documents = _read_file(path)
     else:
-        raise TypeError(
-            f"source: expected None, a path or a list of str, got {type(source).__name__}"
-        )
+        raise TypeError(f"source: expected None, a path or a list of str, got {type(source).__name__}")
     if not any(doc.strip() for doc in documents):
         raise ValueError(f"the corpus from {source!r} is empty: it has no non-blank document")
     return documents
@@ -223,10 +234,10 @@ def split_sentences(text: str) -> list[str]:
     for paragraph in _PARAGRAPH_BREAK.split(text):
         start = 0
         for match in _BOUNDARY.finditer(paragraph):
-            last_word = paragraph[start:match.start() + 1].rsplit(None, 1)[-1].lower()
+            last_word = paragraph[start : match.start() + 1].rsplit(None, 1)[-1].lower()
             if last_word in _ABBREVIATIONS or re.fullmatch(r"[a-z]\.", last_word):
                 continue
-            sentences.append(paragraph[start:match.end()].strip())
+            sentences.append(paragraph[start : match.end()].strip())
             start = match.end()
         sentences.append(paragraph[start:].strip())
     return [sentence for sentence in sentences if sentence]

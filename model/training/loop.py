@@ -20,10 +20,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from model.config import check_int
-from model.distributed import (
-    World, agree_all_have_data, barrier, full_tensor, gather_rng_states, join, reduce_step, shard_fully, shard_like,
-)
 from model.io import atomic_write_text, fsync_dir, load_tensors, save_tensors
+from model.training.distributed import (
+    World,
+    agree_all_have_data,
+    barrier,
+    full_tensor,
+    gather_rng_states,
+    join,
+    reduce_step,
+    shard_fully,
+    shard_like,
+)
 
 Batch = dict[str, torch.Tensor]
 SCHEDULES = ("linear", "cosine", "constant")
@@ -91,15 +99,19 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {', '.join(PARALLELS)}; got {self.parallel!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(
-            isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas
+        if (
+            not isinstance(self.betas, (list, tuple))
+            or len(self.betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)
         ):
             raise ValueError(f"betas must be two floats in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", tuple(self.betas))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+            raise ValueError(
+                f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}"
+            ) from None
 
     @property
     def warmup(self) -> int:
@@ -163,7 +175,9 @@ class _Batches:
         elif isinstance(data, Iterable):
             self.kind = "iterable"
         else:
-            raise TypeError(f"data must be a list of batches, a step-indexed source or an iterable, got {type(data).__name__}")
+            raise TypeError(
+                f"data must be a list of batches, a step-indexed source or an iterable, got {type(data).__name__}"
+            )
 
     def __call__(self, step: int) -> Batch:
         index = step * self.world.size + self.world.rank  # this rank's share of the step's global batch
@@ -249,13 +263,17 @@ def train(
     sharded = world.distributed and config.parallel == "fsdp"
     autocast, scaler = _autocast(config, device)
     if sharded and scaler is not None:
-        raise ValueError("parallel='fsdp' with AMP needs bf16, which this GPU lacks (fp16 loss scaling is not sharded); set amp=False")
+        raise ValueError(
+            "parallel='fsdp' with AMP needs bf16, which this GPU lacks (fp16 loss scaling is not sharded); set amp=False"
+        )
     result = TrainResult()
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     torch.manual_seed(config.seed + world.rank)  # dropout masks differ by rank, reproducibly
     latest = _latest_checkpoint(ckpt_dir, world) if ckpt_dir is not None else None
     saved = _restore_model(latest, model, config, world) if latest is not None else None
-    work = copy.deepcopy(model) if sharded else model  # FSDP: a sharded twin trains; `model` gets its weights at the end
+    work = (
+        copy.deepcopy(model) if sharded else model
+    )  # FSDP: a sharded twin trains; `model` gets its weights at the end
     if sharded:
         shard_fully(work, world, device)
     optimizer = torch.optim.AdamW(_param_groups(work, config.weight_decay), lr=config.lr, betas=config.betas)
@@ -272,14 +290,21 @@ def train(
     agree_all_have_data(world, problem)
     runner = DistributedDataParallel(model, find_unused_parameters=True) if world.distributed and not sharded else work
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    bar = tqdm(total=config.steps, initial=result.resumed_from, disable=not (config.progress and world.main),
-               desc="train", unit="step")
+    bar = tqdm(
+        total=config.steps,
+        initial=result.resumed_from,
+        disable=not (config.progress and world.main),
+        desc="train",
+        unit="step",
+    )
     start = time.perf_counter()
     try:
         for step in range(result.resumed_from, config.steps):
             batch = batches(step)
             if not isinstance(batch, dict):
-                raise TypeError(f"batch {step} is a {type(batch).__name__}; data must yield dicts of tensors (input_ids, ...)")
+                raise TypeError(
+                    f"batch {step} is a {type(batch).__name__}; data must yield dicts of tensors (input_ids, ...)"
+                )
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
@@ -287,20 +312,26 @@ def train(
                 loss = loss_fn(runner, batch)
             mean_loss, non_finite, tokens = reduce_step(world, loss.detach(), _tokens(batch))
             if non_finite:  # decided together, so no rank is left waiting in backward
-                raise NonFiniteError(f"loss is {mean_loss if world.size == 1 else 'non-finite on some rank'} "
-                                     f"at step {step + 1}; stopped before updating the weights")
+                raise NonFiniteError(
+                    f"loss is {mean_loss if world.size == 1 else 'non-finite on some rank'} "
+                    f"at step {step + 1}; stopped before updating the weights"
+                )
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip is not None else math.inf))
+            norm = full_tensor(
+                torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip is not None else math.inf)
+            )
             if scaler is not None:  # fp16: the scaler skips steps with inf gradients by design
                 scaler.step(optimizer)
                 scaler.update()
             elif not torch.isfinite(norm):  # gradients are all-reduced: every rank sees the same norm
-                raise NonFiniteError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before updating the weights")
+                raise NonFiniteError(
+                    f"gradient norm is {norm.item()} at step {step + 1}; stopped before updating the weights"
+                )
             else:
                 optimizer.step()
             result.losses.append(mean_loss)
@@ -309,8 +340,12 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
             done = step + 1
-            if ckpt_dir is not None and (done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                result.checkpoint = _save_checkpoint(ckpt_dir, done, work, optimizer, scaler, result.losses, config, world)
+            if ckpt_dir is not None and (
+                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
+            ):
+                result.checkpoint = _save_checkpoint(
+                    ckpt_dir, done, work, optimizer, scaler, result.losses, config, world
+                )
             if callback is not None:  # forked RNG: a callback that samples must not shift the run
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     callback(done, mean_loss)
@@ -340,7 +375,9 @@ def _latest_checkpoint(ckpt_dir: Path, world: World) -> Path | None:
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     """The step-N folders, oldest first; other entries (notes, copies like step-best) are the user's, not ours."""
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -349,8 +386,14 @@ _RESUME_FIELDS = ("steps", "lr", "warmup_steps", "schedule", "weight_decay", "be
 
 
 def _save_checkpoint(
-    ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, losses: list[float],
-    config: TrainConfig, world: World,
+    ckpt_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler,
+    losses: list[float],
+    config: TrainConfig,
+    world: World,
 ) -> Path:
     """Rank 0 writes step-N/ as a whole: files go into a temp folder that is renamed once complete."""
     rng_states = gather_rng_states(world)  # collective: every rank takes part
@@ -363,14 +406,18 @@ def _save_checkpoint(
     tmp = ckpt_dir / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    tensors = {
+        f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)
+    }
     tensors.update({f"rng.cpu.{rank}": state for rank, state in enumerate(rng_states)})
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_tensors(tmp / "model.safetensors", weights)
     save_tensors(tmp / "optimizer.safetensors", tensors)
     trainer = {
-        "step": step, "losses": losses, "param_groups": state["param_groups"],
+        "step": step,
+        "losses": losses,
+        "param_groups": state["param_groups"],
         "settings": {name: getattr(config, name) for name in _RESUME_FIELDS},
         "scaler": scaler.state_dict() if scaler is not None else None,
         "world_size": world.size,
@@ -391,8 +438,10 @@ def _full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     weights = {k: full_tensor(v.detach()) for k, v in model.state_dict().items()}
     state = optimizer.state_dict()
     # Sorted: every rank must gather the same tensor at the same time, whatever order its state dict holds.
-    state["state"] = {i: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in sorted(state["state"][i].items())}
-                      for i in sorted(state["state"])}
+    state["state"] = {
+        i: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in sorted(state["state"][i].items())}
+        for i in sorted(state["state"])
+    }
     return weights, state
 
 
@@ -405,7 +454,11 @@ def _read_trainer(file: Path) -> dict[str, Any]:
         trainer = json.loads(file.read_bytes().decode("utf-8"))
     except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
         raise ValueError(f"{file} is not valid UTF-8 JSON (a torn or hand-edited checkpoint): {err}") from None
-    if not isinstance(trainer, dict) or not set(_TRAINER_KEYS) <= set(trainer) or not isinstance(trainer["settings"], dict):
+    if (
+        not isinstance(trainer, dict)
+        or not set(_TRAINER_KEYS) <= set(trainer)
+        or not isinstance(trainer["settings"], dict)
+    ):
         raise ValueError(f"{file} is not a flashlite trainer state (needs keys {', '.join(_TRAINER_KEYS)})")
     return trainer
 
@@ -425,12 +478,16 @@ def _optimizer_state(
         if not index.isdigit() or int(index) >= len(params):
             raise ValueError(f"{file}: {key} names a parameter the model does not have ({len(params)} parameters)")
         if value.dim() and value.shape != params[int(index)].shape:
-            raise ValueError(f"{file}: {key} has shape {list(value.shape)} but the parameter has {list(params[int(index)].shape)}")
+            raise ValueError(
+                f"{file}: {key} has shape {list(value.shape)} but the parameter has {list(params[int(index)].shape)}"
+            )
         state.setdefault(int(index), {})[name] = value
     return state
 
 
-def _restore_model(path: Path, model: nn.Module, config: TrainConfig, world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _restore_model(
+    path: Path, model: nn.Module, config: TrainConfig, world: World
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Check a checkpoint against this run and load its weights into the (unsharded) model.
 
     Returns (trainer state, optimizer tensors) for `_restore_optimizer`.
@@ -455,13 +512,20 @@ def _restore_model(path: Path, model: nn.Module, config: TrainConfig, world: Wor
     except RuntimeError as err:  # shape mismatches
         raise ValueError(f"checkpoint {path} does not match the model: {err}") from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return trainer, load_tensors(path / "optimizer.safetensors")
 
 
 def _restore_optimizer(
-    path: Path, trainer: dict[str, Any], tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler,
-    world: World, device: torch.device,
+    path: Path,
+    trainer: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler,
+    world: World,
+    device: torch.device,
 ) -> tuple[int, list[float]]:
     """Load the optimizer, loss scaler and RNG state of a checkpoint; returns (step, losses so far)."""
     if scaler is not None and trainer["scaler"] is not None:

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 
 from model.config import Config
-from model.corpus import load_corpus
-from model.objectives import PretrainingData
-from model.distributed import is_main
+from model.data.corpus import load_corpus
+from model.data.tokenizer import load_tokenizer, special_tokens, train_tokenizer
 from model.io import atomic_write_text
-from model.tokenizer import load_tokenizer, special_tokens, train_tokenizer
-from model.train import TrainConfig, TrainResult, train
+from model.training.distributed import is_main
+from model.training.loop import TrainConfig, TrainResult, train
+from model.training.objectives import PretrainingData
 from model.transformer import Transformer
 
 Tokenizer = Any  # a tokenizers.Tokenizer
@@ -79,7 +79,9 @@ def prepare(
     if max_len > config.max_positions:
         raise ValueError(f"max_len={max_len} is longer than the model's max_positions={config.max_positions}")
     if pair_task is not None and "pair" not in config.heads:
-        raise ValueError(f"pair_task={pair_task!r} needs a 'pair' head, but the config's heads are {list(config.heads)}")
+        raise ValueError(
+            f"pair_task={pair_task!r} needs a 'pair' head, but the config's heads are {list(config.heads)}"
+        )
     documents = load_corpus(corpus)
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
@@ -132,8 +134,16 @@ def pretrain(
     saved_tokenizer = Path(checkpoint_dir) / "tokenizer.json" if checkpoint_dir else None
     if tokenizer is None and saved_tokenizer is not None and saved_tokenizer.is_file():
         tokenizer = load_tokenizer(saved_tokenizer)
-    run = prepare(config, corpus, batch_size=batch_size, max_len=max_len, pair_task=pair_task, seed=seed,
-                  tokenizer=tokenizer, holdout=holdout)
+    run = prepare(
+        config,
+        corpus,
+        batch_size=batch_size,
+        max_len=max_len,
+        pair_task=pair_task,
+        seed=seed,
+        tokenizer=tokenizer,
+        holdout=holdout,
+    )
     if saved_tokenizer is not None and not saved_tokenizer.is_file() and is_main():
         saved_tokenizer.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved_tokenizer, run.tokenizer.to_str())
@@ -150,8 +160,14 @@ def pretrain(
         return out.loss
 
     settings = TrainConfig(
-        steps=steps, lr=lr, seed=seed, device=device, parallel=parallel, progress=progress,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        device=device,
+        parallel=parallel,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
     )
     result = train(model, run.train_data, settings, loss_fn=loss_fn)
     model.cpu()

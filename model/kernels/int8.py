@@ -6,7 +6,7 @@ Q (with the softmax scale folded in) and K are then quantized to int8 block by b
 scale per token: the attention kernel pays one extra multiply per score for that (as for one
 scale per block), and on unit Gaussians it cuts the worst causal error from ~4.4e-2 to
 ~2.1e-2 at seq 512 (float64 emulation). Q·Kᵀ runs as an int8 `tl.dot` with int32
-accumulation and P·V in fp16 with fp32 accumulation, in `model.attention_flash._attn_fwd`.
+accumulation and P·V in fp16 with fp32 accumulation, in `model.kernels.flash._attn_fwd`.
 """
 
 from __future__ import annotations
@@ -17,24 +17,49 @@ import torch
 import triton
 import triton.language as tl
 
-from model.attention_flash import (
-    LOG2E, _attn_fwd, _block_d, _dead_rows, _launch_config, _mask_arg, _strides, inference_only,
+from model.kernels.flash import (
+    LOG2E,
+    _attn_fwd,
+    _block_d,
+    _dead_rows,
+    _launch_config,
+    _mask_arg,
+    _strides,
+    inference_only,
 )
 
 Tensor = torch.Tensor
 
 
 @triton.jit
-def _quantize_rows(X, MEAN, XQ, SCALE, stride_xb, stride_xh, stride_xm, stride_xd, H, T, multiplier,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):
+def _quantize_rows(
+    X,
+    MEAN,
+    XQ,
+    SCALE,
+    stride_xb,
+    stride_xh,
+    stride_xm,
+    stride_xd,
+    H,
+    T,
+    multiplier,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SMOOTH: tl.constexpr,
+):
     """int8 copy of a block of rows of x (minus MEAN when SMOOTH, times multiplier) and each row's scale."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    x = tl.load(X + b * stride_xb + h * stride_xh + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
-                mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(
+        X + b * stride_xb + h * stride_xh + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
+        mask=ok,
+        other=0.0,
+    ).to(tl.float32)
     if SMOOTH:
         x -= tl.load(MEAN + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)[None, :]
     x = tl.where(ok, x * multiplier, 0.0)
@@ -51,9 +76,20 @@ def _quantize(x: Tensor, multiplier: float, mean: Tensor | None) -> tuple[Tensor
     xq = torch.empty(b, h, t, d, dtype=torch.int8, device=x.device)
     scales = torch.empty(b, h, t, dtype=torch.float32, device=x.device)
     block = 64 if x.is_cuda else 16
-    _quantize_rows[(triton.cdiv(t, block), b * h)](x, x if mean is None else mean, xq, scales, *_strides(x), h, t,
-                                                   multiplier, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=block,
-                                                   SMOOTH=mean is not None)
+    _quantize_rows[(triton.cdiv(t, block), b * h)](
+        x,
+        x if mean is None else mean,
+        xq,
+        scales,
+        *_strides(x),
+        h,
+        t,
+        multiplier,
+        HEAD_DIM=d,
+        BLOCK_D=_block_d(d),
+        BLOCK=block,
+        SMOOTH=mean is not None,
+    )
     return xq, scales
 
 
@@ -69,9 +105,32 @@ def _int8_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: 
     cfg = _launch_config(q, "fwd")
     grid = (triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
     # PRECISION only matters for fp32 operands; the kernel's dots here are int8 and fp16.
-    _attn_fwd[grid](qi, ki, v, out, lse, _mask_arg(key_mask, q), dead, q_scales, k_scales, *_strides(qi),
-                    *_strides(ki), *_strides(v), *_strides(out), h, tq, tk, 1.0, HEAD_DIM=d, BLOCK_D=_block_d(d),
-                    CAUSAL=causal, HAS_MASK=key_mask is not None, PRECISION="tf32", QUANT=True, **cfg)
+    _attn_fwd[grid](
+        qi,
+        ki,
+        v,
+        out,
+        lse,
+        _mask_arg(key_mask, q),
+        dead,
+        q_scales,
+        k_scales,
+        *_strides(qi),
+        *_strides(ki),
+        *_strides(v),
+        *_strides(out),
+        h,
+        tq,
+        tk,
+        1.0,
+        HEAD_DIM=d,
+        BLOCK_D=_block_d(d),
+        CAUSAL=causal,
+        HAS_MASK=key_mask is not None,
+        PRECISION="tf32",
+        QUANT=True,
+        **cfg,
+    )
     return out
 
 
@@ -83,8 +142,9 @@ def _int8_fwd_fake(q, k, v, key_mask, causal, scale):
 _int8_fwd.register_autograd(inference_only("flash-int8"))
 
 
-def int8_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, causal: bool = False,
-                   scale: float | None = None) -> Tensor:
+def int8_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None
+) -> Tensor:
     """Approximate attention of q (B,H,Tq,D) over k, v (B,H,Tk,D) with int8 Q·Kᵀ; returns (B,H,Tq,D).
 
     Inference only: a backward pass raises. Same masks and dead-row rule as `flash_attention`.

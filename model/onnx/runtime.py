@@ -27,7 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from model.config import Config, check_int
-from model.objectives import LABEL_KEYS
+from model.losses import LABEL_KEYS
 from model.transformer import Output, Transformer, check_ids, check_token_types
 
 CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
@@ -44,7 +44,9 @@ def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
     if path.suffix != ".onnx":
         path = path / "model.onnx"
     if path.name.endswith(".decoder.onnx"):
-        raise ValueError(f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix('.decoder.onnx')}.onnx")
+        raise ValueError(
+            f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix('.decoder.onnx')}.onnx"
+        )
     return {"encoder": path, "decoder": path.with_name(path.name.removesuffix(".onnx") + ".decoder.onnx")}
 
 
@@ -65,10 +67,14 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(str(path))  # by path, so external data is looked up beside the file
     except onnx.checker.ValidationError as err:
-        raise ValueError(f"{path} fails the ONNX checker (corrupted, truncated or hand-edited): {_first_line(err)}") from None
+        raise ValueError(
+            f"{path} fails the ONNX checker (corrupted, truncated or hand-edited): {_first_line(err)}"
+        ) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     if CONFIG_KEY not in meta or meta.get(GRAPH_KEY) not in ("encoder", "decoder"):
-        raise ValueError(f"{path} is not a flashlite export (no {CONFIG_KEY!r} / {GRAPH_KEY!r} metadata); write it with export_onnx")
+        raise ValueError(
+            f"{path} is not a flashlite export (no {CONFIG_KEY!r} / {GRAPH_KEY!r} metadata); write it with export_onnx"
+        )
     return proto
 
 
@@ -112,7 +118,9 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
             raise ValueError(f"{where} with a non-integer offset or length") from None
         size = target.stat().st_size
         if offset < 0 or offset > size or (length >= 0 and offset + length > size):
-            raise ValueError(f"{where} reading bytes [{offset}, {offset + max(length, 0)}) of a {size}-byte file (truncated?)")
+            raise ValueError(
+                f"{where} reading bytes [{offset}, {offset + max(length, 0)}) of a {size}-byte file (truncated?)"
+            )
 
 
 @dataclass
@@ -172,7 +180,9 @@ class OrtModel:
         self.decoder = _open(paths["decoder"], threads) if paths["decoder"].exists() else None
         self.config = self.encoder.config
         if self.decoder is not None and self.decoder.config != self.config:
-            raise ValueError(f"{paths['decoder']} was exported from another model than {paths['encoder']} (configs differ)")
+            raise ValueError(
+                f"{paths['decoder']} was exported from another model than {paths['encoder']} (configs differ)"
+            )
 
     def __repr__(self) -> str:
         graphs = "encoder" + (" + decoder" if self.decoder is not None else "")
@@ -198,15 +208,20 @@ class OrtModel:
         if decoder_ids is not None:  # checked before any graph runs
             ids = self._decoder_ids(decoder_ids, inputs.get("decoder_attention_mask"))
             if len(ids) != len(feeds["input_ids"]):
-                raise ValueError(f"decoder_input_ids has {len(ids)} rows but input_ids has {len(feeds['input_ids'])}; one target per source")
+                raise ValueError(
+                    f"decoder_input_ids has {len(ids)} rows but input_ids has {len(feeds['input_ids'])}; one target per source"
+                )
         values = self._run(self.encoder, feeds)
         out = Output(hidden_states=values.pop("hidden_states"))
         if decoder_ids is not None:
-            decoded = self._run(self.decoder, {
-                "decoder_input_ids": ids,
-                "encoder_hidden_states": out.hidden_states,
-                "encoder_attention_mask": feeds["attention_mask"],
-            })
+            decoded = self._run(
+                self.decoder,
+                {
+                    "decoder_input_ids": ids,
+                    "encoder_hidden_states": out.hidden_states,
+                    "encoder_attention_mask": feeds["attention_mask"],
+                },
+            )
             out.decoder_hidden_states = decoded.pop("decoder_hidden_states")
             values.update(decoded)
         heads = {name.removesuffix("_logits"): value for name, value in values.items()}
@@ -230,15 +245,21 @@ class OrtModel:
         has ended. A tensor comes back as a tensor, an array as an array.
         """
         if self.decoder is None:
-            raise ValueError(f"{self.encoder.path} has no decoder graph ({graph_paths(self.encoder.path)['decoder'].name}); "
-                             "generate() needs an encoder-decoder export")
+            raise ValueError(
+                f"{self.encoder.path} has no decoder graph ({graph_paths(self.encoder.path)['decoder'].name}); "
+                "generate() needs an encoder-decoder export"
+            )
         if "lm_logits" not in self.decoder.outputs:
             raise ValueError("the decoder graph has no lm_logits output (the model has no 'lm' head)")
         feeds = self.encoder_feeds({"input_ids": input_ids, "attention_mask": attention_mask})
         memory = self._run(self.encoder, feeds)["hidden_states"]
 
         def next_logits(prefix: np.ndarray) -> np.ndarray:
-            step = {"decoder_input_ids": prefix, "encoder_hidden_states": memory, "encoder_attention_mask": feeds["attention_mask"]}
+            step = {
+                "decoder_input_ids": prefix,
+                "encoder_hidden_states": memory,
+                "encoder_attention_mask": feeds["attention_mask"],
+            }
             return self._run(self.decoder, step)["lm_logits"][:, -1]
 
         tokens = greedy_loop(next_logits, len(memory), self.config, max_new_tokens, start_id, end_id)
@@ -248,7 +269,13 @@ class OrtModel:
         """Validated int64 arrays for the encoder graph, with the defaults the PyTorch model uses."""
         ids = _as_tensor("input_ids", inputs["input_ids"])
         mask = inputs.get("attention_mask")
-        mask = check_ids(self.config, ids, None if mask is None else _as_tensor("attention_mask", mask), "input_ids", "attention_mask")
+        mask = check_ids(
+            self.config,
+            ids,
+            None if mask is None else _as_tensor("attention_mask", mask),
+            "input_ids",
+            "attention_mask",
+        )
         types = inputs.get("token_type_ids")
         feeds = {"input_ids": ids, "attention_mask": mask}
         if types is not None:
@@ -257,19 +284,28 @@ class OrtModel:
         if "token_type_ids" in self.encoder.inputs:
             feeds["token_type_ids"] = torch.zeros_like(ids) if types is None else types
         elif types is not None and bool((types != 0).any()):
-            raise ValueError("token_type_ids must be all zeros: this model has no token-type embedding (type_vocab_size=0)")
+            raise ValueError(
+                "token_type_ids must be all zeros: this model has no token-type embedding (type_vocab_size=0)"
+            )
         return {name: t.to(torch.int64).numpy() for name, t in feeds.items()}
 
     def _decoder_ids(self, decoder_ids: Any, decoder_mask: Any) -> np.ndarray:
         if self.decoder is None:
             raise ValueError("decoder_input_ids given but this export has no decoder graph")
         ids = _as_tensor("decoder_input_ids", decoder_ids)
-        mask = check_ids(self.config, ids, None if decoder_mask is None else _as_tensor("decoder_attention_mask", decoder_mask),
-                          "decoder_input_ids", "decoder_attention_mask")
+        mask = check_ids(
+            self.config,
+            ids,
+            None if decoder_mask is None else _as_tensor("decoder_attention_mask", decoder_mask),
+            "decoder_input_ids",
+            "decoder_attention_mask",
+        )
         # The decoder graph masks causally only; that equals the PyTorch model's masked decoder at
         # every real position exactly when padding is on the right (ones, then zeros).
         if bool((mask[:, 1:] > mask[:, :-1]).any()):
-            raise ValueError("decoder_attention_mask must pad on the right (each row: ones, then zeros); the decoder graph is causal only")
+            raise ValueError(
+                "decoder_attention_mask must pad on the right (each row: ones, then zeros); the decoder graph is causal only"
+            )
         return ids.to(torch.int64).numpy()
 
     def _run(self, graph: _Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -313,7 +349,12 @@ class OrtModule:
 
 
 def greedy_loop(
-    next_logits: Callable[[np.ndarray], np.ndarray], batch: int, config: Config, max_new_tokens: int, start_id: int, end_id: int
+    next_logits: Callable[[np.ndarray], np.ndarray],
+    batch: int,
+    config: Config,
+    max_new_tokens: int,
+    start_id: int,
+    end_id: int,
 ) -> np.ndarray:
     """Greedy decoding given `next_logits(prefix (B,S) int64) -> (B,vocab)`; returns (B, 1 + steps) int64.
 
@@ -322,7 +363,9 @@ def greedy_loop(
     """
     check_int("max_new_tokens", max_new_tokens, 1)
     if max_new_tokens + 1 > config.max_positions:
-        raise ValueError(f"max_new_tokens + 1 must be <= max_positions ({config.max_positions}), got {max_new_tokens} + 1")
+        raise ValueError(
+            f"max_new_tokens + 1 must be <= max_positions ({config.max_positions}), got {max_new_tokens} + 1"
+        )
     for name, value in (("start_id", start_id), ("end_id", end_id)):
         check_int(name, value, 0)
         if value >= config.vocab_size:
@@ -341,8 +384,13 @@ def greedy_loop(
 
 @torch.no_grad()
 def greedy_generate(
-    model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-    max_new_tokens: int, start_id: int, end_id: int,
+    model: Transformer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    start_id: int,
+    end_id: int,
 ) -> torch.Tensor:
     """Greedy decoding with the PyTorch model, by the same rule as `OrtModel.generate`; returns (B, 1 + steps) int64.
 
@@ -359,7 +407,9 @@ def greedy_generate(
         hidden = model.decode(ids, memory, mask)
         return model.heads["lm"](hidden[:, -1:], model.embeddings)[:, -1].float().cpu().numpy()
 
-    return torch.from_numpy(greedy_loop(next_logits, len(input_ids), model.config, max_new_tokens, start_id, end_id)).to(input_ids.device)
+    return torch.from_numpy(
+        greedy_loop(next_logits, len(input_ids), model.config, max_new_tokens, start_id, end_id)
+    ).to(input_ids.device)
 
 
 def graph_metadata(config: Config, graph: str) -> dict[str, str]:

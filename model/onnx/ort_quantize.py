@@ -39,8 +39,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from model.export import TWO_GB, output_pairs, parity_batches, publish, size_with_data
-from model.ort import CONFIG_KEY, GRAPH_KEY, OrtModel, graph_paths, read_onnx
+from model.onnx.export import TWO_GB, output_pairs, parity_batches, publish, size_with_data
+from model.onnx.runtime import CONFIG_KEY, GRAPH_KEY, OrtModel, graph_paths, read_onnx
 
 MODES = ("int8-dynamic", "int8-static", "int4")
 BLOCK_SIZES = (32, 64, 128)
@@ -85,13 +85,33 @@ def settings_for(mode: str, block_size: int = 32) -> dict[str, Any]:
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
     reduce_range = x86 and not has_vnni()
     if mode == "int8-dynamic":
-        return dict(mode=mode, weight_type="QInt8", activation_type="QUInt8", per_channel=True, reduce_range=reduce_range,
-                    op_types=["MatMul", "Gather"])
+        return dict(
+            mode=mode,
+            weight_type="QInt8",
+            activation_type="QUInt8",
+            per_channel=True,
+            reduce_range=reduce_range,
+            op_types=["MatMul", "Gather"],
+        )
     if mode == "int8-static":
-        return dict(mode=mode, format="QDQ", weight_type="QInt8", activation_type="QInt8", per_channel=True,
-                    reduce_range=reduce_range, calibration="MinMax", op_types=["MatMul", "Gemm", "Gather"])
-    return dict(mode=mode, bits=4, block_size=block_size, symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL,
-                op_types=["MatMul", "Gather"])
+        return dict(
+            mode=mode,
+            format="QDQ",
+            weight_type="QInt8",
+            activation_type="QInt8",
+            per_channel=True,
+            reduce_range=reduce_range,
+            calibration="MinMax",
+            op_types=["MatMul", "Gemm", "Gather"],
+        )
+    return dict(
+        mode=mode,
+        bits=4,
+        block_size=block_size,
+        symmetric=True,
+        accuracy_level=INT4_ACCURACY_LEVEL,
+        op_types=["MatMul", "Gather"],
+    )
 
 
 def quantize_onnx(
@@ -195,24 +215,42 @@ def _quantize_file(source: Path, target: Path, settings: dict[str, Any], reader:
     mode = settings["mode"]
     if mode == "int4":
         with _root_logging_kept():  # imported on this path only: the import reconfigures logging
-            from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
         config = DefaultWeightOnlyQuantConfig(
-            block_size=settings["block_size"], is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL,
-            op_types_to_quantize=tuple(settings["op_types"]), quant_axes=(("MatMul", 0), ("Gather", 1)),
+            block_size=settings["block_size"],
+            is_symmetric=True,
+            accuracy_level=INT4_ACCURACY_LEVEL,
+            op_types_to_quantize=tuple(settings["op_types"]),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
         )
         quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
         quantizer.process()  # its INFO progress records stay below the (restored) root level
         proto = quantizer.model.model
     else:
-        common = dict(op_types_to_quantize=settings["op_types"], per_channel=True, reduce_range=settings["reduce_range"],
-                      weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        common = dict(
+            op_types_to_quantize=settings["op_types"],
+            per_channel=True,
+            reduce_range=settings["reduce_range"],
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
         raw = target.with_name(".raw." + target.name)
         with _root_logging_kept():
             if mode == "int8-dynamic":
                 quantize_dynamic(source, raw, **common)
             else:
-                quantize_static(source, raw, reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax, **common)
+                quantize_static(
+                    source,
+                    raw,
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    **common,
+                )
         proto = onnx.load(str(raw))
         raw.unlink()
     meta = {p.key: p.value for p in read_onnx(source).metadata_props}
@@ -220,7 +258,9 @@ def _quantize_file(source: Path, target: Path, settings: dict[str, Any], reader:
     for key, value in {CONFIG_KEY: meta[CONFIG_KEY], GRAPH_KEY: meta[GRAPH_KEY], MODE_KEY: mode}.items():
         proto.metadata_props.add(key=key, value=value)
     external = proto.ByteSize() >= TWO_GB
-    onnx.save_model(proto, str(target), save_as_external_data=external, location=f"{target.name}.data" if external else None)
+    onnx.save_model(
+        proto, str(target), save_as_external_data=external, location=f"{target.name}.data" if external else None
+    )
     onnx.checker.check_model(str(target), full_check=True)
 
 

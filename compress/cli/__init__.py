@@ -24,7 +24,10 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, alpha=0.3, label="loss")
     ax.plot(range(1, len(losses) + 1), smooth, label=f"moving average ({window} steps)")
@@ -39,22 +42,32 @@ def _plot_losses(losses: list[float], path: Path) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from model import save
     from model.config import Config
-    from model.distributed import is_main
-    from model.pretrain import pretrain
+    from model.training.distributed import is_main
+    from model.training.pretrain import pretrain
 
     config = Config.preset(args.preset)
     result = pretrain(
-        config, args.corpus, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len,
-        pair_task=None if args.pair_task == "none" else args.pair_task, lr=args.lr, seed=args.seed,
+        config,
+        args.corpus,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        pair_task=None if args.pair_task == "none" else args.pair_task,
+        lr=args.lr,
+        seed=args.seed,
         checkpoint_dir=str(args.out / "checkpoints") if args.out else None,
-        checkpoint_every=args.checkpoint_every, device=args.device, parallel=args.parallel,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        parallel=args.parallel,
     )
     model, run = result.model, result.train
     if not is_main():  # a torchrun rank other than 0: rank 0 reports and saves
         return 0
     params = sum(p.numel() for p in model.parameters())
-    print(f"\npretrained preset {args.preset!r}: {params / 1e6:.1f}M parameters (vocabulary {model.config.vocab_size}), "
-          f"{len(run.losses)} steps" + (f" (resumed at step {run.resumed_from})" if run.resumed_from else ""))
+    print(
+        f"\npretrained preset {args.preset!r}: {params / 1e6:.1f}M parameters (vocabulary {model.config.vocab_size}), "
+        f"{len(run.losses)} steps" + (f" (resumed at step {run.resumed_from})" if run.resumed_from else "")
+    )
     if run.seconds:
         print(f"this run: {run.tokens_per_second:.0f} tokens/s over {run.seconds:.0f} s")
     print(f"{'held-out loss':<14} {'before':>8} {'after':>8}")
@@ -62,14 +75,24 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"{name:<14} {result.eval_before[name]:>8.3f} {after:>8.3f}")
     window = max(1, min(20, len(run.losses) // 4))
     first, last = run.losses[:window], run.losses[-window:]
-    print(f"training loss (all objectives): {sum(first) / len(first):.3f} over the first {window} steps, "
-          f"{sum(last) / len(last):.3f} over the last {window}")
+    print(
+        f"training loss (all objectives): {sum(first) / len(first):.3f} over the first {window} steps, "
+        f"{sum(last) / len(last):.3f} over the last {window}"
+    )
     if args.out:
-        manifest = {"pretraining": {
-            "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
-            "pair_task": args.pair_task, "seed": args.seed, "tokens_per_second": run.tokens_per_second,
-            "held_out_before": result.eval_before, "held_out_after": result.eval_after,
-        }}
+        manifest = {
+            "pretraining": {
+                "preset": args.preset,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "max_len": args.max_len,
+                "pair_task": args.pair_task,
+                "seed": args.seed,
+                "tokens_per_second": run.tokens_per_second,
+                "held_out_before": result.eval_before,
+                "held_out_after": result.eval_after,
+            }
+        }
         save(model, args.out, manifest=manifest)
         _plot_losses(run.losses, args.out / "loss.png")
         print(f"saved the model to {args.out}/ and the loss curve to {args.out / 'loss.png'}")
@@ -163,15 +186,19 @@ def _squad_data(data: Path, dev_articles: int) -> tuple[list[dict], list[dict]]:
         if len(train) == 1 and len(dev) == 1:
             return squad.load(train[0]), squad.load(dev[0])
         if len(files) != 1:
-            raise FileNotFoundError(f"{data} must hold one SQuAD JSON file, or one train-*.json and one dev-*.json; "
-                                    f"found {[f.name for f in files] or 'no .json file'}")
+            raise FileNotFoundError(
+                f"{data} must hold one SQuAD JSON file, or one train-*.json and one dev-*.json; "
+                f"found {[f.name for f in files] or 'no .json file'}"
+            )
         data = files[0]
     elif not data.is_file():
         raise FileNotFoundError(f"--data {data}: no such SQuAD JSON file or folder")
     examples = squad.load(data)
     titles = len(dict.fromkeys(e["title"] for e in examples))
     if dev_articles >= titles:
-        raise ValueError(f"--dev-articles {dev_articles} leaves no article to train on: {data} holds {titles} article(s)")
+        raise ValueError(
+            f"--dev-articles {dev_articles} leaves no article to train on: {data} holds {titles} article(s)"
+        )
     return squad.split_articles(examples, titles - dev_articles)
 
 
@@ -200,11 +227,15 @@ def _with_head(model, task: str, *, seed: int):
     if config.quantized:
         raise ValueError(f"the model is quantized and has no {head!r} head for {task}: fine-tune before quantizing")
     torch.manual_seed(seed)
-    fresh = Transformer(config.replace(heads=(head,), n_labels=n_labels, decoder=(), decoder_share=None),
-                        attention_backend=model.attention_backend)
+    fresh = Transformer(
+        config.replace(heads=(head,), n_labels=n_labels, decoder=(), decoder_share=None),
+        attention_backend=model.attention_backend,
+    )
     wanted = fresh.state_dict()
     state = {k: v for k, v in model.state_dict().items() if k in wanted and not k.startswith("heads.")}
-    missing = [k for k in fresh.load_state_dict(state, strict=False).missing_keys if not k.startswith(("heads.", "pooler."))]
+    missing = [
+        k for k in fresh.load_state_dict(state, strict=False).missing_keys if not k.startswith(("heads.", "pooler."))
+    ]
     if missing:
         raise RuntimeError(f"attaching the {head!r} head left weights without values: {missing[:5]}")
     fresh.tokenizer = model.tokenizer
@@ -232,7 +263,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from compress.evaluate import glue, squad
     from model import save
-    from model.distributed import is_main
+    from model.training.distributed import is_main
 
     if args.task == "squad":
         train_rows, dev_rows = _squad_data(args.data, args.dev_articles)
@@ -249,13 +280,23 @@ def _finetune(args: argparse.Namespace) -> int:
     _check_max_len(model, args.max_len)
     if note:
         print(note)
-    options = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len, seed=args.seed,
-                   device=args.device, parallel=args.parallel, progress=_progress())
+    options = dict(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        seed=args.seed,
+        device=args.device,
+        parallel=args.parallel,
+        progress=_progress(),
+    )
     if args.task == "squad":
         squad.finetune(model, train_rows, doc_stride=args.max_len // 2, **options)
         if not is_main():
             return 0
-        metrics = squad.evaluate(model, dev_rows, max_len=args.max_len, doc_stride=args.max_len // 2, progress=_progress())
+        metrics = squad.evaluate(
+            model, dev_rows, max_len=args.max_len, doc_stride=args.max_len // 2, progress=_progress()
+        )
         split = f"{len(dev_rows)} held-out questions ({args.dev_articles} article(s))"
     else:
         glue.finetune(model, args.task, train_rows, **options)
@@ -275,22 +316,22 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _calibration(model, corpus: str | None) -> list[dict]:
     """Batches of text for int8-static calibration: the corpus (default: the built-in one), 8 batches of 8."""
-    from model.corpus import load_corpus
-    from model.tokenizer import encode
+    from model.data.corpus import load_corpus
+    from model.data.tokenizer import encode
 
     if model.tokenizer is None:
         raise ValueError("int8-static calibrates on text and the model has no tokenizer; use int8-dynamic or int4")
     texts = load_corpus(corpus)[:64]
     max_len = min(128, model.config.max_positions)
-    batches = [encode(model.tokenizer, texts[i: i + 8], max_len=max_len) for i in range(0, len(texts), 8)]
+    batches = [encode(model.tokenizer, texts[i : i + 8], max_len=max_len) for i in range(0, len(texts), 8)]
     for batch in batches if model.config.decoder else []:
         batch["decoder_input_ids"] = batch["input_ids"]
     return batches
 
 
 def _export(args: argparse.Namespace) -> int:
-    from model.export import export_onnx
-    from model.ort_quantize import quantize_onnx
+    from model.onnx.export import export_onnx
+    from model.onnx.ort_quantize import quantize_onnx
 
     model = _teacher(args)
     report = export_onnx(model, args.out / "model.onnx")
@@ -302,10 +343,14 @@ def _export(args: argparse.Namespace) -> int:
     lines = [(path, size, "fp32") for path, size in report.bytes.items()]
     for mode in dict.fromkeys(m for m in args.quantize if m != "none"):
         calibration = _calibration(model, args.corpus) if mode == "int8-static" else None
-        quantized = quantize_onnx(args.out / "model.onnx", args.out / f"model-{mode}.onnx", mode, calibration=calibration)
+        quantized = quantize_onnx(
+            args.out / "model.onnx", args.out / f"model-{mode}.onnx", mode, calibration=calibration
+        )
         sqnr = ", ".join(f"{name} {value:.1f} dB" for name, value in quantized.sqnr.items())
-        lines += [(path, size, f"{mode}: {quantized.ratio:.2f}x the fp32 bytes, SQNR {sqnr}")
-                  for path, size in quantized.bytes.items()]
+        lines += [
+            (path, size, f"{mode}: {quantized.ratio:.2f}x the fp32 bytes, SQNR {sqnr}")
+            for path, size in quantized.bytes.items()
+        ]
     print(f"{'file':<40} {'bytes':>12}  notes")
     for path, size, notes in lines:
         print(f"{path:<40} {size:>12}  {notes}")
@@ -316,14 +361,14 @@ def _eval_source(args: argparse.Namespace):
     """(model for glue/squad, tokenizer, (params, unique params), bytes on disk, timer(batch) -> latency dict)."""
     import tokenizers
 
-    from compress.measure import parameters, size_on_disk, time_model, time_onnx
+    from compress.evaluate.measure import parameters, size_on_disk, time_model, time_onnx
 
     if args.model:
         from model import load
 
         model = load(args.model, device=args.device)
         return model, model.tokenizer, parameters(model), size_on_disk(args.model), lambda b: time_model(model, b)
-    from model.ort import OrtModel, OrtModule, graph_paths
+    from model.onnx.runtime import OrtModel, OrtModule, graph_paths
     from model.transformer import Transformer
 
     if args.onnx.is_file() and args.onnx.suffix != ".onnx":
@@ -331,7 +376,9 @@ def _eval_source(args: argparse.Namespace):
     runner = OrtModel(args.onnx)
     path = args.tokenizer or graph_paths(args.onnx)["encoder"].parent / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}: pass --tokenizer FILE (export writes tokenizer.json beside model.onnx)")
+        raise FileNotFoundError(
+            f"no tokenizer at {path}: pass --tokenizer FILE (export writes tokenizer.json beside model.onnx)"
+        )
     tokenizer = tokenizers.Tokenizer.from_file(str(path))
     files = [p for p in graph_paths(args.onnx).values() if p.exists()]
     size = sum(size_on_disk(p) for p in files)
@@ -351,24 +398,47 @@ def _eval(args: argparse.Namespace) -> int:
     glue.tokenizer_of(model, tokenizer)
     _check_max_len(model, args.max_len)
     if args.task == "squad":
-        metrics = squad.evaluate(model, rows, tokenizer, max_len=args.max_len, doc_stride=args.max_len // 2, progress=_progress())
+        metrics = squad.evaluate(
+            model, rows, tokenizer, max_len=args.max_len, doc_stride=args.max_len // 2, progress=_progress()
+        )
         feats = squad.features(rows[: args.batch_size], tokenizer, max_len=args.max_len, doc_stride=args.max_len // 2)
         batch = squad.batches(feats[: args.batch_size], tokenizer, batch_size=args.batch_size)[0]
     else:
-        metrics = glue.evaluate(model, args.task, "dev", args.data, tokenizer, max_len=args.max_len, limit=args.rows,
-                                progress=_progress())
+        metrics = glue.evaluate(
+            model, args.task, "dev", args.data, tokenizer, max_len=args.max_len, limit=args.rows, progress=_progress()
+        )
         unlabelled = [{**r, "label": None} for r in rows[: args.batch_size]]
         batch = glue.batches(unlabelled, tokenizer, args.task, max_len=args.max_len, batch_size=args.batch_size)[0]
     count = len(rows)
     latency = timer(batch)
     runtime = "ONNX Runtime" if args.onnx else f"PyTorch ({args.device})"
-    print(f"{args.task} dev, {count} rows, {runtime}: {args.onnx or args.model} (latency: batch of {len(batch['input_ids'])})")
-    _print_table({**metrics, "params": params, "unique_params": unique, "bytes_on_disk": size,
-                  "latency_p50_ms": latency["p50_ms"], "latency_p90_ms": latency["p90_ms"]})
+    print(
+        f"{args.task} dev, {count} rows, {runtime}: {args.onnx or args.model} (latency: batch of {len(batch['input_ids'])})"
+    )
+    _print_table(
+        {
+            **metrics,
+            "params": params,
+            "unique_params": unique,
+            "bytes_on_disk": size,
+            "latency_p50_ms": latency["p50_ms"],
+            "latency_p90_ms": latency["p90_ms"],
+        }
+    )
     if args.json:
-        result = {"task": args.task, "split": "dev", "rows": count, "source": str(args.onnx or args.model), "runtime": runtime,
-                  "metrics": metrics, "params": params, "unique_params": unique, "bytes_on_disk": size,
-                  "latency_batch": len(batch["input_ids"]), "latency_ms": latency}
+        result = {
+            "task": args.task,
+            "split": "dev",
+            "rows": count,
+            "source": str(args.onnx or args.model),
+            "runtime": runtime,
+            "metrics": metrics,
+            "params": params,
+            "unique_params": unique,
+            "bytes_on_disk": size,
+            "latency_batch": len(batch["input_ids"]),
+            "latency_ms": latency,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -381,7 +451,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from compress.measure import time_model, time_onnx
+    from compress.evaluate.measure import time_model, time_onnx
 
     model = _teacher(args).eval()
     if args.seq_len > model.config.max_positions:
@@ -397,9 +467,9 @@ def _bench(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             runners = {}
             if args.onnx:  # exported from the CPU model, before it moves to --device
-                from model.export import export_onnx
-                from model.ort import OrtModel
-                from model.ort_quantize import quantize_onnx
+                from model.onnx.export import export_onnx
+                from model.onnx.ort_quantize import quantize_onnx
+                from model.onnx.runtime import OrtModel
 
                 fp32 = export_onnx(model, Path(tmp) / "model.onnx").paths["encoder"]
                 int8 = quantize_onnx(fp32, Path(tmp) / "model-int8.onnx", "int8-dynamic").paths["encoder"]
@@ -407,48 +477,70 @@ def _bench(args: argparse.Namespace) -> int:
                     session = OrtModel(path, threads=args.threads)
                     runners[name] = lambda session=session: time_onnx(session, batch, **timing)
             model.to(args.device)
-            runners = {f"PyTorch eager {precision} ({args.device})": lambda: time_model(model, batch, **timing), **runners}
+            runners = {
+                f"PyTorch eager {precision} ({args.device})": lambda: time_model(model, batch, **timing),
+                **runners,
+            }
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
             for _ in range(args.rounds):  # interleaved: machine noise hits every runner alike
                 for name, run in runners.items():
                     rounds[name].append(run())
     finally:
         torch.set_num_threads(threads)
-    result = {name: {q: statistics.median(r[f"{q}_ms"] for r in rs) for q in ("p50", "p90")} for name, rs in rounds.items()}
+    result = {
+        name: {q: statistics.median(r[f"{q}_ms"] for r in rs) for q in ("p50", "p90")} for name, rs in rounds.items()
+    }
     base = next(iter(result.values()))
-    print(f"{args.model or args.hf}: batch {args.batch_size} x seq {args.seq_len}, {args.threads} thread(s), "
-          f"{args.rounds} interleaved rounds of {args.repeat} calls (median over rounds); "
-          "x = PyTorch eager latency / this runtime's (higher is faster)")
+    print(
+        f"{args.model or args.hf}: batch {args.batch_size} x seq {args.seq_len}, {args.threads} thread(s), "
+        f"{args.rounds} interleaved rounds of {args.repeat} calls (median over rounds); "
+        "x = PyTorch eager latency / this runtime's (higher is faster)"
+    )
     width = max(len(name) for name in result) + 2
     print(f"{'runtime':<{width}}{'p50 ms':>10}{'p90 ms':>10}{'p50 x':>8}{'p90 x':>8}")
     for name, r in result.items():
-        print(f"{name:<{width}}{r['p50']:>10.3f}{r['p90']:>10.3f}{base['p50'] / r['p50']:>8.2f}{base['p90'] / r['p90']:>8.2f}")
+        print(
+            f"{name:<{width}}{r['p50']:>10.3f}{r['p90']:>10.3f}{base['p50'] / r['p50']:>8.2f}{base['p90'] / r['p90']:>8.2f}"
+        )
     return 0
 
 
 def add_parallel(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--parallel", default="ddp", choices=PARALLELS,
-                     help="under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: weights, gradients and "
-                          "optimizer state sharded over the ranks) (default: ddp)")
+    sub.add_argument(
+        "--parallel",
+        default="ddp",
+        choices=PARALLELS,
+        help="under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: weights, gradients and "
+        "optimizer state sharded over the ranks) (default: ddp)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashlite", description="Compress transformer language models into Flash-Lite variants.")
+    parser = argparse.ArgumentParser(
+        prog="flashlite", description="Compress transformer language models into Flash-Lite variants."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("pretrain", help="pretrain a model on the built-in corpus or your text",
-                            description="Pretrain a fresh model with MLM, sentence-pair (SOP/NSP) and denoising objectives.")
+    p = commands.add_parser(
+        "pretrain",
+        help="pretrain a model on the built-in corpus or your text",
+        description="Pretrain a fresh model with MLM, sentence-pair (SOP/NSP) and denoising objectives.",
+    )
     p.add_argument("--preset", default="full", choices=["full", "tiny"], help="model size (default: full)")
     p.add_argument("--corpus", default=None, help="text file, JSONL file or folder (default: the built-in corpus)")
     p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default: 300)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--max-len", type=_positive_int, default=128, help="tokens per sequence (default: 128)")
-    p.add_argument("--pair-task", default="sop", choices=["sop", "nsp", "none"], help="sentence-pair objective (default: sop)")
+    p.add_argument(
+        "--pair-task", default="sop", choices=["sop", "nsp", "none"], help="sentence-pair objective (default: sop)"
+    )
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     add_parallel(p)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints in OUT/checkpoints (0 = at the end)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints in OUT/checkpoints (0 = at the end)"
+    )
     p.add_argument("--out", type=Path, default=None, help="folder to save the model in (resumes its checkpoints)")
     p.set_defaults(run=_pretrain)
 
@@ -457,19 +549,33 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--model", type=Path, help="a flashlite model folder (from pretrain, import or compress)")
         source.add_argument("--hf", help=f"a Hugging Face BERT-family folder, or {MINILM} (the `hf` extra's copy)")
 
-    p = commands.add_parser("import", help="import a Hugging Face BERT-family model into a flashlite folder",
-                            description="Import BertModel / BertForSequenceClassification / BertForMaskedLM weights with exact parity.")
+    p = commands.add_parser(
+        "import",
+        help="import a Hugging Face BERT-family model into a flashlite folder",
+        description="Import BertModel / BertForSequenceClassification / BertForMaskedLM weights with exact parity.",
+    )
     p.add_argument("--hf", required=True, help=f"a Hugging Face BERT-family folder, or {MINILM}")
     p.add_argument("--out", type=Path, required=True, help="the flashlite folder to write")
     p.set_defaults(run=_import, model=None)
 
-    p = commands.add_parser("compress", help="run a recipe (share, prune, distill, quantize, export) on a model",
-                            description="Compress a model with a YAML recipe; writes the Lite model, report.json/.md, plots and ONNX.")
-    p.add_argument("recipe", help="a recipe YAML file or a built-in recipe name (flash-lite, prune-only, quantize-only, "
-                                  "minilm-embedding, glue-task)")
+    p = commands.add_parser(
+        "compress",
+        help="run a recipe (share, prune, distill, quantize, export) on a model",
+        description="Compress a model with a YAML recipe; writes the Lite model, report.json/.md, plots and ONNX.",
+    )
+    p.add_argument(
+        "recipe",
+        help="a recipe YAML file or a built-in recipe name (flash-lite, prune-only, quantize-only, "
+        "minilm-embedding, glue-task)",
+    )
     add_source(p, required=True)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe setting, e.g. --set distill.steps=50 --set data.max_len=32 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe setting, e.g. --set distill.steps=50 --set data.max_len=32 (repeatable)",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for model/, report.json, report.md, plots, onnx/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device for the training passes (default: cpu)")
@@ -477,13 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_compress)
 
     task_help = f"one of {', '.join(TASKS)}"
-    data_help = ("GLUE: the folder holding GLUE's task folders (SST-2/, MRPC/, ...); squad: a SQuAD JSON file or a folder "
-                 "with one (split by article) or with train-*.json and dev-*.json")
+    data_help = (
+        "GLUE: the folder holding GLUE's task folders (SST-2/, MRPC/, ...); squad: a SQuAD JSON file or a folder "
+        "with one (split by article) or with train-*.json and dev-*.json"
+    )
     dev_articles_help = "squad, single JSON file: the last N articles are the dev split (default: 1)"
 
-    p = commands.add_parser("finetune", help="fine-tune a model on a GLUE task or SQuAD and report dev metrics",
-                            description="Attach the task's head if the model lacks it (classify for GLUE, qa for SQuAD), "
-                                        "fine-tune, evaluate on dev, and save the model with the dev metrics in manifest.json.")
+    p = commands.add_parser(
+        "finetune",
+        help="fine-tune a model on a GLUE task or SQuAD and report dev metrics",
+        description="Attach the task's head if the model lacks it (classify for GLUE, qa for SQuAD), "
+        "fine-tune, evaluate on dev, and save the model with the dev metrics in manifest.json.",
+    )
     p.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=task_help)
     add_source(p, required=True)
     p.add_argument("--data", type=Path, required=True, help=data_help)
@@ -492,30 +603,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate (default: 5e-5)")
     p.add_argument("--max-len", type=_positive_int, default=128, help="tokens per example (default: 128)")
-    p.add_argument("--train-rows", type=_positive_int, default=None, help="train on a random subset of N rows (default: all)")
+    p.add_argument(
+        "--train-rows", type=_positive_int, default=None, help="train on a random subset of N rows (default: all)"
+    )
     p.add_argument("--dev-articles", type=_positive_int, default=1, help=dev_articles_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     add_parallel(p)
     p.set_defaults(run=_finetune)
 
-    p = commands.add_parser("export", help="export a model to ONNX (verified), optionally quantized by ONNX Runtime",
-                            description="Export to OUT/model.onnx with a parity check against PyTorch, and quantize it "
-                                        "with ONNX Runtime into OUT/model-MODE.onnx; prints files, sizes, parity and SQNR.")
+    p = commands.add_parser(
+        "export",
+        help="export a model to ONNX (verified), optionally quantized by ONNX Runtime",
+        description="Export to OUT/model.onnx with a parity check against PyTorch, and quantize it "
+        "with ONNX Runtime into OUT/model-MODE.onnx; prints files, sizes, parity and SQNR.",
+    )
     add_source(p, required=True)
     p.add_argument("--out", type=Path, required=True, help="folder for model.onnx, model-MODE.onnx and tokenizer.json")
-    p.add_argument("--quantize", nargs="+", type=_quantize_mode, default=["none"], metavar="MODE",
-                   help=f"ONNX Runtime quantization, one or more of {', '.join(ONNX_MODES)} (default: none)")
+    p.add_argument(
+        "--quantize",
+        nargs="+",
+        type=_quantize_mode,
+        default=["none"],
+        metavar="MODE",
+        help=f"ONNX Runtime quantization, one or more of {', '.join(ONNX_MODES)} (default: none)",
+    )
     p.add_argument("--corpus", default=None, help="int8-static calibration text (default: the built-in corpus)")
     p.set_defaults(run=_export)
 
-    p = commands.add_parser("eval", help="dev metrics plus parameters, bytes and latency of a model or ONNX file",
-                            description="Score a fine-tuned model (PyTorch folder or ONNX file) on a task's dev split and "
-                                        "measure its size and latency; prints a table, --json writes it.")
+    p = commands.add_parser(
+        "eval",
+        help="dev metrics plus parameters, bytes and latency of a model or ONNX file",
+        description="Score a fine-tuned model (PyTorch folder or ONNX file) on a task's dev split and "
+        "measure its size and latency; prints a table, --json writes it.",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="a flashlite model folder with the task's head")
-    source.add_argument("--onnx", type=Path, help="an ONNX file written by `flashlite export` (run on ONNX Runtime, CPU)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="with --onnx: tokenizer.json (default: the one beside the file)")
+    source.add_argument(
+        "--onnx", type=Path, help="an ONNX file written by `flashlite export` (run on ONNX Runtime, CPU)"
+    )
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, help="with --onnx: tokenizer.json (default: the one beside the file)"
+    )
     p.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=task_help)
     p.add_argument("--data", type=Path, required=True, help=data_help)
     p.add_argument("--rows", type=_positive_int, default=None, help="score the first N dev rows (default: all)")
@@ -526,19 +655,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE as JSON")
     p.set_defaults(run=_eval)
 
-    p = commands.add_parser("bench", help="latency of PyTorch eager vs ONNX Runtime fp32 and int8, side by side",
-                            description="Time one model on PyTorch eager and on ONNX Runtime (fp32 export and int8 dynamic) "
-                                        "in interleaved rounds in this process; prints p50/p90 and ratios to PyTorch.")
+    p = commands.add_parser(
+        "bench",
+        help="latency of PyTorch eager vs ONNX Runtime fp32 and int8, side by side",
+        description="Time one model on PyTorch eager and on ONNX Runtime (fp32 export and int8 dynamic) "
+        "in interleaved rounds in this process; prints p50/p90 and ratios to PyTorch.",
+    )
     add_source(p, required=True)
-    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time ONNX Runtime fp32 and int8 dynamic (default: yes; --no-onnx: PyTorch only)")
+    p.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time ONNX Runtime fp32 and int8 dynamic (default: yes; --no-onnx: PyTorch only)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per row (default: 128)")
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved timing rounds (default: 3)")
     p.add_argument("--repeat", type=_positive_int, default=20, help="timed calls per runner and round (default: 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before each round (default: 3)")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="threads for PyTorch and ONNX Runtime alike (default: 1; a shared machine's cores make more noisy)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="threads for PyTorch and ONNX Runtime alike (default: 1; a shared machine's cores make more noisy)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random token batch")
     p.add_argument("--device", default="cpu", help="torch device for the PyTorch runner (ONNX Runtime runs on CPU)")
     p.set_defaults(run=_bench)
