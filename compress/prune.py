@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from compress.pipeline import Context
 from model.config import Config, LayerShape
 from model.losses import LABEL_KEYS
+from model.rebuild import rebuild
 from model.transformer import MODEL_INPUTS, Transformer
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -237,7 +238,7 @@ class Prune:
         for unit in units:  # scores first, then surgery: each unit's index space is its own
             idxs = _lowest(scores[unit.key], plan[unit.key], unit.head_dim)
             graph.get_pruning_group(unit.root, unit.fn, idxs).prune()
-        return _rebuild(model, {})[0]
+        return _reshaped(model, {})[0]
 
     def _drop_layers(self, model: Transformer, origin: dict, n: int, ctx: Context) -> tuple[Transformer, dict]:
         """Drop the `n` layers with the smallest share of their stack's importance.
@@ -265,7 +266,7 @@ class Prune:
                 break
             if len(drop[name]) + 1 < len(getattr(config, name)):  # each stack keeps a layer
                 drop[name].add(i)
-        model, kept_blocks = _rebuild(model, drop)
+        model, kept_blocks = _reshaped(model, drop)
         return model, {name: [origin[name][b] for b in kept_blocks[name]] for name in _STACKS}
 
     # -- importance ------------------------------------------------------------------------
@@ -491,8 +492,8 @@ def _count(config: Config) -> int:
         return sum(p.numel() for p in Transformer(config).parameters())
 
 
-def _rebuild(pruned: Transformer, drop: dict[str, set[int]]) -> tuple[Transformer, dict[str, list[int]]]:
-    """A fresh Transformer whose Config is read off `pruned`'s weight shapes, with those weights loaded strictly.
+def _reshaped(pruned: Transformer, drop: dict[str, set[int]]) -> tuple[Transformer, dict[str, list[int]]]:
+    """A fresh Transformer whose Config is read off `pruned`'s weight shapes, holding those weights.
 
     drop: layer positions per stack to remove; blocks no layer runs any more go, the rest are
     renumbered in order of first use. Returns the model and, per stack, the old index of each
@@ -515,14 +516,7 @@ def _rebuild(pruned: Transformer, drop: dict[str, set[int]]) -> tuple[Transforme
         changes[name] = tuple(shapes[share[i]] for i in keep)
         changes[f"{name}_share"] = tuple(new_index[share[i]] for i in keep)
         state = _renumber(state, f"{name}.blocks.", new_index)
-    with torch.device("meta"):  # no memory, no initialization: every weight comes from `state`
-        fresh = Transformer(config.replace(**changes), attention_backend=pruned.attention_backend)
-    try:
-        fresh.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        raise RuntimeError(f"pruning left weights whose shapes the new Config does not describe: {err}") from None
-    fresh.tokenizer = pruned.tokenizer
-    return fresh, kept_blocks
+    return rebuild(pruned, config.replace(**changes), state), kept_blocks
 
 
 def _read_shape(block: nn.Module, head_dim: int, where: str) -> LayerShape:

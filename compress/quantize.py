@@ -37,6 +37,7 @@ from model.quantized import (
     dequantize_int8,
     quantize_int8,
 )
+from model.rebuild import rebuild
 from model.transformer import MODEL_INPUTS, Transformer
 
 Tensor = torch.Tensor
@@ -167,7 +168,7 @@ class Quantize:
             name: rounded.get(name) or self._twin(name, model.get_submodule(name), smooth=smooth.get(name))
             for name in targets
         }
-        result = _rebuild(model, twins)
+        result = _with_twins(model, twins)
         _log_sqnr(model, result, ctx)
         return result
 
@@ -327,7 +328,7 @@ def cluster_layers(model: Transformer, bits: int, *, layers: Iterable[str] | Non
             else ClusteredLinear.from_float(module, bits)
         )
         twins[name] = (QuantizedLayer(name, "cluster", bits), twin)
-    return _rebuild(model, twins)
+    return _with_twins(model, twins)
 
 
 def layer_sqnr(model_before: nn.Module, model_after: Transformer) -> dict[str, float]:
@@ -396,17 +397,14 @@ def _check_not_quantized(model: Transformer) -> None:
         )
 
 
-def _rebuild(model: Transformer, twins: dict[str, tuple[QuantizedLayer, nn.Module]]) -> Transformer:
-    """A fresh Transformer from the config that lists `twins` as quantized, loaded (strict) with their tensors."""
+def _with_twins(model: Transformer, twins: dict[str, tuple[QuantizedLayer, nn.Module]]) -> Transformer:
+    """The model rebuilt from the config that lists `twins` as quantized, holding their tensors."""
     state = model.state_dict()
     for name, (_, twin) in twins.items():
         state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
         state.update({f"{name}.{k}": v for k, v in twin.state_dict().items()})
     config = model.config.replace(quantized=(*model.config.quantized, *(layer for layer, _ in twins.values())))
-    result = Transformer(config, attention_backend=model.attention_backend)
-    result.load_state_dict(state, strict=True)
-    result.tokenizer = model.tokenizer
-    return result.train(model.training)
+    return rebuild(model, config, state)
 
 
 def _log_sqnr(before: Transformer, after: Transformer, ctx: Context | None) -> None:

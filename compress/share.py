@@ -10,7 +10,8 @@ import torch
 
 from compress.pipeline import Context
 from compress.quantize import cluster_layers
-from model.config import Config, check_choice, check_int
+from model.config import check_choice, check_int
+from model.rebuild import rebuild
 from model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def share_layers(model: Transformer, layers_per_group: int, *, init: str = "mean
             state.update({f"{name}.blocks.{group}.{key}": value for key, value in block.items()})
         changes[f"{name}_share"] = share
         logger.info("Share: %s layers %s -> blocks %s", name, list(stack.share), list(share))
-    return _rebuild(model, config.replace(**changes), state)
+    return rebuild(model, config.replace(**changes), state)
 
 
 def token_counts(batches: list[dict[str, torch.Tensor]], vocab_size: int) -> torch.Tensor:
@@ -236,7 +237,7 @@ def factorize_embeddings(
         slot = torch.zeros(config.vocab_size, dtype=torch.int32, device=w.device)
         slot[full] = torch.arange(1, full_rows + 1, dtype=torch.int32, device=w.device)
         state["embeddings.full_slot"] = slot
-    return _rebuild(model, config.replace(embed_dim=embed_dim, embed_full_rows=full_rows), state), error
+    return rebuild(model, config.replace(embed_dim=embed_dim, embed_full_rows=full_rows), state), error
 
 
 def _best_basis(weighted: torch.Tensor, rank: int) -> torch.Tensor:
@@ -255,14 +256,3 @@ def _init_block(states: list[dict[str, torch.Tensor]], init: str) -> dict[str, t
     distances = torch.stack([sum((s[key].double() - mean[key]).square().sum() for key in keys) for s in states])
     closest = int(distances.argmin())
     return {key: value.clone() for key, value in states[closest].items()}
-
-
-def _rebuild(model: Transformer, config: Config, state: dict[str, torch.Tensor]) -> Transformer:
-    """A fresh Transformer for `config` holding `state` (strict), on the old model's device, dtype and mode."""
-    reference = model.embeddings.word.weight
-    new = Transformer(config, attention_backend=model.attention_backend).to(
-        device=reference.device, dtype=reference.dtype
-    )
-    new.load_state_dict(state, strict=True)
-    new.tokenizer = model.tokenizer
-    return new.train(model.training)

@@ -696,7 +696,3 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as err:
         print(f"flashlite {args.command}: failed: {err}", file=sys.stderr)
         return EXIT_FAILURE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
