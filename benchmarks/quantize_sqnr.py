@@ -20,8 +20,9 @@ import time
 
 import torch
 
+from compress.evaluate.sqnr import output_sqnr, sqnr
 from compress.pipeline import Context
-from compress.quantize import Quantize, output_sqnr, sqnr
+from compress.quantize import Quantize
 from model import from_hf
 from model.data.corpus import builtin_corpus, split_sentences
 from model.data.tokenizer import encode

@@ -14,14 +14,12 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from compress.pipeline import Context
 from model.losses import LABEL_KEYS
 from model.training.loop import TrainConfig, train
 from model.transformer import MODEL_INPUTS, Transformer
-
-Tensor = torch.Tensor
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:

@@ -27,12 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from model.quantized import pack, quantize_int4, quantize_int8
 from model.transformer import MODEL_INPUTS
 
-Tensor = torch.Tensor
 BLOCK = 128  # columns per lazy-update block
 RANGE_SHRINKS = torch.linspace(1.0, 0.75, 26).tolist()  # int4 ranges searched, as fractions of the full range
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from compress.evaluate.measure import count_params
 from model.io import atomic_write_text, load, save
 from model.training.distributed import is_main
 from model.transformer import MODEL_INPUTS, Transformer
@@ -89,34 +90,6 @@ def pass_name(p: Any) -> str:
 def pass_settings(p: Any) -> dict[str, Any]:
     """What the manifest stores about a pass: its dataclass fields, or its repr for a plain function."""
     return dataclasses.asdict(p) if dataclasses.is_dataclass(p) else {"repr": repr(p)}
-
-
-def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(parameters counted at every use, unique parameter storage) of a model.
-
-    A shared block runs at several layer positions: it counts once per use in the first number
-    and once in the second. Integer-storage (quantized) buffers count as parameters too.
-    """
-    unique = sum(t.numel() for t in _weights(model))
-    per_use = unique
-    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
-        if stack is None:
-            continue
-        for block_index, block in enumerate(stack.blocks):
-            extra_uses = list(stack.share).count(block_index) - 1
-            per_use += extra_uses * sum(t.numel() for t in _weights(block))
-    return per_use, unique
-
-
-def _weights(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters plus persistent non-float buffers (quantized weights, scales), each storage once."""
-    seen, tensors = set(), []
-    for t in [*module.parameters(), *module.buffers()]:
-        key = t.data_ptr()
-        if key not in seen:
-            seen.add(key)
-            tensors.append(t)
-    return tensors
 
 
 def saved_size(model: Transformer) -> int:

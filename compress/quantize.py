@@ -1,10 +1,9 @@
-"""Quantize: store a model's weights as integers (int8, int8 dynamic, int4 group-wise, QAT int8) or k-means codebooks.
+"""Quantize: store a model's weights as integers (int8, int8 dynamic, int4 group-wise, QAT int8).
 
 Every pass here is a module swap recorded in the Config: the chosen layers become the
 integer-storage twins of `model.quantized`, `config.quantized` lists them, and the result is a
 fresh `Transformer(new_config)` loaded with the quantized tensors, so `load(save(m))` rebuilds it.
-The quality cost is reported as SQNR in dB, 10*log10(||w||^2 / ||w - w_q||^2), per layer
-(`layer_sqnr`) and on the model's outputs (`output_sqnr`), and logged.
+The quality cost is logged as SQNR (compress.evaluate.sqnr), per layer and on the model's outputs.
 """
 
 from __future__ import annotations
@@ -13,15 +12,15 @@ import copy
 import logging
 import math
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from compress.distill import Distill
+from compress.evaluate.sqnr import layer_sqnr, output_sqnr
 from compress.gptq import round_int4, round_int8, round_sequentially
 from compress.pipeline import Context
 from compress.smoothing import smoothing_factors
@@ -37,10 +36,9 @@ from model.quantized import (
     dequantize_int8,
     quantize_int8,
 )
-from model.rebuild import rebuild
-from model.transformer import MODEL_INPUTS, Transformer
+from model.rebuild import with_quantized
+from model.transformer import Transformer
 
-Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 MODES = ("int8", "int8-dynamic", "int4", "qat-int8")
 ROUNDINGS = ("nearest", "gptq", "gptaq")
@@ -168,7 +166,7 @@ class Quantize:
             name: rounded.get(name) or self._twin(name, model.get_submodule(name), smooth=smooth.get(name))
             for name in targets
         }
-        result = _with_twins(model, twins)
+        result = with_quantized(model, twins)
         _log_sqnr(model, result, ctx)
         return result
 
@@ -300,92 +298,6 @@ class FakeQuantInt8(nn.Module):
         return w + (dequantize_int8(*quantize_int8(w, self.group_size)).to(w.dtype) - w).detach()
 
 
-def cluster_layers(model: Transformer, bits: int, *, layers: Iterable[str] | None = None) -> Transformer:
-    """Store each chosen weight matrix as a k-means codebook of 2**bits fp32 centroids + packed indices.
-
-    model: the model (left unchanged). bits: 1..8. layers: module names of Linear/Embedding
-    layers; None = every Linear and embedding table not yet quantized. One codebook per matrix;
-    k-means starts at evenly spaced quantiles and runs a fixed number of Lloyd steps, so the
-    result is deterministic. Returns a new model whose Config lists the layers with mode "cluster".
-    """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"cluster bits must be an int in 1..8, got {bits!r}")
-    done = {layer.name for layer in model.config.quantized}
-    modules = dict(model.named_modules())
-    if layers is None:
-        names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in done]
-    else:
-        names = [layers] if isinstance(layers, str) else list(layers)
-    twins = {}
-    for name in names:
-        module = modules.get(name)
-        if name in done or not isinstance(module, (nn.Linear, nn.Embedding)):
-            what = "is already quantized" if name in done else "is not a Linear or Embedding of the model"
-            raise ValueError(f"cluster_layers: layer {name!r} {what}")
-        twin = (
-            ClusteredEmbedding.from_float(module, bits)
-            if isinstance(module, nn.Embedding)
-            else ClusteredLinear.from_float(module, bits)
-        )
-        twins[name] = (QuantizedLayer(name, "cluster", bits), twin)
-    return _with_twins(model, twins)
-
-
-def layer_sqnr(model_before: nn.Module, model_after: Transformer) -> dict[str, float]:
-    """SQNR in dB of every layer `model_after.config.quantized` lists, against the same layer's weight in `model_before`."""
-    return {
-        layer.name: sqnr(model_before.get_submodule(layer.name).weight, model_after.get_submodule(layer.name).weight)
-        for layer in model_after.config.quantized
-    }
-
-
-@torch.no_grad()
-def output_sqnr(a: Transformer, b: Transformer, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
-    """SQNR in dB of model `b`'s outputs against model `a`'s (the reference) over `batches`, both in eval mode.
-
-    Keys: "hidden_states" always; "logits" and "decoder_hidden_states" when both models give them.
-    Padding positions (attention_mask / decoder_attention_mask 0) are left out of per-token
-    outputs: they hold no token. Signal and noise are pooled over all batches.
-    """
-    signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
-    modes = a.training, b.training
-    a.eval(), b.eval()
-    try:
-        for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-            out_a, out_b = a(**inputs), b(**inputs)
-            masks = {
-                "hidden_states": inputs.get("attention_mask"),
-                "decoder_hidden_states": inputs.get("decoder_attention_mask"),
-            }
-            masks["logits"] = masks["hidden_states"]
-            for key, mask in masks.items():
-                x, y = getattr(out_a, key), getattr(out_b, key)
-                if x is None or y is None:
-                    continue
-                x, y = x.double(), y.double()
-                if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:  # per-token output
-                    x, y = x[mask.bool()], y[mask.bool()]
-                signal[key] = signal.get(key, 0.0) + float((x**2).sum())
-                noise[key] = noise.get(key, 0.0) + float(((x - y) ** 2).sum())
-    finally:
-        a.train(modes[0]), b.train(modes[1])
-    if not signal:
-        raise ValueError("output_sqnr needs at least one batch")
-    return {key: _decibels(signal[key], noise[key]) for key in signal}
-
-
-def sqnr(reference: Tensor, approximation: Tensor) -> float:
-    """10*log10(||reference||^2 / ||reference - approximation||^2) in dB (inf when equal), computed in float64."""
-    x, y = reference.detach().double(), approximation.detach().double()
-    return _decibels(float((x**2).sum()), float(((x - y) ** 2).sum()))
-
-
-def _decibels(signal: float, noise: float) -> float:
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
 def _check_not_quantized(model: Transformer) -> None:
     if not isinstance(model, Transformer):
         raise TypeError(f"Quantize takes a model.Transformer, got {type(model).__name__}")
@@ -395,16 +307,6 @@ def _check_not_quantized(model: Transformer) -> None:
             f"the model is already quantized ({len(done)} layers, e.g. {done[0]}); Quantize after Quantize is not "
             f"allowed: quantize the float model once"
         )
-
-
-def _with_twins(model: Transformer, twins: dict[str, tuple[QuantizedLayer, nn.Module]]) -> Transformer:
-    """The model rebuilt from the config that lists `twins` as quantized, holding their tensors."""
-    state = model.state_dict()
-    for name, (_, twin) in twins.items():
-        state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
-        state.update({f"{name}.{k}": v for k, v in twin.state_dict().items()})
-    config = model.config.replace(quantized=(*model.config.quantized, *(layer for layer, _ in twins.values())))
-    return rebuild(model, config, state)
 
 
 def _log_sqnr(before: Transformer, after: Transformer, ctx: Context | None) -> None:

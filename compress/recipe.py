@@ -15,10 +15,10 @@ from compress.prune import Prune
 from compress.quantize import Quantize
 from compress.share import Share
 from model.config import check_int
+from model.onnx.ort_quantize import MODES as ONNX_MODES
 
 # The passes a recipe may name: the YAML key is the file (and verb) the pass lives in.
 PASSES = {"share": Share, "prune": Prune, "distill": Distill, "quantize": Quantize}
-EXPORT_QUANTIZATION = ("int8-dynamic", "int8-static", "int4")
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,8 @@ class ExportSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.onnx, bool):
             raise TypeError(f"export.onnx must be true or false, got {self.onnx!r}")
-        if self.quantize is not None and self.quantize not in EXPORT_QUANTIZATION:
-            raise ValueError(
-                f"export.quantize must be one of {', '.join(EXPORT_QUANTIZATION)} or null; got {self.quantize!r}"
-            )
+        if self.quantize is not None and self.quantize not in ONNX_MODES:
+            raise ValueError(f"export.quantize must be one of {', '.join(ONNX_MODES)} or null; got {self.quantize!r}")
 
 
 @dataclass(frozen=True)

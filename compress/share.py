@@ -8,8 +8,8 @@ from typing import ClassVar
 
 import torch
 
+from compress.cluster import cluster_layers
 from compress.pipeline import Context
-from compress.quantize import cluster_layers
 from model.config import check_choice, check_int
 from model.rebuild import rebuild
 from model.transformer import Transformer
@@ -50,7 +50,7 @@ class Share:
     all-MiniLM-L6-v2, E=96 with 2,000 full rows has fewer parameters than E=128 alone and keeps
     SST-2 sentence embeddings at cosine 0.96 to the original's instead of 0.94. Needs embed_dim.
     cluster_bits: k-means weight clustering with a codebook of 2**bits centroids per matrix
-    (done by `compress.quantize.cluster_layers`, after sharing and factorization).
+    (done by `compress.cluster.cluster_layers`, after sharing and factorization).
     """
 
     layers_per_group: int = 1

@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from compress.gptq import input_mask_key, real_tokens, run_with_input_hooks
-
-Tensor = torch.Tensor
 
 
 @torch.no_grad()

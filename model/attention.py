@@ -9,8 +9,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-Tensor = torch.Tensor
+from torch import Tensor
 
 
 def _masked_scores_bias(key_mask: Tensor | None, causal: bool, tq: int, tk: int, device, dtype) -> Tensor | None:

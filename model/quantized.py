@@ -32,11 +32,10 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from model.config import QuantizedLayer
 
-Tensor = torch.Tensor
 GROUP_SIZES = (32, 64, 128)
 KMEANS_ITERATIONS = 100
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from model.config import Config
+from model.config import Config, QuantizedLayer
 from model.transformer import Transformer
 
 
@@ -49,3 +49,21 @@ def rebuild(
             raise RuntimeError(f"the weights do not fit the new Config: {err}") from None
     new.tokenizer = model.tokenizer
     return new.train(model.training)
+
+
+def with_quantized(model: Transformer, twins: dict[str, tuple[QuantizedLayer, nn.Module]]) -> Transformer:
+    """The model rebuilt with some layers swapped for their quantized twins (model.quantized).
+
+    Args:
+        model: the model (left unchanged).
+        twins: per module name, the QuantizedLayer the Config will list and the twin module.
+
+    Returns:
+        A new model whose `config.quantized` also lists the twins, holding their tensors.
+    """
+    state = model.state_dict()
+    for name, (_, twin) in twins.items():
+        state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
+        state.update({f"{name}.{k}": v for k, v in twin.state_dict().items()})
+    config = model.config.replace(quantized=(*model.config.quantized, *(layer for layer, _ in twins.values())))
+    return rebuild(model, config, state)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from model.attention import attend, choose_backend, reference_attention
 from model.config import Config, LayerShape
 from model.losses import IGNORE, LABEL_KEYS, task_losses
 
-Tensor = torch.Tensor
 # The token inputs `Transformer.forward` takes (besides labels and flags): what a batch feeds the model.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 

@@ -226,6 +226,7 @@ def test_quantized_models_export_integer_weights(mode, tiny, folder):
     quantize = pytest.importorskip(
         "compress.quantize", reason="compress.quantize (the Quantize pass) is not importable"
     )
+    from compress.cluster import cluster_layers
     from compress.pipeline import Context
 
     calibration = Context(data=[{"input_ids": torch.randint(5, 512, (4, 16))}], teacher=None)
@@ -237,7 +238,7 @@ def test_quantized_models_export_integer_weights(mode, tiny, folder):
         "int8-dynamic-smoothed": lambda m: quantize.Quantize("int8-dynamic", group_size=32, smoothing=0.5)(
             m, calibration
         ),
-        "cluster": lambda m: quantize.cluster_layers(m, 4),  # k-means codebook of 16 per matrix, tables included
+        "cluster": lambda m: cluster_layers(m, 4),  # k-means codebook of 16 per matrix, tables included
     }
     model = passes[mode](tiny[0])
     report = export_onnx(model.eval(), folder / f"tiny-{mode}.onnx")

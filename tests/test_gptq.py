@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_quantize import batches, heavy_tailed, tiny
 
+from compress.evaluate.sqnr import output_sqnr
 from compress.gptq import round_int4, round_int8, round_sequentially
 from compress.pipeline import Context, Pipeline
-from compress.quantize import Quantize, output_sqnr
+from compress.quantize import Quantize
 from compress.share import Share
 from model.io import load, save
 from model.quantized import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack

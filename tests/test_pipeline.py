@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from compress.distill import Distill
-from compress.pipeline import Pipeline, count_params, saved_size
+from compress.evaluate.measure import count_params
+from compress.pipeline import Pipeline, saved_size
 from model.config import Config
 from model.io import load
 from model.transformer import Transformer

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from compress.pipeline import Context, Pipeline, count_params
+from compress.evaluate.measure import count_params
+from compress.pipeline import Context, Pipeline
 from compress.prune import Prune
 from model import Config, LayerShape, Transformer, load, save
 from model.config import QuantizedLayer

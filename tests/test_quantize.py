@@ -9,8 +9,10 @@ import safetensors
 import torch
 from torch import nn
 
+from compress.cluster import cluster_layers
+from compress.evaluate.sqnr import layer_sqnr, output_sqnr, sqnr
 from compress.pipeline import Context, Pipeline
-from compress.quantize import FakeQuantInt8, Quantize, cluster_layers, layer_sqnr, output_sqnr, sqnr
+from compress.quantize import FakeQuantInt8, Quantize
 from compress.share import Share
 from model.config import Config
 from model.io import load, save

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.pipeline import Pipeline, count_params
+from compress.evaluate.measure import count_params
+from compress.pipeline import Pipeline
 from compress.share import Share, factorize_embeddings, share_layers, token_counts
 from model import Config, LayerShape, Transformer, load, save
 

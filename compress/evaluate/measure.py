@@ -13,16 +13,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.pipeline import count_params
 from model.config import check_int
 from model.transformer import MODEL_INPUTS
 
 Batch = Mapping[str, torch.Tensor]
 
 
-def parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(parameters counted at every layer that uses them, unique parameter storage); see compress.pipeline.count_params."""
-    return count_params(model)
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters counted at every use, unique parameter storage) of a model.
+
+    A shared block runs at several layer positions: it counts once per use in the first number
+    and once in the second. Integer-storage (quantized) buffers count as parameters too.
+    """
+    unique = sum(t.numel() for t in _weights(model))
+    per_use = unique
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        if stack is None:
+            continue
+        for block_index, block in enumerate(stack.blocks):
+            extra_uses = list(stack.share).count(block_index) - 1
+            per_use += extra_uses * sum(t.numel() for t in _weights(block))
+    return per_use, unique
+
+
+def _weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters plus persistent non-float buffers (quantized weights, scales), each storage once."""
+    seen, tensors = set(), []
+    for t in [*module.parameters(), *module.buffers()]:
+        key = t.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            tensors.append(t)
+    return tensors
 
 
 def size_on_disk(path: str | os.PathLike) -> int:

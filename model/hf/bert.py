@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from model.config import Config, LayerShape
 from model.data.tokenizer import load_tokenizer
 from model.io import load_tensors
 from model.transformer import Transformer
-
-Tensor = torch.Tensor
 
 # The Hugging Face classes we import, and the flashlite heads each one carries.
 ARCHITECTURES = {

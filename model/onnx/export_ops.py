@@ -25,7 +25,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 from onnxscript import opset21 as op
-from torch import nn
+from torch import Tensor, nn
 
 from model.quantized import (
     ClusteredEmbedding,
@@ -38,7 +38,6 @@ from model.quantized import (
     unpack,
 )
 
-Tensor = torch.Tensor
 FOUR_BIT = (ir.DataType.UINT4, ir.DataType.INT4)
 _STORAGE = (ir.DataType.INT8, ir.DataType.UINT8)
 
