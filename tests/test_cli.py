@@ -418,10 +418,10 @@ def one_error_line(stderr: str, command: str) -> str:
 
 
 def test_the_cli_task_and_mode_lists_match_the_library():
-    from compress.cli import ONNX_MODES, PARALLELS, TASKS
+    from compress.cli.common import ONNX_MODES, PARALLELS, TASKS
     from compress.evaluate import glue
     from model.onnx.ort_quantize import MODES
-    from model.training import loop as train
+    from model.training import config as train
 
     assert (*glue.TASKS, "squad") == TASKS
     assert set(ONNX_MODES) == {"none", *MODES}
@@ -430,7 +430,7 @@ def test_the_cli_task_and_mode_lists_match_the_library():
 
 @pytest.mark.parametrize("command", ["finetune", "eval"])
 def test_a_task_typo_lists_the_allowed_tasks(capsys, tmp_path, command):
-    from compress.cli import TASKS
+    from compress.cli.common import TASKS
 
     argv = [command, "--task", "sst", "--model", str(tmp_path), "--data", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_:
