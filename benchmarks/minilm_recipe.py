@@ -85,6 +85,9 @@ def main() -> None:
     )
     parser.add_argument("--heads", type=float, default=0.0)
     parser.add_argument("--ffn", type=float, default=0.49)
+    parser.add_argument("--hidden", type=float, default=0.0, help="Prune: fraction of the model width removed")
+    parser.add_argument("--layers", type=int, default=0, help="Prune: whole layers dropped (least important first)")
+    parser.add_argument("--round-to", type=int, default=8, help="Prune: kept widths rounded to multiples of this")
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument(
         "--sst2-sentences", type=int, default=67349, help="SST-2 train sentences in the glue mix (67,349: all)"
@@ -149,9 +152,16 @@ def main() -> None:
         )
     per_round = lambda total: 1 - (1 - total) ** (1 / args.rounds)  # noqa: E731  (rounds compound to the total)
     steps = args.steps // args.rounds
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         passes += [
-            Prune(heads=per_round(args.heads), ffn=per_round(args.ffn), importance="taylor"),
+            Prune(
+                heads=per_round(args.heads),
+                ffn=per_round(args.ffn),
+                hidden=per_round(args.hidden),
+                layers=args.layers if round_index == 0 else 0,  # whole layers go in the first round
+                round_to=args.round_to,
+                importance="taylor",
+            ),
             Distill(steps=steps, lr=args.lr, warmup_steps=steps // 20, pooled=args.pooled),
         ]
     passes.append(Quantize("int8"))
@@ -179,6 +189,9 @@ def main() -> None:
                 "embed_full_rows",
                 "heads",
                 "ffn",
+                "hidden",
+                "layers",
+                "round_to",
                 "importance",
                 "steps",
                 "lr",

@@ -40,6 +40,7 @@ from onnxruntime.quantization import (
 )
 
 from model.onnx.export import TWO_GB, output_pairs, parity_batches, publish, size_with_data
+from model.onnx.fold import fold_dequantized_weights, quantizable_weights
 from model.onnx.runtime import CONFIG_KEY, GRAPH_KEY, OrtModel, graph_paths, read_onnx
 
 MODES = ("int8-dynamic", "int8-static", "int4")
@@ -153,7 +154,7 @@ def quantize_onnx(
         staged = graph_paths(staging / final["encoder"].name)
         for name, source in sources.items():
             reader = _Calibration(fp32, batches, name) if mode == "int8-static" else None
-            _quantize_file(source, staged[name], settings, reader)
+            _quantize_file(_float_weights(source, staging), staged[name], settings, reader)
         sqnr = _sqnr(fp32, OrtModel(staged["encoder"]), batches or parity_batches(fp32.config, 64))
         paths = {name: publish(staged[name], final[name]) for name in sources}
         sizes = {str(p): size_with_data(p) for p in paths.values()}
@@ -208,6 +209,28 @@ def _root_logging_kept() -> Iterator[None]:
         root.setLevel(level)
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
+
+
+def _float_weights(source: Path, staging: Path) -> Path:
+    """`source`, or a copy in `staging` whose flashlite int8 weights are folded to float (model.onnx.fold).
+
+    Raises ValueError when no float MatMul/Gather weight is left for ONNX Runtime to quantize.
+    """
+    proto = onnx.load(str(source))
+    folded = fold_dequantized_weights(proto)
+    if not quantizable_weights(proto):
+        raise ValueError(
+            f"{source}: ONNX Runtime finds no float MatMul or Gather weight to quantize (the model's layers are "
+            "already integer products: int8-dynamic, int4 or clustered); deploy this file as it is"
+        )
+    if not folded:
+        return source
+    target = staging / f".float.{source.name}"
+    external = proto.ByteSize() >= TWO_GB
+    onnx.save_model(
+        proto, str(target), save_as_external_data=external, location=f"{target.name}.data" if external else None
+    )
+    return target
 
 
 def _quantize_file(source: Path, target: Path, settings: dict[str, Any], reader: _Calibration | None) -> None:
