@@ -91,19 +91,32 @@ class FidelityEvaluator:
     each call also times the model on a held-out batch into `latencies_ms` (reported apart from metrics)."""
 
     def __init__(self, teacher: Transformer, held_out: list[Batch], spec: DataSpec):
-        self.held_out, self.spec = held_out, spec
+        self.held_out, self.spec, self.tokenizer = held_out, spec, teacher.tokenizer
         self.references = [pooled(teacher, b) for b in held_out]
         self.latencies_ms: list[float] = []
 
     def __call__(self, model: Transformer) -> dict[str, float]:
+        metrics = self.metrics(model)
+        self.latencies_ms.append(time_model(model, self.held_out[0], warmup=3, repeat=20)["p50_ms"])
+        return metrics
+
+    def metrics(self, model: Any) -> dict[str, float]:
+        """The fidelity and task metrics of a model (or an OrtModule over an ONNX file), untimed."""
         cosines = [F.cosine_similarity(pooled(model, b), ref, dim=-1) for b, ref in zip(self.held_out, self.references)]
         metrics = {"fidelity": torch.cat(cosines).mean().item()}
         spec = self.spec
         if spec.task is not None and "classify" in model.config.heads:
             metrics.update(
-                glue.evaluate(model, spec.task, "dev", spec.glue_dir, max_len=spec.max_len, limit=8 * spec.batch_size)
+                glue.evaluate(
+                    model,
+                    spec.task,
+                    "dev",
+                    spec.glue_dir,
+                    self.tokenizer,
+                    max_len=spec.max_len,
+                    limit=8 * spec.batch_size,
+                )
             )
-        self.latencies_ms.append(time_model(model, self.held_out[0], warmup=3, repeat=20)["p50_ms"])
         return metrics
 
 
@@ -132,18 +145,44 @@ def run_job(
         return result
     pipeline.save(lite, out / "model")
     metric = recipe.data.task and next(iter(glue.get_task(recipe.data.task).metrics))
-    result.files = write_report(pipeline.stages, out, metric=metric or "fidelity", latencies=evaluate.latencies_ms)
-    if recipe.export.onnx:
-        from model.onnx.export import export_onnx  # ONNX tooling is only needed when exporting
-
-        result.onnx = export_onnx(lite, out / "onnx")
-        result.files["onnx"] = out / "onnx"
-        if recipe.export.quantize:
-            from model.onnx.ort_quantize import quantize_onnx
-
-            calibration = held_out if recipe.export.quantize == "int8-static" else None
-            quantize_onnx(
-                out / "onnx", out / f"onnx-{recipe.export.quantize}", recipe.export.quantize, calibration=calibration
-            )
-            result.files["onnx_quantized"] = out / f"onnx-{recipe.export.quantize}"
+    deployed = _export(recipe, teacher, lite, out, held_out, evaluate, result) if recipe.export.onnx else []
+    result.files = {
+        **write_report(
+            [*pipeline.stages, *deployed],
+            out,
+            metric=metric or "fidelity",
+            latencies=[*evaluate.latencies_ms, *(row["latency_ms"] for row in deployed)],
+        ),
+        **result.files,
+    }
     return result
+
+
+def _export(
+    recipe: Recipe,
+    teacher: Transformer,
+    lite: Transformer,
+    out: Path,
+    held_out: list[Batch],
+    evaluate: FidelityEvaluator,
+    result: JobResult,
+) -> list[dict[str, Any]]:
+    """Export the Lite model (and quantize it with ONNX Runtime) as the recipe says; the side-by-side rows of the files."""
+    from compress.evaluate.deploy import PEER, compare_files, one_call_int8  # ONNX tooling only when exporting
+    from model.onnx.export import export_onnx
+    from model.onnx.ort_quantize import quantize_onnx
+
+    result.onnx = export_onnx(lite, out / "onnx")
+    result.files["onnx"] = out / "onnx"
+    files = {"Lite, ONNX": result.onnx.paths["encoder"]}
+    mode = recipe.export.quantize
+    if mode:
+        calibration = held_out if mode == "int8-static" else None
+        quantized = quantize_onnx(out / "onnx", out / f"onnx-{mode}", mode, calibration=calibration)
+        result.files["onnx_quantized"] = out / f"onnx-{mode}"
+        files[f"Lite, ONNX {mode}"] = quantized.paths["encoder"]
+    if not recipe.export.peer:
+        return []
+    files = {PEER: one_call_int8(teacher, out / "peer"), **files}
+    result.files["peer"] = out / "peer"
+    return compare_files(teacher, files, held_out[0], evaluate.metrics)

@@ -45,14 +45,23 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """What to export after the passes: an ONNX file (verified against PyTorch), optionally quantized by ONNX Runtime."""
+    """What to export after the passes: an ONNX file (verified against PyTorch), optionally quantized by ONNX Runtime.
+
+    peer: also export the teacher and quantize it with ONNX Runtime in one call (the obvious
+    alternative), and report both side by side (compress.evaluate.deploy).
+    """
 
     onnx: bool = True
     quantize: str | None = None
+    peer: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.onnx, bool):
             raise TypeError(f"export.onnx must be true or false, got {self.onnx!r}")
+        if not isinstance(self.peer, bool):
+            raise TypeError(f"export.peer must be true or false, got {self.peer!r}")
+        if self.peer and not self.onnx:
+            raise ValueError("export.peer compares ONNX files: it needs export.onnx: true")
         if self.quantize is not None and self.quantize not in ONNX_MODES:
             raise ValueError(f"export.quantize must be one of {', '.join(ONNX_MODES)} or null; got {self.quantize!r}")
 

@@ -306,7 +306,7 @@ passes:
   - distill: {steps: 2, progress: false}
   - quantize: {mode: int8}
 data: {max_len: 32, batch_size: 4, limit: 60}
-export: {onnx: true}
+export: {onnx: true, quantize: int8-dynamic}
 """
 
 
@@ -344,8 +344,16 @@ def test_compress_runs_a_recipe_end_to_end(trained, corpus, tmp_path):
     code, stdout, stderr = run_main(["compress", str(recipe), "--model", str(trained[3]), "--out", str(out)])
     assert code == 0, stderr
     report = json.loads((out / "report.json").read_text())
-    assert [s["name"] for s in report["stages"]] == ["input", "Share", "Prune", "Distill", "Quantize"]
-    assert report["stages"][-1]["size_bytes"] < report["stages"][0]["size_bytes"]
+    passes = ["input", "Share", "Prune", "Distill", "Quantize"]
+    deployed = ["teacher, PyTorch fp32", "teacher, ORT int8 (one call)", "Lite, ONNX", "Lite, ONNX int8-dynamic"]
+    assert [s["name"] for s in report["stages"]] == passes + deployed
+    rows = {s["name"]: s for s in report["stages"]}
+    assert rows["Quantize"]["size_bytes"] < rows["input"]["size_bytes"]
+    peer, lite_int8 = rows["teacher, ORT int8 (one call)"], rows["Lite, ONNX int8-dynamic"]
+    assert peer["unique_params"] == rows["input"]["unique_params"] > lite_int8["unique_params"]
+    assert peer["size_bytes"] == (out / "peer" / "model-int8.onnx").stat().st_size
+    assert all(s["latency_ms"] > 0 and 0 < s["metrics"]["fidelity"] <= 1 + 1e-6 for s in report["stages"][5:])
+    assert "| teacher, ORT int8 (one call) |" in stdout
     assert (out / "metric_vs_size.png").read_bytes().startswith(b"\x89PNG")
     lite = load(out / "model")
     assert lite.config.quantized and lite.config.encoder_share == (0, 0)

@@ -1,0 +1,104 @@
+"""The deployed files side by side: the Lite model's ONNX files beside the one-call alternative, the teacher exported
+to ONNX and quantized by ONNX Runtime's `quantize_dynamic` with its defaults.
+
+Every file is scored with the same evaluation function as the pipeline's stages, and timed in
+interleaved rounds in this process, next to the teacher in PyTorch, so machine noise hits every
+row alike. The rows have a Stage's fields, so the compression report lists and plots them.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.evaluate.measure import count_params, size_on_disk, time_model, time_onnx
+from model.onnx.export import export_onnx
+from model.onnx.runtime import ENCODER_INPUTS, OrtModel, OrtModule
+from model.transformer import Transformer
+
+PEER = "teacher, ORT int8 (one call)"
+TEACHER = "teacher, PyTorch fp32"
+
+
+def one_call_int8(teacher: Transformer, folder: str | Path) -> Path:
+    """What a user gets in one call: the teacher exported to ONNX, then `quantize_dynamic(fp32, int8)` as it comes.
+
+    Args:
+        teacher: the uncompressed model.
+        folder: where `model.onnx` and `model-int8.onnx` are written.
+
+    Returns:
+        The int8 file.
+    """
+    from onnxruntime.quantization import quantize_dynamic
+
+    folder = Path(folder)
+    fp32 = export_onnx(teacher, folder / "model.onnx").paths["encoder"]
+    int8 = folder / "model-int8.onnx"
+    root = logging.getLogger()
+    level = root.level
+    try:  # quantize_dynamic logs generic hints at WARNING on the root logger
+        root.setLevel(logging.ERROR)
+        quantize_dynamic(fp32, int8)
+    finally:
+        root.setLevel(level)
+    return int8
+
+
+def compare_files(
+    teacher: Transformer,
+    files: Mapping[str, str | Path],
+    batch: Mapping[str, torch.Tensor],
+    evaluate: Callable[[Any], dict[str, float]],
+    *,
+    rounds: int = 3,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Stage-like rows for the teacher in PyTorch and each ONNX file, timed side by side.
+
+    Args:
+        teacher: the uncompressed model (the first row; its parameters count for every file of it).
+        files: row name -> ONNX file, e.g. the peer's one-call int8 file and the Lite model's files.
+        batch: the batch every row is timed on (its encoder inputs: a decoder is not compared).
+        evaluate: model -> metrics, as the pipeline's (ONNX files are given as OrtModule).
+        rounds: interleaved timing rounds; each row's latency is the median of its rounds' p50.
+        threads: ONNX Runtime intra-op threads (None = its default); PyTorch keeps its own setting.
+
+    Returns:
+        One dict per row: name, params, unique_params, size_bytes, metrics, latency_ms, settings.
+    """
+    batch = {k: v for k, v in batch.items() if k in ENCODER_INPUTS}  # the encoder graph is what every row shares
+    runners = {name: OrtModel(path, threads=threads) for name, path in files.items()}
+    teacher_params = count_params(teacher)
+    teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.state_dict().values())
+    rows = [_row(TEACHER, "PyTorch", teacher_params, teacher_bytes, evaluate(teacher))]
+    for name, runner in runners.items():
+        with torch.device("meta"):  # counted from the Config: the file holds the same tensors
+            params = teacher_params if name == PEER else count_params(Transformer(runner.config))
+        path = Path(files[name])
+        rows.append(_row(name, path.name, params, size_on_disk(path), evaluate(OrtModule(runner))))
+    timers = {TEACHER: lambda: time_model(teacher, batch, repeat=10)["p50_ms"]}
+    timers |= {name: (lambda r=runner: time_onnx(r, batch, repeat=10)["p50_ms"]) for name, runner in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):  # interleaved: noise from other work on the machine hits every row alike
+        for name, timer in timers.items():
+            times[name].append(timer())
+    for row in rows:
+        row["latency_ms"] = statistics.median(times[row["name"]])
+    return rows
+
+
+def _row(name: str, runtime: str, params: tuple[int, int], size: int, metrics: dict[str, float]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "settings": {"runtime": runtime},
+        "params": params[0],
+        "unique_params": params[1],
+        "size_bytes": size,
+        "metrics": metrics,
+    }
