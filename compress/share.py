@@ -39,16 +39,15 @@ class Share:
     must be below the current embedding width. The tied MLM / LM heads follow automatically.
     embed_fit: what the rank-E fit minimizes. "frequency": the error expected over the tokens of
     the data (each vocabulary row weighted by its count in `ctx.data`'s real tokens, plus one),
-    so the frequent words keep their vectors and the many rare or unused rows give way (on
-    all-MiniLM-L6-v2 at E=128 this keeps SST-2 sentence embeddings at cosine 0.94 to the
-    original's, against 0.65 for the plain fit); "uniform": every row alike (plain truncated SVD);
+    so the frequent words keep their vectors and the many rare or unused rows give way (what
+    that buys on all-MiniLM-L6-v2 is in benchmarks/RESULTS.md); "uniform": every row alike
+    (plain truncated SVD);
     "auto": "frequency" when the context has data, else "uniform".
     embed_full_rows: adaptive input embeddings on top of the rank-E fit: the K vocabulary rows the
     fit misses most (its error on each row, weighted as the fit weighs it: with the frequency fit
     these are the data's frequent words) keep their exact vectors through a full-width correction
-    table (K x dim parameters more), and the rank-E basis is refit to the other rows. On
-    all-MiniLM-L6-v2, E=96 with 2,000 full rows has fewer parameters than E=128 alone and keeps
-    SST-2 sentence embeddings at cosine 0.96 to the original's instead of 0.94. Needs embed_dim.
+    table (K x dim parameters more), and the rank-E basis is refit to the other rows. Needs
+    embed_dim.
     cluster_bits: k-means weight clustering with a codebook of 2**bits centroids per matrix
     (done by `compress.cluster.cluster_layers`, after sharing and factorization).
     """
