@@ -6,7 +6,8 @@ queries attends only to the key tiles whose bucket range meets its own. Keys out
 tiles get no weight, which is the approximation; with one bucket every tile meets every
 other and the result is exact attention. Masks and causality apply by original position;
 a query whose visited keys are all disallowed averages them uniformly (exact attention would
-average over all keys). Inference only. The attention loop is `model.kernels.flash._fwd_tiles`.
+average over all keys). Inference only. `_attn_lsh_fwd` sets up one tile of sorted queries,
+`_lsh_fwd_inner` runs the online softmax over the sorted key slots it is given.
 """
 
 from __future__ import annotations
@@ -16,21 +17,21 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from model.kernels.flash import (
+from model.kernels.common import (
     LOG2E,
     _block_d,
     _dead_rows,
     _dot_precision,
     _finish_rows,
-    _fwd_tiles,
     _launch_config,
     _mask_arg,
+    _mask_scores,
+    _softmax_step,
     _strides,
     inference_only,
 )
-
-Tensor = torch.Tensor
 
 
 def default_buckets(tk: int) -> int:
@@ -39,6 +40,55 @@ def default_buckets(tk: int) -> int:
     return 1 if n < 4 else n - n % 2
 
 
+@triton.jit
+def _lsh_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    K_ORDER,
+    key_mask_row,
+    offs_m,
+    offs_d,
+    dead,
+    lo,
+    hi,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    TQ,
+    TK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Sorted key slots lo..hi for a tile of queries at original positions offs_m; K_ORDER maps a slot to its key."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        slots = start_n + tl.arange(0, BLOCK_N)
+        # Slots past the end map to TK, which every mask below treats as out of bounds.
+        offs_n = tl.load(K_ORDER + slots, mask=slots < TK, other=TK)
+        n_ok = offs_n < TK
+        kt = tl.load(
+            K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :] & d_ok[:, None], other=0
+        )  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        # Gathered keys are in no order, so every tile gets the causal and bounds masks.
+        s = _mask_scores(s, offs_m, offs_n, dead, key_mask_row, TQ, TK, CAUSAL, HAS_MASK, True)
+        v = tl.load(
+            V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, PRECISION)
+    return acc, l_i, m_i
+
+
+# Over 80 lines only because the formatter puts each launch and inner-loop argument on a line of its own.
 @triton.jit
 def _attn_lsh_fwd(
     Q,
@@ -96,14 +146,13 @@ def _attn_lsh_fwd(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    acc, l_i, m_i = _fwd_tiles(
+    acc, l_i, m_i = _lsh_fwd_inner(
         acc,
         l_i,
         m_i,
         q,
         K + b * stride_kb + h * stride_kh,
         V + b * stride_vb + h * stride_vh,
-        K,
         K_ORDER + bh * TK,
         KEY_MASK + b * TK,
         offs_m,
@@ -122,10 +171,7 @@ def _attn_lsh_fwd(
         BLOCK_N,
         CAUSAL,
         HAS_MASK,
-        True,
         PRECISION,
-        False,
-        True,
     )
     _finish_rows(
         acc,
