@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compress.distill import Distill
 from compress.evaluate import glue
 from compress.evaluate.measure import time_model
 from compress.pipeline import Pipeline
@@ -46,15 +48,20 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
             "the model has no tokenizer attached (model.tokenizer); import or pretrain it with flashlite first"
         )
     if spec.task is not None:
-        if spec.glue_dir is None:
-            raise ValueError(f"data.task={spec.task!r} needs data.glue_dir, the folder with GLUE's task folders")
         rows = glue.load(spec.task, "train", spec.glue_dir)[: spec.limit]
         held = glue.load(spec.task, "dev", spec.glue_dir)[: 8 * spec.batch_size]
         options = dict(max_len=spec.max_len, batch_size=spec.batch_size)
         return glue.batches(rows, tokenizer, spec.task, shuffle=True, seed=seed, **options), glue.batches(
             held, tokenizer, spec.task, **options
         )
-    texts = load_corpus(spec.corpus)
+    if spec.corpus is None and not spec.glue_text and not spec.builtin_corpus:
+        raise ValueError(
+            "this recipe distills a model that was not pretrained on the built-in corpus (Python's docstrings), and "
+            "text unlike the model's own teaches the student the wrong things: name text with --set data.corpus=FILE "
+            "or --set data.glue_text=[sst2,mrpc,cola] --set data.glue_dir=DIR, or opt in with "
+            "--set data.builtin_corpus=true"
+        )
+    texts = glue_sentences(spec.glue_text, spec.glue_dir) if spec.glue_text else load_corpus(spec.corpus)
     random.Random(seed).shuffle(texts)
     texts = texts[: spec.limit]
     n_held = min(8 * spec.batch_size, max(spec.batch_size, len(texts) // 10))
@@ -74,6 +81,27 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
         return out
 
     return batched(texts[n_held:]), batched(texts[:n_held])
+
+
+def glue_sentences(tasks: tuple[str, ...], glue_dir: str) -> list[str]:
+    """Every text field of the tasks' train rows, in task order (labels unused): unlabelled text for distillation."""
+    texts = []
+    for task in tasks:
+        fields = glue.get_task(task).fields
+        texts += [row[field] for row in glue.load(task, "train", glue_dir) for field in fields]
+    return texts
+
+
+def check_data_size(recipe: Recipe, n_batches: int) -> str | None:
+    """A warning when the distillation steps would cycle the training batches many times (None when they do not)."""
+    steps = sum(p.steps for p in recipe.passes if isinstance(p, Distill))
+    epochs = steps / max(1, n_batches)
+    if epochs <= 10:
+        return None
+    return (
+        f"the distillation runs {steps} steps over {n_batches} batches of data: {epochs:.0f} passes over the same text, "
+        "where a student generalizes from more text; raise data.limit or name a larger corpus"
+    )
 
 
 @torch.no_grad()
@@ -129,6 +157,8 @@ def run_job(
     """
     out = Path(out)
     train_batches, held_out = recipe_batches(recipe.data, teacher, seed=seed)
+    if (warning := check_data_size(recipe, len(train_batches))) and is_main():
+        warnings.warn(warning, stacklevel=2)
     pipeline = Pipeline(recipe.passes)
     evaluate = FidelityEvaluator(teacher, held_out, recipe.data)
     lite = pipeline.run(

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from compress.distill import Distill
+from compress.evaluate.glue_data import TASKS as GLUE_TASKS
 from compress.prune import Prune
 from compress.quantize import Quantize
 from compress.share import Share
@@ -23,11 +24,22 @@ PASSES = {"share": Share, "prune": Prune, "distill": Distill, "quantize": Quanti
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The text a recipe trains and calibrates on: `corpus` (None = built-in corpus, or a path), `task` (a GLUE task name for labelled data, read from `glue_dir`), sizes."""
+    """The text a recipe trains and calibrates on.
+
+    corpus: a text file, JSONL file or folder (None = the built-in corpus). task: a GLUE task
+    name: its labelled train rows, read from `glue_dir`. glue_text: GLUE task names whose train
+    sentences (labels unused) are the unlabelled text, read from `glue_dir`.
+    builtin_corpus: whether the built-in corpus (Python's docstrings) may stand in when no text
+    is named; recipes for models that were not pretrained on it say false, since distilling on
+    text unlike the model's own domain teaches the student the wrong things.
+    max_len, batch_size: per batch. limit: at most this many texts or rows.
+    """
 
     corpus: str | None = None
     task: str | None = None
+    glue_text: tuple[str, ...] = ()
     glue_dir: str | None = None
+    builtin_corpus: bool = True
     max_len: int = 64
     batch_size: int = 16
     limit: int | None = 20000
@@ -37,6 +49,20 @@ class DataSpec:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"data.{name} must be a string or null, got {type(value).__name__} {value!r}")
+        if not isinstance(self.builtin_corpus, bool):
+            raise TypeError(f"data.builtin_corpus must be true or false, got {self.builtin_corpus!r}")
+        if not isinstance(self.glue_text, tuple) or not all(isinstance(name, str) for name in self.glue_text):
+            raise TypeError(f"data.glue_text must be a list of GLUE task names, got {self.glue_text!r}")
+        unknown = [name for name in self.glue_text if name not in GLUE_TASKS]
+        if unknown:
+            raise ValueError(f"data.glue_text names unknown GLUE tasks {unknown}; known: {', '.join(GLUE_TASKS)}")
+        named = [key for key in ("corpus", "task", "glue_text") if getattr(self, key)]
+        if len(named) > 1:
+            raise ValueError(f"data names {' and '.join(named)}: give one source of text")
+        if (self.task or self.glue_text) and self.glue_dir is None:
+            raise ValueError(
+                "data.task and data.glue_text read GLUE's files: set data.glue_dir to the folder holding them"
+            )
         check_int("max_len", self.max_len, 1)
         check_int("batch_size", self.batch_size, 1)
         if self.limit is not None:

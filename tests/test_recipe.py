@@ -40,6 +40,11 @@ def test_a_recipe_file_round_trips_its_settings(tmp_path):
         ("passes:\n  - quantize: {mode: int3}\n", ValueError, "mode must be one of"),
         ("passes:\n  - prune: {}\nexport: {quantize: int2}\n", ValueError, "export.quantize must be one of"),
         ("passes: [\n", ValueError, "not valid YAML"),
+        ("passes:\n  - prune: {}\ndata: {glue_text: [imdb], glue_dir: x}\n", ValueError, r"unknown GLUE tasks \['imdb'\]"),
+        ("passes:\n  - prune: {}\ndata: {glue_text: [sst2]}\n", ValueError, "set data.glue_dir"),
+        ("passes:\n  - prune: {}\ndata: {glue_text: [sst2], corpus: a.txt, glue_dir: x}\n", ValueError, "one source"),
+        ("passes:\n  - prune: {}\ndata: {builtin_corpus: maybe}\n", TypeError, "builtin_corpus must be true or false"),
+        ("passes:\n  - prune: {}\nexport: {onnx: false}\n", ValueError, "export.peer compares ONNX files"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, text, error, message):
@@ -69,3 +74,28 @@ def test_overrides_change_one_setting_and_name_mistakes():
         load_recipe("flash-lite", ["steps=1"])
     with pytest.raises(ValueError, match="steps"):
         load_recipe("flash-lite", ["distill.steps=0"])
+
+
+def test_the_embedding_recipe_refuses_the_builtin_corpus_without_an_opt_in():
+    from compress.job import recipe_batches
+    from model import Config, Transformer
+    from model.data.tokenizer import train_tokenizer
+
+    recipe = load_recipe("minilm-embedding", ["data.glue_text=[]", "data.glue_dir=null"])
+    model = Transformer(Config.preset("tiny", decoder_layers=0, heads=("mlm",)))
+    model.tokenizer = train_tokenizer(["a small corpus of words"] * 20, vocab_size=model.config.vocab_size)
+    with pytest.raises(ValueError, match="not pretrained on the built-in corpus.*data.builtin_corpus=true"):
+        recipe_batches(recipe.data, model)
+    opted_in = load_recipe("minilm-embedding", ["data.glue_text=[]", "data.glue_dir=null", "data.builtin_corpus=true"])
+    train, held_out = recipe_batches(opted_in.data, model)
+    assert train and held_out
+
+
+def test_a_distillation_longer_than_its_data_warns():
+    from compress.job import check_data_size
+
+    recipe = load_recipe("minilm-embedding")
+    steps = next(p.steps for p in recipe.passes if isinstance(p, Distill))
+    assert check_data_size(recipe, steps) is None  # one pass over the data
+    warning = check_data_size(recipe, steps // 20)
+    assert f"{steps} steps over {steps // 20} batches" in warning and "20 passes" in warning

@@ -59,10 +59,10 @@ def compare_files(
     rounds: int = 3,
     threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Stage-like rows for the teacher in PyTorch and each ONNX file, timed side by side.
+    """Stage-like rows for the teacher in PyTorch and each ONNX file: scored alike, timed side by side.
 
     Args:
-        teacher: the uncompressed model (the first row; its parameters count for every file of it).
+        teacher: the uncompressed model (the first row; the peer's file holds its parameters).
         files: row name -> ONNX file, e.g. the peer's one-call int8 file and the Lite model's files.
         batch: the batch every row is timed on (its encoder inputs: a decoder is not compared).
         evaluate: model -> metrics, as the pipeline's (ONNX files are given as OrtModule).
@@ -70,27 +70,43 @@ def compare_files(
         threads: ONNX Runtime intra-op threads (None = its default); PyTorch keeps its own setting.
 
     Returns:
-        One dict per row: name, params, unique_params, size_bytes, metrics, latency_ms, settings.
+        One dict per row: name, settings, params, unique_params, size_bytes, metrics, latency_ms.
     """
-    batch = {k: v for k, v in batch.items() if k in ENCODER_INPUTS}  # the encoder graph is what every row shares
     runners = {name: OrtModel(path, threads=threads) for name, path in files.items()}
+    rows = score_files(teacher, runners, evaluate)
+    latencies = time_files(teacher, runners, batch, rounds=rounds)
+    return [{**row, "latency_ms": latencies[row["name"]]} for row in rows]
+
+
+def score_files(
+    teacher: Transformer, runners: Mapping[str, OrtModel], evaluate: Callable[[Any], dict[str, float]]
+) -> list[dict[str, Any]]:
+    """The teacher's row and one per ONNX runner: name, settings, params, unique_params, size_bytes, metrics."""
     teacher_params = count_params(teacher)
     teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.state_dict().values())
     rows = [_row(TEACHER, "PyTorch", teacher_params, teacher_bytes, evaluate(teacher))]
     for name, runner in runners.items():
         with torch.device("meta"):  # counted from the Config: the file holds the same tensors
             params = teacher_params if name == PEER else count_params(Transformer(runner.config))
-        path = Path(files[name])
-        rows.append(_row(name, path.name, params, size_on_disk(path), evaluate(OrtModule(runner))))
+        size = sum(
+            size_on_disk(path) for path in (runner.encoder.path, *([runner.decoder.path] if runner.decoder else []))
+        )
+        rows.append(_row(name, "ONNX Runtime", params, size, evaluate(OrtModule(runner))))
+    return rows
+
+
+def time_files(
+    teacher: Transformer, runners: Mapping[str, OrtModel], batch: Mapping[str, torch.Tensor], *, rounds: int = 3
+) -> dict[str, float]:
+    """p50 milliseconds per row (the teacher in PyTorch, then each runner) on `batch`, in interleaved rounds."""
+    batch = {k: v for k, v in batch.items() if k in ENCODER_INPUTS}  # the encoder graph is what every row shares
     timers = {TEACHER: lambda: time_model(teacher, batch, repeat=10)["p50_ms"]}
     timers |= {name: (lambda r=runner: time_onnx(r, batch, repeat=10)["p50_ms"]) for name, runner in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(rounds):  # interleaved: noise from other work on the machine hits every row alike
         for name, timer in timers.items():
             times[name].append(timer())
-    for row in rows:
-        row["latency_ms"] = statistics.median(times[row["name"]])
-    return rows
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _row(name: str, runtime: str, params: tuple[int, int], size: int, metrics: dict[str, float]) -> dict[str, Any]:
