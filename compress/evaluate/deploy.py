@@ -86,8 +86,7 @@ def score_files(
     teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.state_dict().values())
     rows = [_row(TEACHER, "PyTorch", teacher_params, teacher_bytes, evaluate(teacher))]
     for name, runner in runners.items():
-        with torch.device("meta"):  # counted from the Config: the file holds the same tensors
-            params = teacher_params if name == PEER else count_params(Transformer(runner.config))
+        params = teacher_params if name == PEER else count_params(Transformer(runner.config))  # as the file holds
         size = sum(
             size_on_disk(path) for path in (runner.encoder.path, *([runner.decoder.path] if runner.decoder else []))
         )
