@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from model.quantized import pack, quantize_int4, quantize_int8
+from model.quant_math import pack, quantize_int4, quantize_int8
 from model.transformer import MODEL_INPUTS
 
 BLOCK = 128  # columns per lazy-update block

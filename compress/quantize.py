@@ -25,6 +25,7 @@ from compress.gptq import round_int4, round_int8, round_sequentially
 from compress.pipeline import Context
 from compress.smoothing import smoothing_factors
 from model.config import QuantizedLayer
+from model.quant_math import dequantize_int8, quantize_int8
 from model.quantized import (
     GROUP_SIZES,
     ClusteredEmbedding,
@@ -33,8 +34,6 @@ from model.quantized import (
     Int8DynamicLinear,
     Int8Embedding,
     Int8Linear,
-    dequantize_int8,
-    quantize_int8,
 )
 from model.rebuild import with_quantized
 from model.transformer import Transformer

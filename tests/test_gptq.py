@@ -14,7 +14,7 @@ from compress.pipeline import Context, Pipeline
 from compress.quantize import Quantize
 from compress.share import Share
 from model.io import load, save
-from model.quantized import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack
+from model.quant_math import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack
 
 torch.set_num_threads(1)
 

@@ -16,16 +16,13 @@ from compress.quantize import FakeQuantInt8, Quantize
 from compress.share import Share
 from model.config import Config
 from model.io import load, save
+from model.quant_math import integer_matmul, kmeans_1d, pack, unpack
 from model.quantized import (
     ClusteredLinear,
     Int4Linear,
     Int8DynamicLinear,
     Int8Embedding,
     Int8Linear,
-    integer_matmul,
-    kmeans_1d,
-    pack,
-    unpack,
 )
 from model.transformer import Transformer
 

@@ -27,6 +27,7 @@ import torch
 from onnxscript import opset21 as op
 from torch import Tensor, nn
 
+from model.quant_math import storage_width, unpack
 from model.quantized import (
     ClusteredEmbedding,
     ClusteredLinear,
@@ -34,8 +35,6 @@ from model.quantized import (
     Int8DynamicLinear,
     Int8Embedding,
     Int8Linear,
-    storage_width,
-    unpack,
 )
 
 FOUR_BIT = (ir.DataType.UINT4, ir.DataType.INT4)
