@@ -215,6 +215,33 @@ def test_int8_smoothing_absorbs_a_large_key_offset():
     assert cosine(got, exact) >= 0.999 and (got.double() - exact).abs().max().item() <= 3e-2
 
 
+@pytest.mark.parametrize("d, block_d", [(8, 32), (16, 32), (17, 32), (32, 32), (48, 64), (128, 128)])
+def test_int8_head_tile_is_wide_enough_for_an_8bit_dot(d, block_d):
+    """NVIDIA's 8-bit tl.dot needs an inner size of at least 32 (the interpreter takes any): narrow heads are padded."""
+    assert int8_mod._int8_block_d(d) == block_d
+
+
+def test_int8_pads_a_16_wide_head_and_stays_close_to_exact(monkeypatch):
+    """The launch uses the padded tile (on a GPU, one of 16 does not compile), and zero padding leaves Q·Kᵀ as it was."""
+    launched = {}
+    kernel = int8_mod._attn_int8_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.update(kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(int8_mod, "_attn_int8_fwd", Spy())
+    q, k, v, key_mask = make_inputs(2, 2, 37, 37, 16, mask="pad")
+    exact = reference_attention(q.double(), k.double(), v.double(), key_mask=key_mask, causal=True)[0]
+    got = int8_attention(q, k, v, key_mask=key_mask, causal=True)
+    assert launched["BLOCK_D"] == 32
+    assert cosine(got, exact) >= 0.999 and (got.double() - exact).abs().max().item() <= 3e-2
+
+
 @pytest.mark.parametrize("tq, tk, d, causal, mask, transposed", CASES[1:4], ids=CASE_IDS[1:4])
 def test_lsh_with_one_bucket_is_exact(tq, tk, d, causal, mask, transposed):
     q, k, v, key_mask = make_inputs(2, 2, tq, tk, d, mask=mask, transposed=transposed)
@@ -245,6 +272,42 @@ def test_lsh_writes_every_row_with_many_buckets(causal):
     got = lsh_attention(q, k, v, key_mask=key_mask, causal=causal, n_buckets=16)
     assert torch.isfinite(got).all()
     assert (got <= v.amax(dim=2, keepdim=True) + 1e-5).all() and (got >= v.amin(dim=2, keepdim=True) - 1e-5).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["padded", "causal"])
+def test_lsh_rows_whose_tiles_hold_no_allowed_key_get_the_exact_result(causal):
+    """A query hashed together with only padded or future keys attends as the reference does, not to those keys.
+
+    +w and -w, for w the hash's own direction, fall in opposite buckets of two, so the first half of
+    the queries meets only the keys of one half and the second half only those of the other. Padded:
+    the second half of the keys is padding, so the second-half queries meet no key they may see
+    (batch row 1: every key is padding, every row sees none and averages all keys). Causal: the first
+    half of the queries meets only future keys (batch row 1: left padding over the first half of the
+    keys, so those queries see no key at all and the second-half queries meet only padding).
+    """
+    b, h, t, d = 2, 2, 128, 16  # two query tiles and more key tiles, with the GPU's tiles too
+    w = lsh_mod._rotations(d, 2, 0, DEVICE)[:, 0]
+    w = 3 * w / w.norm()
+    first = (torch.arange(t, device=DEVICE) < t // 2)[:, None]
+
+    def halves(sign):  # sign * w in the first half of the positions, -sign * w in the second
+        return torch.where(first, sign * w, -sign * w) + 0.1 * torch.randn(b, h, t, d, device=DEVICE)
+
+    q, k, v = halves(1), halves(-1 if causal else 1), torch.randn(b, h, t, d, device=DEVICE)
+    key_mask = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    if causal:
+        key_mask[1, : t // 2] = False
+    else:
+        key_mask[0, t // 2 :] = False
+        key_mask[1] = False
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    expected = reference_attention(q64, k64, v64, key_mask=key_mask, causal=causal)[0]
+    if causal:  # batch row 0's second-half queries meet only (all of) the first-half keys: the approximation
+        expected[0, :, t // 2 :] = reference_attention(
+            q64[:1, :, t // 2 :], k64[:1, :, : t // 2], v64[:1, :, : t // 2]
+        )[0][0]
+    got = lsh_attention(q, k, v, key_mask=key_mask, causal=causal, n_buckets=2, seed=0)
+    assert (got.double() - expected).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("n_buckets", [0, 3, 2.0])

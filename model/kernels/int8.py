@@ -251,6 +251,12 @@ def _attn_int8_fwd(
     )
 
 
+def _int8_block_d(head_dim: int) -> int:
+    """The attention kernel's head tile: an 8-bit tl.dot on NVIDIA needs an inner size of at least 32 (the
+    CPU interpreter takes any), so heads of 16 or fewer are zero-padded to 32, which leaves Q·Kᵀ unchanged."""
+    return max(32, _block_d(head_dim))
+
+
 def _quantize(x: Tensor, multiplier: float, mean: Tensor | None) -> tuple[Tensor, Tensor]:
     """(int8 (B,H,T,D) contiguous, fp32 scales (B,H,T)) of x (minus mean (B,H,D) if given) times multiplier."""
     b, h, t, d = x.shape
@@ -303,7 +309,7 @@ def _int8_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: 
         tq,
         tk,
         HEAD_DIM=d,
-        BLOCK_D=_block_d(d),
+        BLOCK_D=_int8_block_d(d),
         CAUSAL=causal,
         HAS_MASK=key_mask is not None,
         **cfg,

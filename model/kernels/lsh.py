@@ -4,10 +4,12 @@ Queries and keys are hashed with the same random rotations R (bucket = argmax ov
 so directions that are close share a bucket), each is sorted by bucket, and a tile of sorted
 queries attends only to the key tiles whose bucket range meets its own. Keys outside those
 tiles get no weight, which is the approximation; with one bucket every tile meets every
-other and the result is exact attention. Masks and causality apply by original position;
-a query whose visited keys are all disallowed averages them uniformly (exact attention would
-average over all keys). Inference only. `_attn_lsh_fwd` sets up one tile of sorted queries,
-`_lsh_fwd_inner` runs the online softmax over the sorted key slots it is given.
+other and the result is exact attention. Masks and causality apply by original position, and
+disallowed keys get weight zero. A query whose visited tiles hold no key it may see (only padded
+or future keys, or none at all for a row that may see no key) gets the exact result instead,
+as `model.attention.reference_attention` gives it: its tile scans the keys again in their original
+order (`model.kernels.flash._attn_fwd_inner`). Inference only. `_attn_lsh_fwd` sets up one tile of
+sorted queries, `_lsh_fwd_inner` runs the online softmax over the sorted key slots it is given.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from model.kernels.common import (
+    _MASKED,
     LOG2E,
     _block_d,
     _dead_rows,
@@ -32,6 +35,7 @@ from model.kernels.common import (
     _strides,
     inference_only,
 )
+from model.kernels.flash import _attn_fwd_inner
 
 
 def default_buckets(tk: int) -> int:
@@ -52,7 +56,6 @@ def _lsh_fwd_inner(
     key_mask_row,
     offs_m,
     offs_d,
-    dead,
     lo,
     hi,
     stride_kn,
@@ -68,7 +71,10 @@ def _lsh_fwd_inner(
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Sorted key slots lo..hi for a tile of queries at original positions offs_m; K_ORDER maps a slot to its key."""
+    """Sorted key slots lo..hi for a tile of queries at original positions offs_m; K_ORDER maps a slot to its key.
+
+    Every disallowed score is _MASKED, so a row whose slots hold no key it may see ends with m_i = _MASKED.
+    """
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         slots = start_n + tl.arange(0, BLOCK_N)
@@ -79,13 +85,87 @@ def _lsh_fwd_inner(
             K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :] & d_ok[:, None], other=0
         )  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        # Gathered keys are in no order, so every tile gets the causal and bounds masks.
-        s = _mask_scores(s, offs_m, offs_n, dead, key_mask_row, TQ, TK, CAUSAL, HAS_MASK, True)
+        # Gathered keys are in no order, so every tile gets the causal and bounds masks. No row counts
+        # as dead here (0): one that may see no key is left to the exact scan like any other blind row.
+        s = _mask_scores(s, offs_m, offs_n, 0, key_mask_row, TQ, TK, CAUSAL, HAS_MASK, True)
         v = tl.load(
             V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0
         )
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _exact_blind_rows(
+    q,
+    K,
+    V,
+    O,
+    LSE,
+    key_mask_row,
+    offs_m,
+    offs_d,
+    blind,
+    dead,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_om,
+    stride_od,
+    TQ,
+    TK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Exact attention for the tile's blind rows (their visited slots held no key they may see), written in place.
+
+    The keys are scanned in their original order, as flash does, as far as the blind rows need: to
+    their causal limit, or to TK for a row that may see no key at all (it averages every key, as the
+    reference does). A tile without blind rows does nothing.
+    """
+    row_hi = TK
+    if CAUSAL:
+        row_hi = tl.where(offs_m < dead, TK, tl.minimum(offs_m + (TK - TQ) + 1, TK))
+    exact_hi = tl.max(tl.where(blind, row_hi, 0), 0)
+    if exact_hi > 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            key_mask_row,
+            offs_m,
+            offs_d,
+            dead,
+            0,
+            exact_hi,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            TQ,
+            TK,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_N,
+            CAUSAL,
+            HAS_MASK,
+            True,
+            PRECISION,
+        )
+        _finish_rows(acc, l_i, m_i, O, LSE, tl.where(blind, offs_m, TQ), offs_d, stride_om, stride_od, TQ, HEAD_DIM)
 
 
 # Over 80 lines only because the formatter puts each launch and inner-loop argument on a line of its own.
@@ -141,6 +221,9 @@ def _attn_lsh_fwd(
         mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    key_mask_row = KEY_MASK + b * TK
     lo = tl.load(K_SLOTS + (bh * tl.num_programs(0) + tile) * 2)
     hi = tl.load(K_SLOTS + (bh * tl.num_programs(0) + tile) * 2 + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -151,13 +234,12 @@ def _attn_lsh_fwd(
         l_i,
         m_i,
         q,
-        K + b * stride_kb + h * stride_kh,
-        V + b * stride_vb + h * stride_vh,
+        K,
+        V,
         K_ORDER + bh * TK,
-        KEY_MASK + b * TK,
+        key_mask_row,
         offs_m,
         offs_d,
-        tl.load(DEAD + b),
         lo,
         hi,
         stride_kn,
@@ -173,19 +255,48 @@ def _attn_lsh_fwd(
         HAS_MASK,
         PRECISION,
     )
-    _finish_rows(
-        acc,
-        l_i,
-        m_i,
-        O + b * stride_ob + h * stride_oh,
-        LSE + bh * TQ,
+    O += b * stride_ob + h * stride_oh
+    LSE += bh * TQ
+    # Rows whose visited slots held no key they may see ("blind") still have the running max _MASKED:
+    # the others are written now, the blind ones by an exact scan, one accumulator live at a time.
+    blind = (m_i <= _MASKED) & (offs_m < TQ)
+    _finish_rows(acc, l_i, m_i, O, LSE, tl.where(blind, TQ, offs_m), offs_d, stride_om, stride_od, TQ, HEAD_DIM)
+    _exact_blind_rows(
+        q,
+        K,
+        V,
+        O,
+        LSE,
+        key_mask_row,
         offs_m,
         offs_d,
+        blind,
+        tl.load(DEAD + b),
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
         stride_om,
         stride_od,
         TQ,
+        TK,
+        qk_scale,
         HEAD_DIM,
+        BLOCK_D,
+        BLOCK_M,
+        BLOCK_N,
+        CAUSAL,
+        HAS_MASK,
+        PRECISION,
     )
+
+
+def _rotations(head_dim: int, n_buckets: int, seed: int, device) -> Tensor | None:
+    """The hash's random rotations R (head_dim, n_buckets / 2), drawn from seed; None for one bucket."""
+    if n_buckets == 1:
+        return None
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(head_dim, n_buckets // 2, generator=generator, device=device)
 
 
 def _sorted_buckets(x: Tensor, rotations: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -226,10 +337,7 @@ def _lsh_fwd(
 ) -> Tensor:
     b, h, tq, d = q.shape
     tk = k.shape[2]
-    rotations = None
-    if n_buckets > 1:
-        generator = torch.Generator(device=q.device).manual_seed(seed)
-        rotations = torch.randn(d, n_buckets // 2, generator=generator, device=q.device)
+    rotations = _rotations(d, n_buckets, seed, q.device)
     q_ordered, q_order = _sorted_buckets(q, rotations)
     k_ordered, k_order = _sorted_buckets(k, rotations)
     cfg = _launch_config(q, "fwd")
