@@ -26,9 +26,10 @@ import onnxruntime as ort
 import torch
 from google.protobuf.message import DecodeError
 
+from model.checks import check_ids, check_token_types
 from model.config import Config, check_int
 from model.losses import LABEL_KEYS
-from model.transformer import Output, Transformer, check_ids, check_token_types
+from model.transformer import Output, Transformer
 
 CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
