@@ -25,6 +25,7 @@ from typing import ClassVar
 from tqdm.auto import tqdm
 
 from compress.importance import channel_scores, dependency_graph, lowest, prunable_units
+from compress.latency import shape_for_latency
 from compress.pipeline import Context
 from compress.prune_shapes import STACKS, block_shapes, kept_heads, kept_width, param_count, reshaped
 from model.config import Config, LayerShape
@@ -73,6 +74,11 @@ class Prune:
         result lands below the budget by less than one step of the count (one head per
         attention plus round_to FFN channels, in every layer). Exclusive with heads, ffn,
         hidden and layers.
+    latency_ms: a latency budget instead of ratios: candidate cuts (whole layers, and one
+        ratio of 0, 0.25, 0.5, 0.75 for heads and one for FFN channels) are timed as deployed
+        (exported, int8 by ONNX Runtime, batch 1 x seq 128, on this machine), and the largest
+        that meets the budget is pruned (`compress.latency`). Exclusive with heads, ffn,
+        hidden, layers and params.
     batches: how many ctx batches the Taylor importance reads.
 
     Per-layer ratios are uniform; which heads/channels go is ranked within each layer. A block
@@ -88,6 +94,7 @@ class Prune:
     steps: int = 1
     round_to: int = 8
     params: float | int | None = None
+    latency_ms: float | None = None
     batches: int = 8
     restructures: ClassVar[bool] = True  # the Pipeline refuses it after a quantizing pass
 
@@ -114,6 +121,18 @@ class Prune:
                     f"give one or the other"
                 )
 
+        if self.latency_ms is not None:
+            if isinstance(self.latency_ms, bool) or not isinstance(self.latency_ms, (int, float)):
+                raise TypeError(f"latency_ms must be a number of milliseconds or None; got {self.latency_ms!r}")
+            if not self.latency_ms > 0:
+                raise ValueError(f"latency_ms must be positive, got {self.latency_ms}")
+            explicit = [n for n in ("heads", "ffn", "hidden", "layers", "params") if getattr(self, n)]
+            if explicit:
+                raise ValueError(
+                    f"latency_ms (a latency budget) and explicit {', '.join(explicit)} are mutually exclusive; "
+                    f"give one or the other"
+                )
+
     @property
     def needs_data(self) -> bool:
         """Taylor importance reads ctx data; magnitude does not."""
@@ -128,9 +147,12 @@ class Prune:
             raise ValueError(f"Prune needs float weights but this model stores layers as {modes}; prune before that")
         if self.needs_data and not ctx.batches(1):
             raise ValueError("Prune(importance='taylor') needs data (batches of token ids) but ctx has none")
-        ratio = self._budget_ratio(model.config) if self.params is not None else None
-        heads, ffn = (ratio, ratio) if ratio is not None else (self.heads, self.ffn)
-        self._check_fits(model.config, heads)
+        layers, heads, ffn = self.layers, self.heads, self.ffn
+        if self.params is not None:
+            heads = ffn = self._budget_ratio(model.config)
+        elif self.latency_ms is not None:
+            layers, heads, ffn = shape_for_latency(model.config, self.latency_ms, round_to=self.round_to)
+        self._check_fits(model.config, heads, layers)
 
         work = copy.deepcopy(model).requires_grad_(True)
         # Exact attention for tracing and Taylor gradients on any device; the result gets the model's backend back.
@@ -140,7 +162,7 @@ class Prune:
         dropped = 0
         for step in tqdm(range(1, self.steps + 1), desc="Prune", disable=self.steps == 1):
             frac = step / self.steps
-            n_drop = math.floor(self.layers * frac + 0.5) - dropped
+            n_drop = math.floor(layers * frac + 0.5) - dropped
             if n_drop:
                 work, origin = self._drop_layers(work, origin, n_drop, ctx)
                 dropped += n_drop
@@ -186,7 +208,7 @@ class Prune:
             low, high = (low, mid) if count(mid) <= target else (mid, high)
         return high
 
-    def _check_fits(self, config: Config, heads: float) -> None:
+    def _check_fits(self, config: Config, heads: float, layers: int) -> None:
         """Refuse settings this model cannot take, before any work, naming the setting."""
         for name in STACKS:
             for i, shape in enumerate(getattr(config, name)):
@@ -196,9 +218,9 @@ class Prune:
                         f"each layer keeps at least one head"
                     )
         stacks = 1 + (config.decoder_layers > 0)
-        if self.layers > config.encoder_layers + config.decoder_layers - stacks:
+        if layers > config.encoder_layers + config.decoder_layers - stacks:
             raise ValueError(
-                f"layers={self.layers} would leave a stack empty: the model has {config.encoder_layers} encoder "
+                f"layers={layers} would leave a stack empty: the model has {config.encoder_layers} encoder "
                 f"and {config.decoder_layers} decoder layers and each stack keeps at least one"
             )
         dim = kept_width(config.dim, self.hidden, self.round_to)
