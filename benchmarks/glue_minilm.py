@@ -28,7 +28,7 @@ import torch
 
 from compress import Distill, Pipeline, Prune, Share
 from compress.evaluate import glue, squad
-from compress.evaluate.measure import time_model, time_onnx
+from compress.evaluate.measure import cpu_name, time_model, time_onnx
 from compress.report import write_report
 from model import from_hf
 from model.io import save
@@ -272,16 +272,8 @@ def main() -> None:
             f"\naverage GLUE dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
             f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); target >= 97%"
         )
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     print(
-        f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, Python {platform.python_version()}; "
+        f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, Python {platform.python_version()}; "
         f"{datetime.date.today().isoformat()}; total wall time {time.perf_counter() - began:.0f} s"
     )
 

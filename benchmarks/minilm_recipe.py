@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from compress import Distill, Pipeline, Prune, Quantize, Share
 from compress.evaluate import glue
 from compress.evaluate.deploy import PEER, one_call_int8, score_files, time_files
+from compress.evaluate.measure import cpu_name
 from model import export_onnx, from_hf, save
 from model.data.tokenizer import encode
 from model.onnx.ort_quantize import quantize_onnx
@@ -63,13 +64,6 @@ def fidelity(teacher_views: dict, tokenizer, max_len: int):
         return {"sst2_cosine": cosine, "mrpc_spearman": spearman}
 
     return evaluate
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import onnx
 import onnxruntime
 import torch
 
+from compress.evaluate.measure import cpu_name
 from model import from_hf
 from model.io import atomic_write_text
 from model.onnx.export import export_onnx
@@ -33,17 +34,6 @@ from model.transformer import Transformer
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 START, END = "<!-- onnx_latency:start -->", "<!-- onnx_latency:end -->"
 BATCHES = (1, 8)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def lite_version(teacher: Transformer) -> tuple[Transformer | None, str]:

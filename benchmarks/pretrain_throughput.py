@@ -13,22 +13,12 @@ import time
 
 import torch
 
+from compress.evaluate.measure import cpu_name
 from model.config import Config
 from model.training.loop import TrainConfig, train
 from model.training.objectives import PretrainingData
 from model.training.pretrain import prepare
 from model.transformer import Transformer
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure(config: Config, data: PretrainingData, backend: str, steps: int, start: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import sys
 import time
@@ -226,3 +227,15 @@ def time_onnx(session: Any, batch: Batch, *, warmup: int = 3, repeat: int = 20) 
     if not callable(session):
         raise TypeError(f"session must be an onnxruntime.InferenceSession or a callable, got {type(session).__name__}")
     return latency(lambda: session(batch), warmup=warmup, repeat=repeat)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for the machine line of a benchmark."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
