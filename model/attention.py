@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -95,6 +96,8 @@ BACKENDS: dict[str, Callable[..., Tensor]] = {
 }
 # Inference-only approximations: never picked by "auto", and their reason says so when requested.
 APPROXIMATE_BACKENDS = frozenset({"flash-int8", "flash-lsh"})
+KERNEL_BACKENDS = ("flash", "flash-int8", "flash-lsh")  # the Triton kernels: asked for by name, they may fall back
+_WARNED: set[tuple[str, str]] = set()  # the (requested, reason) fallbacks already warned about
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _MAX_HEAD_DIM = 128  # the kernels' register tiles are sized for head_dim <= 128
 
@@ -155,6 +158,26 @@ def choose_backend(q: Tensor, requested: str = "auto", *, dropout: float = 0.0) 
     return "flash", f"CUDA, {q.dtype}, head_dim {q.shape[-1]}: the Triton flash kernel"
 
 
+def warn_fallback(requested: str, used: str, reason: str) -> None:
+    """Warn that a Triton kernel asked for by name runs `used` instead, and why; once per (requested, reason).
+
+    Nothing for "auto" (its choice is the point), for a backend that ran as asked, or while an
+    exporter traces (the exported graph holds exact attention by design).
+
+    Args:
+        requested: the backend asked for.
+        used: the backend that runs.
+        reason: why, as `choose_backend` says it.
+    """
+    if requested not in KERNEL_BACKENDS or used == requested or _exporting() or (requested, reason) in _WARNED:
+        return
+    _WARNED.add((requested, reason))
+    warnings.warn(
+        f"attention backend {requested!r} falls back to {used}: {reason} (warned once per backend and reason)",
+        stacklevel=3,
+    )
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -192,8 +215,10 @@ def attend(
     dropout: probability of dropping attention weights (training only).
     backend: "auto", or one of BACKENDS: "reference", "sdpa", "flash" (exact), "flash-int8" and
     "flash-lsh" (approximate, inference only); see `choose_backend` for what "auto" picks and
-    when a request is overridden (dropout, export).
+    when a request is overridden (dropout, export); a kernel asked for by name that falls back
+    for dropout warns, naming the reason.
     """
     _check(q, k, v, key_mask)
-    name, _ = choose_backend(q, backend, dropout=dropout)
+    name, reason = choose_backend(q, backend, dropout=dropout)
+    warn_fallback(backend, name, reason)
     return BACKENDS[name](q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout=dropout)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import attend, choose_backend, reference_attention
+from model.attention import attend, choose_backend, reference_attention, warn_fallback
 from model.checks import check_ids, check_labels, check_token_types
 from model.config import Config, LayerShape
 from model.losses import LABEL_KEYS, task_losses
@@ -126,7 +126,10 @@ class Attention(nn.Module):
         kv = x if memory is None else memory
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(kv)), self._split(self.v_proj(kv))
         dropout = self.dropout if self.training else 0.0
-        if need_weights:
+        if need_weights:  # the kernels and sdpa return no weights
+            warn_fallback(
+                backend, "reference", "output_attentions=True: the Triton kernels return no attention weights"
+            )
             out, weights = reference_attention(q, k, v, key_mask=key_mask, causal=causal, dropout=dropout)
         else:
             out, weights = attend(q, k, v, key_mask=key_mask, causal=causal, dropout=dropout, backend=backend), None
