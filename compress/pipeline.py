@@ -142,10 +142,14 @@ class Pipeline:
         workdir: str | Path | None = None,
         check: Batch | None = None,
         parallel: str = "ddp",
+        teacher: Transformer | None = None,
     ) -> Transformer:
         """Run every pass on a copy of `model` (never mutated) and return the compressed model.
 
         data: training/calibration batches. evaluate: model -> metrics, run after each pass.
+        teacher: the model the passes distill from and calibrate against (never mutated); None =
+        `model` itself. A student that was already compressed (say by a general distillation on
+        unlabelled text) takes its task's fine-tuned teacher here.
         check: a batch to prove the model still runs after each pass (default: the first batch).
         workdir: each pass gets its own folder there (`NN-Name/`, for its checkpoints) and its
         result is saved in it; a rerun with the same workdir and passes resumes at the first
@@ -155,7 +159,9 @@ class Pipeline:
         """
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a model.Transformer, got {type(model).__name__}")
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        if teacher is not None and not isinstance(teacher, Transformer):
+            raise TypeError(f"teacher must be a model.Transformer or None, got {type(teacher).__name__}")
+        teacher = copy.deepcopy(model if teacher is None else teacher).eval().requires_grad_(False)
         ctx = Context(
             data=data,
             teacher=teacher,

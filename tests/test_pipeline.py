@@ -170,3 +170,24 @@ def test_a_rerun_resumes_at_the_first_unfinished_pass(tmp_path):
     Pipeline([Distill(steps=1, progress=False)]).run(model, data(model.config), workdir=tmp_path / "d")
     with pytest.raises(ValueError, match="holds a finished Distill run with settings"):
         Pipeline([Distill(steps=2, progress=False)]).run(model, data(model.config), workdir=tmp_path / "d")
+
+
+def test_a_given_teacher_is_what_the_student_learns_from():
+    """Pipeline.run(student, teacher=other): Distill pulls the student toward `other`, and neither model changes."""
+    config = Config.preset("tiny", decoder_layers=0, heads=("mlm",))
+    torch.manual_seed(0)
+    student, other = Transformer(config).eval(), Transformer(config).eval()
+    batches = data(config, n=4)
+    before_student = {k: v.clone() for k, v in student.state_dict().items()}
+    before_other = {k: v.clone() for k, v in other.state_dict().items()}
+
+    def gap(model):
+        with torch.no_grad():
+            return sum(float((model(**b).hidden_states - other(**b).hidden_states).square().mean()) for b in batches)
+
+    lite = Pipeline([Distill(steps=30, lr=1e-3, progress=False)]).run(student, data=batches, teacher=other)
+    assert gap(lite.eval()) < 0.5 * gap(student)
+    assert all(torch.equal(v, before_student[k]) for k, v in student.state_dict().items())
+    assert all(torch.equal(v, before_other[k]) for k, v in other.state_dict().items())
+    with pytest.raises(TypeError, match="teacher must be a model.Transformer"):
+        Pipeline([Distill(steps=1)]).run(student, data=batches, teacher="runs/teacher")
