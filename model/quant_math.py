@@ -20,6 +20,8 @@ A zero row or group gets scale 1 (its integers are all zero-point, so it dequant
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -141,11 +143,75 @@ def _midpoints(centroids: Tensor) -> Tensor:
     return (centroids[1:] + centroids[:-1]) / 2
 
 
+# torch._int_mm's CUDA kernel (cuBLASLt int8) takes N > 16 rows and K, M multiples of 8, and
+# needs int8 tensor cores (compute capability 7.5, Turing, or later); its CPU kernel takes any shape.
+CUDA_INT_MM_MIN_ROWS, CUDA_INT_MM_MULTIPLE, CUDA_INT_MM_CAPABILITY = 17, 8, (7, 5)
+_WARNED_DEVICES: set[str] = set()
+
+
+def integer_kernel(device: torch.device) -> str | None:
+    """Why `integer_matmul` has no integer kernel on `device` (None: torch._int_mm runs there).
+
+    Args:
+        device: the operands' device.
+    """
+    if device.type in ("cpu", "meta"):  # meta: shapes only (torch._int_mm has a meta kernel)
+        return None
+    if device.type == "cuda":
+        if torch.version.hip is None and torch.cuda.get_device_capability(device) < CUDA_INT_MM_CAPABILITY:
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"torch._int_mm needs int8 tensor cores (compute capability 7.5+); {device} has {major}.{minor}"
+        return None
+    return f"torch._int_mm runs on CPU and CUDA only, not {device.type}"
+
+
 def integer_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """Exact int8 (N, K) @ int8 (K, M) -> int32 (N, M): torch._int_mm where it runs, else float64 (exact below 2**53)."""
-    if hasattr(torch, "_int_mm") and a.device.type in ("cpu", "cuda"):
-        try:
-            return torch._int_mm(a, b)
-        except RuntimeError:  # CUDA's kernel refuses some shapes (N <= 16, K or M not multiples of 8)
-            pass
-    return (a.double() @ b.double()).to(torch.int32)
+    """Exact int8 (N, K) @ int8 (K, M) -> int32 (N, M) on torch._int_mm, its path chosen before it runs.
+
+    CPU: torch._int_mm as is. CUDA: its kernel's shape limits (N > 16, K and M multiples of 8)
+    are met by zero-padding the operands (zero rows and columns add nothing to the sums) and
+    cutting the result back. A device without the kernel (`integer_kernel` says why) computes
+    on CPU and warns once per device; nothing here retries after a kernel fails.
+
+    Args:
+        a: int8 (N, K).
+        b: int8 (K, M); a transposed (column-major) view suits CUDA's kernel best.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"integer_matmul takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"integer_matmul takes (N, K) @ (K, M), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"integer_matmul's operands are on {a.device} and {b.device}")
+    reason = integer_kernel(a.device)
+    if reason is not None:
+        if str(a.device) not in _WARNED_DEVICES:
+            _WARNED_DEVICES.add(str(a.device))
+            warnings.warn(f"integer_matmul computes on CPU: {reason}", stacklevel=2)
+        return torch._int_mm(a.cpu(), b.cpu()).to(a.device)
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b)
+    return padded_int_mm(a, b)
+
+
+def padded_int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """torch._int_mm(a, b) with a and b zero-padded to CUDA's limits (N > 16, K and M multiples of 8).
+
+    b keeps its layout: a column-major b is padded as its transpose and stays column-major.
+
+    Args:
+        a: int8 (N, K).
+        b: int8 (K, M).
+    """
+    (n, k), m = a.shape, b.shape[1]
+    if 0 in (n, k, m):
+        return torch.zeros(n, m, dtype=torch.int32, device=a.device)
+    rows = max(n, CUDA_INT_MM_MIN_ROWS)
+    inner, cols = (-(-size // CUDA_INT_MM_MULTIPLE) * CUDA_INT_MM_MULTIPLE for size in (k, m))
+    if (rows, inner) != (n, k):
+        a = F.pad(a, (0, inner - k, 0, rows - n))
+    if (inner, cols) != (k, m):
+        column_major = b.stride(0) == 1 and b.stride(1) != 1
+        b = F.pad(b.t(), (0, inner - k, 0, cols - m)).t() if column_major else F.pad(b, (0, cols - m, 0, inner - k))
+    out = torch._int_mm(a, b)
+    return out[:n, :m] if (rows, cols) != (n, m) else out

@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from google.protobuf.message import DecodeError
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from model.checks import check_ids, check_token_types
 from model.config import Config, check_int
@@ -34,6 +35,16 @@ from model.transformer import Output, Transformer
 CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DECODER_INPUTS = ("decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask")
+# What ONNX Runtime raises when it refuses a model file: the file's fault, reported as a ValueError.
+# Its other errors (RuntimeException, EPFail, EngineError, ...) are not about the file and propagate.
+ORT_LOAD_ERRORS = (
+    ort_errors.Fail,
+    ort_errors.InvalidArgument,
+    ort_errors.InvalidGraph,
+    ort_errors.InvalidProtobuf,
+    ort_errors.NoSuchFile,
+    ort_errors.NotImplemented,  # an operator ONNX Runtime has no kernel for
+)
 
 
 def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
@@ -149,7 +160,7 @@ def _open(path: Path, threads: int | None) -> _Graph:
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+    except ORT_LOAD_ERRORS as err:  # ONNX Runtime refuses the file; its other errors (and ours) propagate
         raise ValueError(f"ONNX Runtime cannot load {path}: {_first_line(err)}") from None
     return _Graph(
         path,
