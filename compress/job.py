@@ -211,7 +211,7 @@ def _export(
         quantized = quantize_onnx(out / "onnx", out / f"onnx-{mode}", mode, calibration=calibration)
         result.files["onnx_quantized"] = out / f"onnx-{mode}"
         files[f"Lite, ONNX {mode}"] = quantized.paths["encoder"]
-    if not recipe.export.peer:
+    if recipe.export.peer is False:
         return []
     files = {PEER: one_call_int8(teacher, out / "peer"), **files}
     result.files["peer"] = out / "peer"

@@ -74,18 +74,19 @@ class ExportSpec:
     """What to export after the passes: an ONNX file (verified against PyTorch), optionally quantized by ONNX Runtime.
 
     peer: also export the teacher and quantize it with ONNX Runtime in one call (the obvious
-    alternative), and report both side by side (compress.evaluate.deploy).
+    alternative), and report both side by side (compress.evaluate.deploy); None = whenever
+    `onnx` is true.
     """
 
     onnx: bool = True
     quantize: str | None = None
-    peer: bool = True
+    peer: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.onnx, bool):
             raise TypeError(f"export.onnx must be true or false, got {self.onnx!r}")
-        if not isinstance(self.peer, bool):
-            raise TypeError(f"export.peer must be true or false, got {self.peer!r}")
+        if self.peer is not None and not isinstance(self.peer, bool):
+            raise TypeError(f"export.peer must be true, false or null, got {self.peer!r}")
         if self.peer and not self.onnx:
             raise ValueError("export.peer compares ONNX files: it needs export.onnx: true")
         if self.quantize is not None and self.quantize not in ONNX_MODES:

@@ -44,7 +44,7 @@ def test_a_recipe_file_round_trips_its_settings(tmp_path):
         ("passes:\n  - prune: {}\ndata: {glue_text: [sst2]}\n", ValueError, "set data.glue_dir"),
         ("passes:\n  - prune: {}\ndata: {glue_text: [sst2], corpus: a.txt, glue_dir: x}\n", ValueError, "one source"),
         ("passes:\n  - prune: {}\ndata: {builtin_corpus: maybe}\n", TypeError, "builtin_corpus must be true or false"),
-        ("passes:\n  - prune: {}\nexport: {onnx: false}\n", ValueError, "export.peer compares ONNX files"),
+        ("passes:\n  - prune: {}\nexport: {onnx: false, peer: true}\n", ValueError, "export.peer compares ONNX files"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, text, error, message):
