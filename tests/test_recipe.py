@@ -40,7 +40,11 @@ def test_a_recipe_file_round_trips_its_settings(tmp_path):
         ("passes:\n  - quantize: {mode: int3}\n", ValueError, "mode must be one of"),
         ("passes:\n  - prune: {}\nexport: {quantize: int2}\n", ValueError, "export.quantize must be one of"),
         ("passes: [\n", ValueError, "not valid YAML"),
-        ("passes:\n  - prune: {}\ndata: {glue_text: [imdb], glue_dir: x}\n", ValueError, r"unknown GLUE tasks \['imdb'\]"),
+        (
+            "passes:\n  - prune: {}\ndata: {glue_text: [imdb], glue_dir: x}\n",
+            ValueError,
+            r"unknown GLUE tasks \['imdb'\]",
+        ),
         ("passes:\n  - prune: {}\ndata: {glue_text: [sst2]}\n", ValueError, "set data.glue_dir"),
         ("passes:\n  - prune: {}\ndata: {glue_text: [sst2], corpus: a.txt, glue_dir: x}\n", ValueError, "one source"),
         ("passes:\n  - prune: {}\ndata: {builtin_corpus: maybe}\n", TypeError, "builtin_corpus must be true or false"),
