@@ -182,10 +182,10 @@ class Pipeline:
         for i, p in enumerate(self.passes):
             folder = ctx.workdir / f"{i:02d}-{pass_name(p)}" if ctx.workdir is not None else None
             finished = _finished_stage(folder, p)
-            if finished is not None:
+            if finished is not None:  # evaluated again, so every stage has its metrics and the evaluator its call
                 current = load(folder / "model", device="cpu")
                 current.attention_backend = model.attention_backend
-                self.stages.append(finished)
+                self.stages.append(self._stage(finished.name, finished.settings, current, ctx, finished.seconds))
                 continue
             start = time.perf_counter()
             current = p(current, dataclasses.replace(ctx, workdir=folder))

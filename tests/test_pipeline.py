@@ -191,3 +191,39 @@ def test_a_given_teacher_is_what_the_student_learns_from():
     assert all(torch.equal(v, before_other[k]) for k, v in other.state_dict().items())
     with pytest.raises(TypeError, match="teacher must be a model.Transformer"):
         Pipeline([Distill(steps=1)]).run(student, data=batches, teacher="runs/teacher")
+
+
+def test_a_resumed_stage_is_evaluated_like_a_fresh_one(tmp_path):
+    """Issue 19: a rerun loaded finished stages without evaluating them, so the report's latencies fell short."""
+    from compress.report import write_report
+
+    model = Transformer(Config.preset("tiny", decoder_layers=0, heads=("mlm",)))
+    calls = []
+
+    def evaluate(m):
+        calls.append(m.config.encoder_share)
+        return {"score": float(len(calls))}
+
+    Pipeline([tie_encoder]).run(model, data(model.config), evaluate, workdir=tmp_path)
+    calls.clear()
+    pipeline = Pipeline([tie_encoder])
+    pipeline.run(model, data(model.config), evaluate, workdir=tmp_path)
+    assert calls == [(0, 1), (0, 0)]  # the input, then the finished pass loaded from its folder
+    assert [s.metrics for s in pipeline.stages] == [{"score": 1.0}, {"score": 2.0}]
+    write_report(pipeline.stages, tmp_path / "report", latencies=[1.0] * len(calls))
+
+
+def test_no_rank_but_rank_0_writes_stage_records_before_the_process_group_exists(tmp_path, monkeypatch):
+    """Issue 19: under torchrun, passes that do not train run before the process group starts; rank 1 then
+    counted as the writer too, and rank 0 could find its records and skip a stage's evaluation."""
+    from model.training.distributed import is_main
+
+    model = Transformer(Config.preset("tiny", decoder_layers=0, heads=("mlm",)))
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main()
+    Pipeline([tie_encoder]).run(model, data(model.config), workdir=tmp_path)
+    assert not list(tmp_path.rglob("stage.json"))
+    monkeypatch.setenv("RANK", "0")
+    assert is_main()
+    Pipeline([tie_encoder]).run(model, data(model.config), workdir=tmp_path)
+    assert len(list(tmp_path.rglob("stage.json"))) == 1

@@ -27,8 +27,14 @@ class World:
 
 
 def is_main() -> bool:
-    """True in the process that writes files: rank 0, or the only process when not distributed."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True in the process that writes files: rank 0, or the only process when not distributed.
+
+    Before the process group exists (passes that do not train run first), torchrun's RANK
+    variable says which process this is: every rank must not think it is the writer.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def join(device: str) -> tuple[World, torch.device]:
