@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
@@ -99,15 +100,65 @@ def saved_size(model: Transformer) -> int:
         return (Path(tmp) / "model.safetensors").stat().st_size
 
 
-def _finished_stage(folder: Path | None, p: Any) -> Stage | None:
-    """The recorded Stage of a pass that already finished in `folder` with the same settings, else None."""
+def _digest(update: Callable[[Any], None]) -> str:
+    h = hashlib.sha256()
+    update(h)
+    return h.hexdigest()[:16]
+
+
+def passes_digest(passes: Sequence[Any]) -> str:
+    """A short digest of the passes' names and settings, in order."""
+    settings = json.dumps([[pass_name(p), pass_settings(p)] for p in passes], sort_keys=True, default=str)
+    return _digest(lambda h: h.update(settings.encode()))
+
+
+def fingerprints(model: Transformer, teacher: Transformer, ctx: Context) -> dict[str, str]:
+    """What a run starts from, as short digests: the input model, the teacher and the data.
+
+    The data digest covers its first 16 batches and its length (iterables are not consumed).
+    """
+
+    def weights(m: Transformer) -> Callable[[Any], None]:
+        def update(h: Any) -> None:
+            h.update(m.config.to_json().encode())
+            for key, value in sorted(m.state_dict().items()):
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+
+        return update
+
+    def data(h: Any) -> None:
+        h.update(str(len(ctx.data)).encode() if hasattr(ctx.data, "__len__") else type(ctx.data).__name__.encode())
+        for batch in ctx.batches(16):
+            for key in sorted(batch):
+                value = batch[key]
+                h.update(key.encode())
+                if isinstance(value, torch.Tensor):
+                    h.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+
+    return {"model": _digest(weights(model)), "teacher": _digest(weights(teacher)), "data": _digest(data)}
+
+
+def _finished_stage(folder: Path | None, p: Any, inputs: dict[str, str]) -> Stage | None:
+    """The recorded Stage of a pass that already finished in `folder` from the same inputs, else None.
+
+    A record made from other inputs (another model, teacher, data or earlier passes) is refused,
+    naming what differs: resuming it would silently reuse stale work.
+    """
     if folder is None or not (folder / "stage.json").is_file():
         return None
     record = json.loads((folder / "stage.json").read_text())
+    recorded = record.pop("inputs", {})
     if record.get("settings") != json.loads(json.dumps(pass_settings(p))):
         raise ValueError(
             f"{folder} holds a finished {pass_name(p)} run with settings {record.get('settings')}, but this pipeline "
-            f"has {pass_settings(p)}; use another workdir to start afresh"
+            f"has {pass_settings(p)}; use another workdir (or --overwrite) to start afresh"
+        )
+    differ = [name for name in inputs if recorded.get(name) != inputs[name]]
+    if differ:
+        raise ValueError(
+            f"{folder} holds a finished {pass_name(p)} run made from another {' and '.join(differ)} than this run's; "
+            f"use another workdir (or --overwrite) to start afresh"
         )
     return Stage(**record)
 
@@ -179,9 +230,11 @@ class Pipeline:
             check = first[0] if first else None
         current = copy.deepcopy(model)
         self.stages = [self._stage("input", {}, current, ctx, 0.0)]
+        start_from = fingerprints(model, teacher, ctx) if ctx.workdir is not None else {}
         for i, p in enumerate(self.passes):
             folder = ctx.workdir / f"{i:02d}-{pass_name(p)}" if ctx.workdir is not None else None
-            finished = _finished_stage(folder, p)
+            inputs = {**start_from, "passes": passes_digest(self.passes[: i + 1])} if folder is not None else {}
+            finished = _finished_stage(folder, p, inputs)
             if finished is not None:  # evaluated again, so every stage has its metrics and the evaluator its call
                 current = load(folder / "model", device="cpu")
                 current.attention_backend = model.attention_backend
@@ -197,7 +250,8 @@ class Pipeline:
             self.stages.append(self._stage(pass_name(p), pass_settings(p), current, ctx, seconds))
             if folder is not None and is_main():  # the stage record goes last: it marks the pass finished
                 save(current, folder / "model")
-                atomic_write_text(folder / "stage.json", json.dumps(dataclasses.asdict(self.stages[-1])))
+                record = {**dataclasses.asdict(self.stages[-1]), "inputs": inputs}
+                atomic_write_text(folder / "stage.json", json.dumps(record))
         return current.eval()
 
     @staticmethod

@@ -750,3 +750,24 @@ def test_the_readme_cli_examples_parse():
     for line in lines:
         args = parser.parse_args(shlex.split(line, comments=True)[1:])  # SystemExit(2) on an unknown option
         assert callable(args.run), line
+
+
+def test_a_rerun_resumes_and_refuses_other_inputs_unless_overwritten(trained, corpus, tmp_path):
+    """Issue 19: the second of two identical runs failed ('latencies holds 1 values for 3 stages'), and a rerun on
+    other data silently reused the first run's stages."""
+    out = tmp_path / "lite"
+    base = ["compress", "prune-only", "--model", str(trained[3]), "--out", str(out), "--set", "distill.steps=2"]
+    base += ["--set", f"data.corpus={corpus}", "--set", "export.onnx=false", "--set", "data.max_len=32"]
+    first = run_main([*base, "--set", "data.limit=60"])
+    assert first[0] == 0, first[2]
+    before = json.loads((out / "report.json").read_text())["stages"]
+    again = run_main([*base, "--set", "data.limit=60"])
+    assert again[0] == 0, again[2]
+    after = json.loads((out / "report.json").read_text())["stages"]
+    assert [(s["name"], s["unique_params"], s["metrics"]) for s in after] == [
+        (s["name"], s["unique_params"], s["metrics"]) for s in before
+    ]  # the finished passes were loaded, and scored alike
+    other = run_main([*base, "--set", "data.limit=40"])
+    assert other[0] == 2 and "made from another data" in other[2] and "--overwrite" in other[2]
+    fresh = run_main([*base, "--set", "data.limit=40", "--overwrite"])
+    assert fresh[0] == 0, fresh[2]

@@ -227,3 +227,16 @@ def test_no_rank_but_rank_0_writes_stage_records_before_the_process_group_exists
     assert is_main()
     Pipeline([tie_encoder]).run(model, data(model.config), workdir=tmp_path)
     assert len(list(tmp_path.rglob("stage.json"))) == 1
+
+
+def test_a_rerun_from_another_model_or_teacher_is_refused_naming_it(tmp_path):
+    config = Config.preset("tiny", decoder_layers=0, heads=("mlm",))
+    torch.manual_seed(0)
+    model, other = Transformer(config), Transformer(config)
+    Pipeline([tie_encoder]).run(model, data(config), workdir=tmp_path)
+    with pytest.raises(ValueError, match="made from another model and teacher than this run's"):
+        Pipeline([tie_encoder]).run(other, data(config), workdir=tmp_path)
+    with pytest.raises(ValueError, match="made from another teacher than this run's"):
+        Pipeline([tie_encoder]).run(model, data(config), workdir=tmp_path, teacher=other)
+    with pytest.raises(ValueError, match="made from another data than this run's"):
+        Pipeline([tie_encoder]).run(model, data(config, n=2), workdir=tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from compress.cli.common import add_parallel, add_source, load_source
@@ -33,6 +34,12 @@ def add_parser(commands) -> None:
         help="override a recipe setting, e.g. --set distill.steps=50 --set data.max_len=32 (repeatable)",
     )
     p.add_argument("--out", type=Path, required=True, help="folder for model/, report.json, report.md, plots, onnx/")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: discard the finished passes in OUT/work (a rerun otherwise resumes them, and refuses "
+        "when they were made from another model, data or recipe)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device for the training passes (default: cpu)")
     add_parallel(p)
@@ -49,8 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     from compress.job import run_job
     from compress.recipe import load_recipe
+    from model.training.distributed import is_main
 
     recipe = load_recipe(args.recipe, args.set)  # validated before the (slow) model load
+    if args.overwrite and is_main():
+        shutil.rmtree(args.out / "work", ignore_errors=True)
     torch.manual_seed(args.seed)
     result = run_job(recipe, load_source(args), args.out, seed=args.seed, device=args.device, parallel=args.parallel)
     if not result.files:  # a torchrun rank other than 0: rank 0 reports
