@@ -124,8 +124,8 @@ class Prune:
         if self.latency_ms is not None:
             if isinstance(self.latency_ms, bool) or not isinstance(self.latency_ms, (int, float)):
                 raise TypeError(f"latency_ms must be a number of milliseconds or None; got {self.latency_ms!r}")
-            if not self.latency_ms > 0:
-                raise ValueError(f"latency_ms must be positive, got {self.latency_ms}")
+            if not (self.latency_ms > 0 and math.isfinite(self.latency_ms)):
+                raise ValueError(f"latency_ms must be a positive, finite number of milliseconds, got {self.latency_ms}")
             explicit = [n for n in ("heads", "ffn", "hidden", "layers", "params") if getattr(self, n)]
             if explicit:
                 raise ValueError(

@@ -18,6 +18,7 @@ FALLBACK = "attention backend 'flash' falls back to"
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.setattr(attention, "_WARNED", set())  # each test sees its first fallback warned
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels could run here: only the reason under test stops them
 
 
 def encoder(**overrides) -> Transformer:

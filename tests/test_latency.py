@@ -68,7 +68,7 @@ def test_prune_with_a_latency_budget_prunes_the_chosen_cut(monkeypatch):
 @pytest.mark.parametrize(
     "settings, error, message",
     [
-        (dict(latency_ms=0), ValueError, "latency_ms must be positive"),
+        (dict(latency_ms=0), ValueError, "latency_ms must be a positive, finite"),
         (dict(latency_ms="fast"), TypeError, "latency_ms must be a number"),
         (dict(latency_ms=10.0, heads=0.5), ValueError, "mutually exclusive"),
     ],
