@@ -162,3 +162,32 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         train(
             fresh_model(0), make_batches(), TrainConfig(steps=2, lr=2e-3, progress=False, checkpoint_dir=str(tmp_path))
         )
+
+
+def test_a_checkpoint_keeps_each_rank_s_rng_streams_under_its_rank(tmp_path):
+    """Issue 19: checkpoints kept rank 0's CUDA states for every rank, keyed by device index and sorted as strings."""
+    from safetensors.torch import load_file
+
+    train(fresh_model(0), make_batches(), run(steps=2, checkpoint_dir=str(tmp_path)))
+    (step,) = sorted(tmp_path.glob("step-*"))
+    rng = sorted(k for k in load_file(step / "optimizer.safetensors") if k.startswith("rng."))
+    assert rng == ["rng.cpu.0"]  # a CPU run holds no GPU stream; before, any machine with CUDA saved all of its GPUs'
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dropout_on_a_gpu_resumes_with_the_uninterrupted_losses(tmp_path):
+    cuda = dict(device="cuda")
+    dropout = lambda seed: Transformer(CONFIG.replace(dropout=0.3, attention_dropout=0.0))  # noqa: E731
+    torch.manual_seed(0)
+    straight = train(dropout(0), make_batches(), run(**cuda))
+    torch.manual_seed(0)
+    with pytest.raises(Interrupt):
+        train(
+            dropout(0),
+            make_batches(),
+            run(checkpoint_dir=str(tmp_path), checkpoint_every=3, **cuda),
+            callback=stop_at(5),
+        )
+    resumed = train(dropout(0), make_batches(), run(checkpoint_dir=str(tmp_path), checkpoint_every=3, **cuda))
+    assert resumed.resumed_from == 3 and resumed.losses == straight.losses  # the GPU's dropout stream went on

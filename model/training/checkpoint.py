@@ -50,9 +50,13 @@ def save_checkpoint(
     losses: list[float],
     config: TrainConfig,
     world: World,
+    device: torch.device,
 ) -> Path:
-    """Rank 0 writes step-N/ as a whole: files go into a temp folder that is renamed once complete."""
-    rng_states = gather_rng_states(world)  # collective: every rank takes part
+    """Rank 0 writes step-N/ as a whole: files go into a temp folder that is renamed once complete.
+
+    Every rank's RNG streams are kept under its rank: `rng.cpu.R` and, training on a GPU, `rng.cuda.R`.
+    """
+    rng_states = gather_rng_states(world, device)  # collective: every rank takes part
     weights, state = _full_states(model, optimizer)  # collective under FSDP
     final = ckpt_dir / f"step-{step:08d}"
     if not world.main:
@@ -65,9 +69,8 @@ def save_checkpoint(
     tensors = {
         f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)
     }
-    tensors.update({f"rng.cpu.{rank}": state for rank, state in enumerate(rng_states)})
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for rank, states in enumerate(rng_states):
+        tensors.update({f"rng.{kind}.{rank}": state for kind, state in states.items()})
     save_tensors(tmp / "model.safetensors", weights)
     save_tensors(tmp / "optimizer.safetensors", tensors)
     trainer = {
@@ -193,7 +196,6 @@ def restore_optimizer(
             entry[name] = shard_like(value.to(device), params[index]) if value.dim() else value
     optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
     torch.set_rng_state(tensors[f"rng.cpu.{world.rank}"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    if device.type == "cuda" and f"rng.cuda.{world.rank}" in tensors:  # this rank's own GPU stream
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{world.rank}"], device)
     return trainer["step"], list(trainer["losses"])

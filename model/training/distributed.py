@@ -123,9 +123,14 @@ def reduce_step(world: World, loss: torch.Tensor, tokens: int) -> tuple[float, b
     return stats[0].item() / world.size, stats[1].item() > 0, int(stats[2].item())
 
 
-def gather_rng_states(world: World) -> list[torch.Tensor]:
-    """Every rank's CPU RNG state (dropout masks differ by rank), on every rank."""
-    state = torch.get_rng_state()
+def gather_rng_states(world: World, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states, on every rank: {"cpu": ..., and "cuda": its own device's when it trains on one}.
+
+    Dropout masks differ by rank, so each rank's streams are saved and restored as its own.
+    """
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if not world.distributed:
         return [state]
     states = [None] * world.size

@@ -199,7 +199,7 @@ def train(
                 done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
             ):
                 result.checkpoint = save_checkpoint(
-                    ckpt_dir, done, work, optimizer, scaler, result.losses, config, world
+                    ckpt_dir, done, work, optimizer, scaler, result.losses, config, world, device
                 )
             if callback is not None:  # forked RNG: a callback that samples must not shift the run
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
