@@ -83,9 +83,7 @@ class Quantize:
     temperature: float = 2.0
     lr: float = 1e-5
     rounding: str = "nearest"
-    calibration_batches: int = (
-        64  # GPTQ on MiniLM, int4 g128: 14.5 dB output SQNR from 16 batches of 16 sentences, 15.7 from 64
-    )
+    calibration_batches: int = 64  # more batches fit the rounding to more of the data (benchmarks/quantize_sqnr.py)
     smoothing: float | None = None
 
     quantizes: ClassVar[bool] = True  # the Pipeline refuses Share/Prune after it

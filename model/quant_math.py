@@ -3,12 +3,10 @@
 Formulas (w is one weight matrix (out, in); rows are output channels):
   int8     symmetric, one scale per row r, or per group of `group_size` inputs of a row:
            s = max|w_group| / 127, q = clamp(round(w / s), -127, 127); w ~ q * s. Groups help
-           BERT-family models, whose FFNs hold single weights 20x larger than the rest of their
-           row (they make the outlier hidden dimension): quantizing all-MiniLM-L6-v2's Linears
-           gives 30.6 dB output SQNR per row, 33.6 dB with groups of 128 (3% more bytes).
-           Tables (rows are tokens) take the same groups along each row: all-MiniLM-L6-v2's
-           token-type row has one value 15x its row's RMS, and its int8 table alone costs
-           38.0 dB of output SQNR per row, 48.7 dB with groups of 32.
+           BERT-family models, whose FFNs hold single weights far larger than the rest of their
+           row (they make the outlier hidden dimension). Tables (rows are tokens) take the same
+           groups along each row. What groups buy on all-MiniLM-L6-v2: benchmarks/RESULTS.md
+           (`benchmarks/quantize_sqnr.py`).
   int4     per group g of `group_size` inputs in a row, values 0..15, two per byte:
            symmetric  s_g = max|w_g| / 7, z_g = 8, q = clamp(round(w / s_g) + 8, 0, 15)
            asymmetric lo = min(w_g, 0), hi = max(w_g, 0), s_g = (hi - lo) / 15,

@@ -80,9 +80,8 @@ class Int8DynamicLinear(Int8Linear):
     before they are rounded, which moves the activations' outlier channels into the weights.
     With x' = x / s (or x): y = sum over weight groups g of (q_x,g @ q_w,g^T) * s_w,g * s_x,g + b,
     s_x,g = max|x'_t,g| / 127 for each token t and group g (one group when the weight scales are
-    per channel). The integer products run on `torch._int_mm` (int32 accumulation) where it is
-    available, else as float64 matmuls, exact for these integers, so both paths give the same
-    numbers. In backward the activation rounding is passed straight through (gradients as for
+    per channel). The integer products run on `torch._int_mm` (int32 accumulation); the path is
+    chosen before they run (`model.quant_math.integer_matmul`). In backward the activation rounding is passed straight through (gradients as for
     the dequantized weight, `weight`).
     """
 
