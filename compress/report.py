@@ -145,6 +145,28 @@ def _plot(
     fig.savefig(path, dpi=120)
 
 
+def _apply_latencies(records: list[dict[str, Any]], latencies: Mapping[str, Any] | Sequence[Any] | None) -> None:
+    """Set each record's latency_ms from `latencies` (by stage name or in stage order), or normalize its own."""
+    if latencies is None:
+        for record in records:
+            record["latency_ms"] = _latency_ms(record["latency_ms"])
+        return
+    if isinstance(latencies, Mapping):
+        unknown = sorted(set(latencies) - {r["name"] for r in records})
+        if unknown:
+            raise ValueError(f"latencies names unknown stages {unknown}; the stages are {[r['name'] for r in records]}")
+        values = [latencies.get(r["name"]) for r in records]
+    else:
+        values = list(latencies)
+        if len(values) != len(records):
+            raise ValueError(
+                f"latencies holds {len(values)} values for {len(records)} stages; give one per stage (None if unmeasured)"
+            )
+    for record, value in zip(records, values):
+        if value is not None:
+            record["latency_ms"] = _latency_ms(value)
+
+
 def write_report(
     stages: Sequence[Stage | Mapping[str, Any]],
     out_dir: str | os.PathLike,
@@ -172,26 +194,7 @@ def write_report(
     if isinstance(stages, (str, bytes, Mapping)) or not stages:
         raise ValueError("stages must be a non-empty sequence of Stage records (Pipeline.stages) or dicts")
     records = [_record(s, i) for i, s in enumerate(stages)]
-    if latencies is not None:
-        if isinstance(latencies, Mapping):
-            unknown = sorted(set(latencies) - {r["name"] for r in records})
-            if unknown:
-                raise ValueError(
-                    f"latencies names unknown stages {unknown}; the stages are {[r['name'] for r in records]}"
-                )
-            values = [latencies.get(r["name"]) for r in records]
-        else:
-            values = list(latencies)
-            if len(values) != len(records):
-                raise ValueError(
-                    f"latencies holds {len(values)} values for {len(records)} stages; give one per stage (None if unmeasured)"
-                )
-        for record, value in zip(records, values):
-            if value is not None:
-                record["latency_ms"] = _latency_ms(value)
-    else:
-        for record in records:
-            record["latency_ms"] = _latency_ms(record["latency_ms"])
+    _apply_latencies(records, latencies)
     metric_names = list(dict.fromkeys(name for r in records for name in r["metrics"]))
     if metric is None and metric_names:
         metric = metric_names[0]

@@ -155,31 +155,17 @@ def train(
     torch.manual_seed(config.seed + world.rank)  # dropout masks differ by rank, reproducibly
     latest = latest_checkpoint(ckpt_dir, world) if ckpt_dir is not None else None
     saved = restore_model(latest, model, config, world) if latest is not None else None
-    work = (
-        copy.deepcopy(model) if sharded else model
-    )  # FSDP: a sharded twin trains; `model` gets its weights at the end
+    work = copy.deepcopy(model) if sharded else model  # FSDP: a sharded twin trains; `model` gets its weights
     if sharded:
         shard_fully(work, world, device)
     optimizer = torch.optim.AdamW(_param_groups(work, config.weight_decay), lr=config.lr, betas=config.betas)
     if saved is not None:
         result.resumed_from, result.losses = restore_optimizer(latest, *saved, optimizer, scaler, world, device)
         result.checkpoint = latest
-    problem = None
-    try:  # every rank must have data before any collective call, or the others wait forever
-        batches = _Batches(data, config.seed, world if config.shard else World())
-        if result.resumed_from < config.steps:
-            batches(result.resumed_from)
-    except (ValueError, TypeError) as err:
-        problem = err
-    agree_all_have_data(world, problem)
+    batches = _batches_on_every_rank(data, config, world, result.resumed_from)
     runner = DistributedDataParallel(model, find_unused_parameters=True) if world.distributed and not sharded else work
-    bar = tqdm(
-        total=config.steps,
-        initial=result.resumed_from,
-        disable=not (config.progress and world.main),
-        desc="train",
-        unit="step",
-    )
+    shown = config.progress and world.main
+    bar = tqdm(total=config.steps, initial=result.resumed_from, disable=not shown, desc="train", unit="step")
     start = time.perf_counter()
     try:
         for step in range(result.resumed_from, config.steps):
@@ -209,6 +195,19 @@ def train(
     if sharded:
         _gather_weights(work, model)
     return result
+
+
+def _batches_on_every_rank(data: Any, config: TrainConfig, world: World, resumed_from: int) -> _Batches:
+    """The run's batches, checked on every rank before any collective call (or the others would wait forever)."""
+    problem = None
+    try:
+        batches = _Batches(data, config.seed, world if config.shard else World())
+        if resumed_from < config.steps:
+            batches(resumed_from)
+    except (ValueError, TypeError) as err:
+        problem = err
+    agree_all_have_data(world, problem)  # raises on every rank when one has no data
+    return batches
 
 
 def _step(
