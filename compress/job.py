@@ -108,8 +108,9 @@ def check_data_size(recipe: Recipe, n_batches: int) -> str | None:
 def pooled(model: Transformer, batch: Batch) -> torch.Tensor:
     """Mean-pooled last encoder layer over real tokens: (B, dim)."""
     model.eval()
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    hidden = model(**inputs).hidden_states
+    device = next(model.parameters()).device  # a training pass may have left the model on its device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    hidden = model(**inputs).hidden_states.cpu()
     mask = batch["attention_mask"][..., None].to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1)
 
@@ -200,12 +201,19 @@ def _export(
     """Export the Lite model (and quantize it with ONNX Runtime) as the recipe says; the side-by-side rows of the files."""
     from compress.evaluate.deploy import PEER, compare_files, one_call_int8  # ONNX tooling only when exporting
     from model.onnx.export import export_onnx
-    from model.onnx.ort_quantize import quantize_onnx
+    from model.onnx.ort_quantize import has_float_weights, quantize_onnx
 
     result.onnx = export_onnx(lite, out / "onnx")
     result.files["onnx"] = out / "onnx"
     files = {"Lite, ONNX": result.onnx.paths["encoder"]}
     mode = recipe.export.quantize
+    if mode and not has_float_weights(result.onnx.paths["encoder"]):
+        warnings.warn(
+            f"export.quantize={mode}: the exported layers are already integer products (nothing for ONNX Runtime "
+            f"to quantize); onnx/ is the file to deploy",
+            stacklevel=2,
+        )
+        mode = None
     if mode:
         calibration = held_out if mode == "int8-static" else None
         quantized = quantize_onnx(out / "onnx", out / f"onnx-{mode}", mode, calibration=calibration)

@@ -31,7 +31,7 @@ class Context:
     data: batches (dicts of tensors) for training or calibration; a list, a step-indexed source
     or an iterable. teacher: a frozen copy of the pipeline's input model (eval mode, no grad).
     evaluate: model -> metrics. workdir: a folder the pass may write checkpoints into.
-    device and parallel ("ddp" or "fsdp" under torchrun, see `model.train.TrainConfig`): where
+    device and parallel ("ddp" or "fsdp" under torchrun, see `model.training.config.TrainConfig`): where
     and how training passes run.
     """
 
@@ -115,7 +115,8 @@ def passes_digest(passes: Sequence[Any]) -> str:
 def fingerprints(model: Transformer, teacher: Transformer, ctx: Context) -> dict[str, str]:
     """What a run starts from, as short digests: the input model, the teacher and the data.
 
-    The data digest covers its first 16 batches and its length (iterables are not consumed).
+    The data digest covers the first 16 batches and the length of a list or tuple; other data
+    (an iterator would be consumed) is known by its type only.
     """
 
     def weights(m: Transformer) -> Callable[[Any], None]:
@@ -128,8 +129,11 @@ def fingerprints(model: Transformer, teacher: Transformer, ctx: Context) -> dict
         return update
 
     def data(h: Any) -> None:
-        h.update(str(len(ctx.data)).encode() if hasattr(ctx.data, "__len__") else type(ctx.data).__name__.encode())
-        for batch in ctx.batches(16):
+        h.update(type(ctx.data).__name__.encode())
+        if not isinstance(ctx.data, (list, tuple)):
+            return
+        h.update(str(len(ctx.data)).encode())
+        for batch in ctx.data[:16]:
             for key in sorted(batch):
                 value = batch[key]
                 h.update(key.encode())
@@ -212,6 +216,16 @@ class Pipeline:
             raise TypeError(f"model must be a model.Transformer, got {type(model).__name__}")
         if teacher is not None and not isinstance(teacher, Transformer):
             raise TypeError(f"teacher must be a model.Transformer or None, got {type(teacher).__name__}")
+        if teacher is not None:
+            differ = [
+                f"{key} {getattr(teacher.config, key)} vs {getattr(model.config, key)}"
+                for key in ("vocab_size", "type_vocab_size", "max_positions")
+                if getattr(teacher.config, key) != getattr(model.config, key)
+            ]
+            if differ:
+                raise ValueError(
+                    f"the teacher does not read the student's inputs: {', '.join(differ)} (teacher vs model)"
+                )
         teacher = copy.deepcopy(model if teacher is None else teacher).eval().requires_grad_(False)
         ctx = Context(
             data=data,
@@ -258,7 +272,8 @@ class Pipeline:
     def _check_runs(model: Transformer, batch: Batch, name: str) -> None:
         with torch.no_grad():
             was = model.training
-            out = model.eval()(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+            device = next(model.parameters()).device  # a training pass may have left it on its device
+            out = model.eval()(**{k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS})
             model.train(was)
         if not torch.isfinite(out.hidden_states).all():
             raise RuntimeError(f"after pass {name} the model produces non-finite hidden states")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -151,6 +152,13 @@ class Prune:
         if self.params is not None:
             heads = ffn = self._budget_ratio(model.config)
         elif self.latency_ms is not None:
+            if model.config.decoder:
+                raise ValueError("latency_ms times the encoder graph: it takes encoder-only models (use ratios here)")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError(
+                    "latency_ms under torchrun: each rank would time on its own and could choose another cut; "
+                    "measure once (compress.latency.shape_for_latency) and give the ratios"
+                )
             layers, heads, ffn = shape_for_latency(model.config, self.latency_ms, round_to=self.round_to)
         self._check_fits(model.config, heads, layers)
 

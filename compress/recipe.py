@@ -51,6 +51,8 @@ class DataSpec:
                 raise TypeError(f"data.{name} must be a string or null, got {type(value).__name__} {value!r}")
         if not isinstance(self.builtin_corpus, bool):
             raise TypeError(f"data.builtin_corpus must be true or false, got {self.builtin_corpus!r}")
+        if isinstance(self.glue_text, str):  # one task named as a plain string
+            object.__setattr__(self, "glue_text", (self.glue_text,))
         if not isinstance(self.glue_text, tuple) or not all(isinstance(name, str) for name in self.glue_text):
             raise TypeError(f"data.glue_text must be a list of GLUE task names, got {self.glue_text!r}")
         unknown = [name for name in self.glue_text if name not in GLUE_TASKS]
@@ -58,7 +60,10 @@ class DataSpec:
             raise ValueError(f"data.glue_text names unknown GLUE tasks {unknown}; known: {', '.join(GLUE_TASKS)}")
         named = [key for key in ("corpus", "task", "glue_text") if getattr(self, key)]
         if len(named) > 1:
-            raise ValueError(f"data names {' and '.join(named)}: give one source of text")
+            raise ValueError(
+                f"data names {' and '.join(named)}: give one source of text (clear the others, e.g. "
+                f"--set data.glue_text=[] or --set data.corpus=null)"
+            )
         if (self.task or self.glue_text) and self.glue_dir is None:
             raise ValueError(
                 "data.task and data.glue_text read GLUE's files: set data.glue_dir to the folder holding them"

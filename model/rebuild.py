@@ -32,14 +32,18 @@ def rebuild(
     """
     with torch.device("meta"):
         skeleton = Transformer(config, attention_backend=model.attention_backend)
-    missing = [key for key in skeleton.state_dict() if key not in state]
+    wanted = skeleton.state_dict()
+    missing = [key for key in wanted if key not in state]
     absent = [key for key in missing if not key.startswith(optional)] if optional else missing
     if absent:
         raise RuntimeError(f"rebuilding the model left weights without values: {absent[:5]}")
+    extra = [key for key in state if key not in wanted]
+    if extra:
+        raise RuntimeError(f"weights the new Config has no place for: {extra[:5]}")
     own = {key: value.detach().clone() for key, value in state.items()}  # never share storage with `model`
     if missing:  # those modules start fresh: build them for real, then load the given weights over them
-        floats = [v for v in own.values() if v.is_floating_point()]
-        new = Transformer(config, attention_backend=model.attention_backend).to(floats[0].device, floats[0].dtype)
+        reference = next((v for v in own.values() if v.is_floating_point()), torch.zeros(()))
+        new = Transformer(config, attention_backend=model.attention_backend).to(reference.device, reference.dtype)
         new.load_state_dict(own, strict=False)
     else:
         new = skeleton

@@ -1,4 +1,4 @@
-"""Tests for compress.measure: parameter counts, bytes on disk (safetensors, ONNX with external data), peak memory, latency."""
+"""Tests for compress.evaluate.measure: parameter counts, bytes on disk (safetensors, ONNX with external data), peak memory, latency."""
 
 import sys
 import time

@@ -220,6 +220,8 @@ def test_no_rank_but_rank_0_writes_stage_records_before_the_process_group_exists
 
     model = Transformer(Config.preset("tiny", decoder_layers=0, heads=("mlm",)))
     monkeypatch.setenv("RANK", "1")
+    assert is_main()  # without WORLD_SIZE > 1 this is no torchrun rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert not is_main()
     Pipeline([tie_encoder]).run(model, data(model.config), workdir=tmp_path)
     assert not list(tmp_path.rglob("stage.json"))

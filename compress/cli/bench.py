@@ -59,12 +59,15 @@ def time_runners(args: argparse.Namespace, model, batch: dict, tmp: Path) -> dic
     runners = {}
     if args.onnx:  # exported from the CPU model, before it moves to --device
         from model.onnx.export import export_onnx
-        from model.onnx.ort_quantize import quantize_onnx
+        from model.onnx.ort_quantize import has_float_weights, quantize_onnx
         from model.onnx.runtime import OrtModel
 
         fp32 = export_onnx(model, tmp / "model.onnx").paths["encoder"]
-        int8 = quantize_onnx(fp32, tmp / "model-int8.onnx", "int8-dynamic").paths["encoder"]
-        for name, path in ((f"ONNX Runtime {precision}", fp32), ("ONNX Runtime int8 dynamic", int8)):
+        files = [(f"ONNX Runtime {precision}", fp32)]
+        if has_float_weights(fp32):  # an int8-dynamic or int4 model's file already runs integer products
+            int8 = quantize_onnx(fp32, tmp / "model-int8.onnx", "int8-dynamic").paths["encoder"]
+            files.append(("ONNX Runtime int8 dynamic", int8))
+        for name, path in files:
             session = OrtModel(path, threads=args.threads)
             runners[name] = lambda session=session: time_onnx(session, batch, **timing)
     model.to(args.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -56,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     from compress.job import run_job
     from compress.recipe import load_recipe
-    from model.training.distributed import is_main
 
     recipe = load_recipe(args.recipe, args.set)  # validated before the (slow) model load
-    if args.overwrite and is_main():
+    if args.overwrite and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--overwrite under torchrun would race the other ranks: delete OUT/work before launching")
+    if args.overwrite:
         shutil.rmtree(args.out / "work", ignore_errors=True)
     torch.manual_seed(args.seed)
     result = run_job(recipe, load_source(args), args.out, seed=args.seed, device=args.device, parallel=args.parallel)

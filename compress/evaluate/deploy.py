@@ -8,7 +8,6 @@ row alike. The rows have a Stage's fields, so the compression report lists and p
 
 from __future__ import annotations
 
-import logging
 import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,16 +36,13 @@ def one_call_int8(teacher: Transformer, folder: str | Path) -> Path:
     """
     from onnxruntime.quantization import quantize_dynamic
 
+    from model.onnx.ort_quantize import root_logging_kept
+
     folder = Path(folder)
     fp32 = export_onnx(teacher, folder / "model.onnx").paths["encoder"]
     int8 = folder / "model-int8.onnx"
-    root = logging.getLogger()
-    level = root.level
-    try:  # quantize_dynamic logs generic hints at WARNING on the root logger
-        root.setLevel(logging.ERROR)
+    with root_logging_kept():  # quantize_dynamic installs a root handler for its generic hints
         quantize_dynamic(fp32, int8)
-    finally:
-        root.setLevel(level)
     return int8
 
 

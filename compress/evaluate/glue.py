@@ -128,7 +128,7 @@ def finetune(
     parallel: str = "ddp",
     progress: bool = True,
 ) -> torch.nn.Module:
-    """Fine-tune the model's classification (or STS-B regression) head and encoder with model.train.train.
+    """Fine-tune the model's classification (or STS-B regression) head and encoder with model.training.loop.train.
 
     Args:
         model: a Transformer with a "classify" head of the task's width (1 for stsb).

@@ -247,7 +247,7 @@ def finetune(
     parallel: str = "ddp",
     progress: bool = True,
 ) -> torch.nn.Module:
-    """Train the model's span ("qa") head and encoder on examples with model.train.train.
+    """Train the model's span ("qa") head and encoder on examples with model.training.loop.train.
 
     Unanswerable questions, and windows that do not hold the answer, are trained to point at
     [CLS], which is what the v2.0 no-answer score reads.

@@ -19,7 +19,11 @@ _QUANTIZABLE = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op -> the input that hol
 
 
 def fold_dequantized_weights(proto: onnx.ModelProto) -> int:
-    """Replace, in place, each DequantizeLinear of constant 8-bit weights by a float initializer of its output.
+    """Replace, in place, each DequantizeLinear of constant 8-bit weights that feeds matrix products by a float initializer.
+
+    Only weights whose every consumer is a MatMul or Gemm (as its weight), directly or through a 2-D
+    Transpose (a tied output head), are folded: those are what ONNX Runtime's quantizer takes back.
+    Any other use (say a table that is also gathered) keeps its integers, so the file does not grow.
 
     Args:
         proto: an ONNX model (its main graph is folded).
@@ -29,29 +33,47 @@ def fold_dequantized_weights(proto: onnx.ModelProto) -> int:
     """
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
-    kept, folded = [], []
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        constant = all(not name or name in initializers for name in node.input)
-        if (
-            node.op_type != "DequantizeLinear"
-            or not constant
-            or initializers[node.input[0]].data_type not in _EIGHT_BIT
-        ):
-            kept.append(node)
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    dropped, folded = set(), []
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not all(not name or name in initializers for name in node.input):
             continue
-        arrays = [numpy_helper.to_array(initializers[name]) if name else None for name in node.input]
+        if initializers[node.input[0]].data_type not in _EIGHT_BIT or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        transpose = users[0] if len(users) == 1 and users[0].op_type == "Transpose" else None
+        name = transpose.output[0] if transpose is not None else node.output[0]
+        if not _feeds_products(name, consumers) or transpose is not None and _perm(transpose) not in ([1, 0], None):
+            continue
+        arrays = [numpy_helper.to_array(initializers[n]) if n else None for n in node.input]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         value = dequantize(*arrays, axis=int(attrs.get("axis", 1)), block_size=int(attrs.get("block_size", 0)))
-        folded.append(numpy_helper.from_array(value, node.output[0]))
+        folded.append(numpy_helper.from_array(value.T.copy() if transpose is not None else value, name))
+        dropped |= {id(node)} | ({id(transpose)} if transpose is not None else set())
     if not folded:
         return 0
+    kept = [node for node in graph.node if id(node) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    used = {name for node in graph.node for name in node.input} | outputs
     survivors = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(survivors + folded)
     return len(folded)
+
+
+def _feeds_products(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Whether every consumer of `name` is a MatMul or Gemm that takes it as its weight."""
+    users = consumers.get(name, [])
+    return bool(users) and all(n.op_type in ("MatMul", "Gemm") and list(n.input).index(name) == 1 for n in users)
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
 
 
 def dequantize(

@@ -187,7 +187,7 @@ class _Calibration(CalibrationDataReader):
 
 
 @contextlib.contextmanager
-def _root_logging_kept() -> Iterator[None]:
+def root_logging_kept() -> Iterator[None]:
     """Leave the root logger as it was: ONNX Runtime's quantization code reconfigures it.
 
     Importing matmul_nbits_quantizer runs logging.basicConfig(level=INFO), and quantize_dynamic /
@@ -209,6 +209,13 @@ def _root_logging_kept() -> Iterator[None]:
         root.setLevel(level)
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
+
+
+def has_float_weights(path: str | os.PathLike) -> bool:
+    """Whether ONNX Runtime's quantizers find a weight to quantize in the graph at `path` (flashlite's int8 folded)."""
+    proto = onnx.load(str(graph_paths(path)["encoder"]))
+    fold_dequantized_weights(proto)
+    return bool(quantizable_weights(proto))
 
 
 def _float_weights(source: Path, staging: Path) -> Path:
@@ -237,7 +244,7 @@ def _quantize_file(source: Path, target: Path, settings: dict[str, Any], reader:
     """Quantize one graph file into `target`, restore its flashlite metadata, and check it."""
     mode = settings["mode"]
     if mode == "int4":
-        with _root_logging_kept():  # imported on this path only: the import reconfigures logging
+        with root_logging_kept():  # imported on this path only: the import reconfigures logging
             from onnxruntime.quantization.matmul_nbits_quantizer import (
                 DefaultWeightOnlyQuantConfig,
                 MatMulNBitsQuantizer,
@@ -261,7 +268,7 @@ def _quantize_file(source: Path, target: Path, settings: dict[str, Any], reader:
             extra_options={"MatMulConstBOnly": True},
         )
         raw = target.with_name(".raw." + target.name)
-        with _root_logging_kept():
+        with root_logging_kept():
             if mode == "int8-dynamic":
                 quantize_dynamic(source, raw, **common)
             else:

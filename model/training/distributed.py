@@ -34,6 +34,8 @@ def is_main() -> bool:
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # a plain process, whatever RANK a job system left set
+        return True
     return int(os.environ.get("RANK", "0")) == 0
 
 
