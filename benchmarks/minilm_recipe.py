@@ -224,7 +224,7 @@ def main() -> None:
         f"SST-2 cosine {last.metrics['sst2_cosine']:.4f} (target >= 0.95); "
         f"MRPC Spearman {last.metrics['mrpc_spearman']:.4f} (target >= 0.95)"
     )
-    deployment(teacher, lite, evaluate, args)
+    deployment(teacher, lite, evaluate, args, teacher_stage=first)
     print(
         f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
         f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; "
@@ -232,7 +232,7 @@ def main() -> None:
     )
 
 
-def deployment(teacher, lite, evaluate, args) -> None:
+def deployment(teacher, lite, evaluate, args, teacher_stage=None) -> None:
     """The Lite int8 ONNX file beside the teacher's one-call ONNX Runtime int8 file, at batch 1 and 8 x seq 128."""
     import tempfile
 
@@ -244,7 +244,7 @@ def deployment(teacher, lite, evaluate, args) -> None:
         one_call_int8(teacher, folder / "peer")
     files = {PEER: folder / "peer" / "model-int8.onnx", "Lite, ORT int8": folder / "onnx-int8-dynamic" / "model.onnx"}
     runners = {name: OrtModel(path, threads=args.threads) for name, path in files.items()}
-    rows = score_files(teacher, runners, evaluate)
+    rows = score_files(teacher, runners, evaluate, teacher_stage)  # the input stage: the teacher is scored once
     generator = torch.Generator().manual_seed(args.seed)
     print(f"\ndeployed, side by side ({args.threads} ONNX Runtime threads, seq 128, 5 interleaved rounds):")
     print(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from compress.distill import Distill
 from compress.evaluate import glue
 from compress.evaluate.measure import time_model
-from compress.pipeline import Pipeline
+from compress.pipeline import Pipeline, Stage
 from compress.recipe import DataSpec, Recipe
 from compress.report import write_report
 from model.data.corpus import load_corpus
@@ -176,7 +176,9 @@ def run_job(
         return result
     pipeline.save(lite, out / "model")
     metric = recipe.data.task and next(iter(glue.get_task(recipe.data.task).metrics))
-    deployed = _export(recipe, teacher, lite, out, held_out, evaluate, result) if recipe.export.onnx else []
+    deployed = (
+        _export(recipe, teacher, lite, out, held_out, evaluate, result, pipeline.stages) if recipe.export.onnx else []
+    )
     result.files = {
         **write_report(
             [*pipeline.stages, *deployed],
@@ -197,30 +199,31 @@ def _export(
     held_out: list[Batch],
     evaluate: FidelityEvaluator,
     result: JobResult,
+    stages: list[Stage],
 ) -> list[dict[str, Any]]:
     """Export the Lite model (and quantize it with ONNX Runtime) as the recipe says; the side-by-side rows of the files."""
     from compress.evaluate.deploy import PEER, compare_files, one_call_int8  # ONNX tooling only when exporting
     from model.onnx.export import export_onnx
-    from model.onnx.ort_quantize import has_float_weights, quantize_onnx
+    from model.onnx.ort_quantize import NothingToQuantize, quantize_onnx
 
     result.onnx = export_onnx(lite, out / "onnx")
     result.files["onnx"] = out / "onnx"
     files = {"Lite, ONNX": result.onnx.paths["encoder"]}
     mode = recipe.export.quantize
-    if mode and not has_float_weights(result.onnx.paths["encoder"]):
-        warnings.warn(
-            f"export.quantize={mode}: the exported layers are already integer products (nothing for ONNX Runtime "
-            f"to quantize); onnx/ is the file to deploy",
-            stacklevel=2,
-        )
-        mode = None
     if mode:
         calibration = held_out if mode == "int8-static" else None
-        quantized = quantize_onnx(out / "onnx", out / f"onnx-{mode}", mode, calibration=calibration)
-        result.files["onnx_quantized"] = out / f"onnx-{mode}"
-        files[f"Lite, ONNX {mode}"] = quantized.paths["encoder"]
+        try:
+            quantized = quantize_onnx(out / "onnx", out / f"onnx-{mode}", mode, calibration=calibration)
+            result.files["onnx_quantized"] = out / f"onnx-{mode}"
+            files[f"Lite, ONNX {mode}"] = quantized.paths["encoder"]
+        except NothingToQuantize:
+            warnings.warn(
+                f"export.quantize={mode}: the exported layers are already integer products (nothing for ONNX "
+                f"Runtime to quantize); onnx/ is the file to deploy",
+                stacklevel=2,
+            )
     if recipe.export.peer is False:
         return []
     files = {PEER: one_call_int8(teacher, out / "peer"), **files}
     result.files["peer"] = out / "peer"
-    return compare_files(teacher, files, held_out[0], evaluate.metrics)
+    return compare_files(teacher, files, held_out[0], evaluate.metrics, teacher_stage=stages[0])

@@ -8,7 +8,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +29,8 @@ class Context:
     """What a pass may use besides the model.
 
     data: batches (dicts of tensors) for training or calibration; a list, a step-indexed source
-    or an iterable. teacher: a frozen copy of the pipeline's input model (eval mode, no grad).
+    or an iterable. teacher: a frozen copy of the teacher given to `Pipeline.run` (default: its input
+    model; eval mode, no grad).
     evaluate: model -> metrics. workdir: a folder the pass may write checkpoints into.
     device and parallel ("ddp" or "fsdp" under torchrun, see `model.training.config.TrainConfig`): where
     and how training passes run.
@@ -100,47 +101,49 @@ def saved_size(model: Transformer) -> int:
         return (Path(tmp) / "model.safetensors").stat().st_size
 
 
-def _digest(update: Callable[[Any], None]) -> str:
+def _digest(parts: Iterable[bytes]) -> str:
     h = hashlib.sha256()
-    update(h)
+    for part in parts:
+        h.update(part)
     return h.hexdigest()[:16]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
 
 
 def passes_digest(passes: Sequence[Any]) -> str:
     """A short digest of the passes' names and settings, in order."""
     settings = json.dumps([[pass_name(p), pass_settings(p)] for p in passes], sort_keys=True, default=str)
-    return _digest(lambda h: h.update(settings.encode()))
+    return _digest([settings.encode()])
 
 
-def fingerprints(model: Transformer, teacher: Transformer, ctx: Context) -> dict[str, str]:
-    """What a run starts from, as short digests: the input model, the teacher and the data.
+def fingerprints(model: Transformer, teacher: Transformer | None, ctx: Context) -> dict[str, str]:
+    """What a run starts from, as short digests: the input model, the teacher (None: the model) and the data.
 
     The data digest covers the first 16 batches and the length of a list or tuple; other data
     (an iterator would be consumed) is known by its type only.
     """
 
-    def weights(m: Transformer) -> Callable[[Any], None]:
-        def update(h: Any) -> None:
-            h.update(m.config.to_json().encode())
-            for key, value in sorted(m.state_dict().items()):
-                h.update(key.encode())
-                h.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    def weights(m: Transformer) -> Iterator[bytes]:
+        yield m.config.to_json().encode()
+        for key, value in sorted(m.state_dict().items()):
+            yield key.encode()
+            yield _tensor_bytes(value)
 
-        return update
+    def data() -> Iterator[bytes]:
+        yield type(ctx.data).__name__.encode()
+        if isinstance(ctx.data, (list, tuple)):
+            yield str(len(ctx.data)).encode()
+            for batch in ctx.data[:16]:
+                for key in sorted(batch):
+                    yield key.encode()
+                    if isinstance(batch[key], torch.Tensor):
+                        yield _tensor_bytes(batch[key])
 
-    def data(h: Any) -> None:
-        h.update(type(ctx.data).__name__.encode())
-        if not isinstance(ctx.data, (list, tuple)):
-            return
-        h.update(str(len(ctx.data)).encode())
-        for batch in ctx.data[:16]:
-            for key in sorted(batch):
-                value = batch[key]
-                h.update(key.encode())
-                if isinstance(value, torch.Tensor):
-                    h.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-
-    return {"model": _digest(weights(model)), "teacher": _digest(weights(teacher)), "data": _digest(data)}
+    model_digest = _digest(weights(model))
+    teacher_digest = model_digest if teacher is None else _digest(weights(teacher))
+    return {"model": model_digest, "teacher": teacher_digest, "data": _digest(data())}
 
 
 def _finished_stage(folder: Path | None, p: Any, inputs: dict[str, str]) -> Stage | None:
@@ -226,10 +229,10 @@ class Pipeline:
                 raise ValueError(
                     f"the teacher does not read the student's inputs: {', '.join(differ)} (teacher vs model)"
                 )
-        teacher = copy.deepcopy(model if teacher is None else teacher).eval().requires_grad_(False)
+        frozen = copy.deepcopy(model if teacher is None else teacher).eval().requires_grad_(False)
         ctx = Context(
             data=data,
-            teacher=teacher,
+            teacher=frozen,
             evaluate=evaluate,
             device=device,
             seed=seed,

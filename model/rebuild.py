@@ -34,7 +34,7 @@ def rebuild(
         skeleton = Transformer(config, attention_backend=model.attention_backend)
     wanted = skeleton.state_dict()
     missing = [key for key in wanted if key not in state]
-    absent = [key for key in missing if not key.startswith(optional)] if optional else missing
+    absent = [key for key in missing if not key.startswith(optional)]
     if absent:
         raise RuntimeError(f"rebuilding the model left weights without values: {absent[:5]}")
     extra = [key for key in state if key not in wanted]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from compress.evaluate.measure import count_params, size_on_disk, time_model, time_onnx
+from compress.pipeline import Stage, saved_size
 from model.onnx.export import export_onnx
 from model.onnx.runtime import ENCODER_INPUTS, OrtModel, OrtModule
 from model.transformer import Transformer
@@ -54,6 +55,7 @@ def compare_files(
     *,
     rounds: int = 3,
     threads: int | None = None,
+    teacher_stage: Stage | None = None,
 ) -> list[dict[str, Any]]:
     """Stage-like rows for the teacher in PyTorch and each ONNX file: scored alike, timed side by side.
 
@@ -64,23 +66,33 @@ def compare_files(
         evaluate: model -> metrics, as the pipeline's (ONNX files are given as OrtModule).
         rounds: interleaved timing rounds; each row's latency is the median of its rounds' p50.
         threads: ONNX Runtime intra-op threads (None = its default); PyTorch keeps its own setting.
+        teacher_stage: the pipeline's "input" stage, whose counts, size and metrics the teacher's
+            row takes instead of scoring the teacher again.
 
     Returns:
         One dict per row: name, settings, params, unique_params, size_bytes, metrics, latency_ms.
     """
     runners = {name: OrtModel(path, threads=threads) for name, path in files.items()}
-    rows = score_files(teacher, runners, evaluate)
+    rows = score_files(teacher, runners, evaluate, teacher_stage)
     latencies = time_files(teacher, runners, batch, rounds=rounds)
     return [{**row, "latency_ms": latencies[row["name"]]} for row in rows]
 
 
 def score_files(
-    teacher: Transformer, runners: Mapping[str, OrtModel], evaluate: Callable[[Any], dict[str, float]]
+    teacher: Transformer,
+    runners: Mapping[str, OrtModel],
+    evaluate: Callable[[Any], dict[str, float]],
+    teacher_stage: Stage | None = None,
 ) -> list[dict[str, Any]]:
-    """The teacher's row and one per ONNX runner: name, settings, params, unique_params, size_bytes, metrics."""
-    teacher_params = count_params(teacher)
-    teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.state_dict().values())
-    rows = [_row(TEACHER, "PyTorch", teacher_params, teacher_bytes, evaluate(teacher))]
+    """The teacher's row and one per ONNX runner: name, settings, params, unique_params, size_bytes, metrics.
+
+    The teacher's row comes from `teacher_stage` when given (the pipeline already measured it), else
+    it is measured here.
+    """
+    if teacher_stage is None:
+        teacher_stage = Stage("input", {}, *count_params(teacher), saved_size(teacher), evaluate(teacher), 0.0)
+    teacher_params = (teacher_stage.params, teacher_stage.unique_params)
+    rows = [_row(TEACHER, "PyTorch", teacher_params, teacher_stage.size_bytes, dict(teacher_stage.metrics))]
     for name, runner in runners.items():
         params = teacher_params if name == PEER else count_params(Transformer(runner.config))  # as the file holds
         size = sum(

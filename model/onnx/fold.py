@@ -15,7 +15,8 @@ import onnx
 from onnx import numpy_helper
 
 _EIGHT_BIT = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-_QUANTIZABLE = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op -> the input that holds its weight
+_PRODUCTS = ("MatMul", "Gemm")  # their weight is input 1
+_QUANTIZABLE = {**dict.fromkeys(_PRODUCTS, 1), "Gather": 0}  # op -> the input that holds its weight
 
 
 def fold_dequantized_weights(proto: onnx.ModelProto) -> int:
@@ -69,7 +70,7 @@ def fold_dequantized_weights(proto: onnx.ModelProto) -> int:
 def _feeds_products(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
     """Whether every consumer of `name` is a MatMul or Gemm that takes it as its weight."""
     users = consumers.get(name, [])
-    return bool(users) and all(n.op_type in ("MatMul", "Gemm") and list(n.input).index(name) == 1 for n in users)
+    return bool(users) and all(n.op_type in _PRODUCTS and list(n.input).index(name) == 1 for n in users)
 
 
 def _perm(node: onnx.NodeProto) -> list[int] | None:

@@ -211,22 +211,19 @@ def root_logging_kept() -> Iterator[None]:
             root.removeHandler(handler)
 
 
-def has_float_weights(path: str | os.PathLike) -> bool:
-    """Whether ONNX Runtime's quantizers find a weight to quantize in the graph at `path` (flashlite's int8 folded)."""
-    proto = onnx.load(str(graph_paths(path)["encoder"]))
-    fold_dequantized_weights(proto)
-    return bool(quantizable_weights(proto))
+class NothingToQuantize(ValueError):
+    """The graph's layers are already integer products: ONNX Runtime's quantizers would find no weight."""
 
 
 def _float_weights(source: Path, staging: Path) -> Path:
     """`source`, or a copy in `staging` whose flashlite int8 weights are folded to float (model.onnx.fold).
 
-    Raises ValueError when no float MatMul/Gather weight is left for ONNX Runtime to quantize.
+    Raises NothingToQuantize when no float MatMul/Gather weight is left for ONNX Runtime to quantize.
     """
     proto = onnx.load(str(source))
     folded = fold_dequantized_weights(proto)
     if not quantizable_weights(proto):
-        raise ValueError(
+        raise NothingToQuantize(
             f"{source}: ONNX Runtime finds no float MatMul or Gather weight to quantize (the model's layers are "
             "already integer products: int8-dynamic, int4 or clustered); deploy this file as it is"
         )
