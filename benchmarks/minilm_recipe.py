@@ -32,7 +32,8 @@ from compress.evaluate import glue
 from compress.evaluate.deploy import PEER, one_call_int8, score_files, time_files
 from compress.evaluate.measure import cpu_name
 from model import export_onnx, from_hf, save
-from model.data.tokenizer import encode
+from model.data.batching import length_grouped
+from model.data.tokenizer import encode, token_lengths
 from model.onnx.ort_quantize import quantize_onnx
 from model.onnx.runtime import OrtModel
 
@@ -77,6 +78,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="batch in shuffled order instead of grouping similar lengths (the recipes' data.group_by_length)",
+    )
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--embed-dim", type=int, default=96)
     parser.add_argument(
@@ -135,10 +142,12 @@ def main() -> None:
     sst2_dev = [row["sentence"] for row in glue.load("sst2", "dev", DATA)]
     mrpc_dev = glue.load("mrpc", "dev", DATA)
     random.Random(args.seed).shuffle(texts)
-    batches = [
-        encode(tokenizer, texts[i : i + args.batch_size], max_len=args.max_len)
-        for i in range(0, len(texts) - args.batch_size + 1, args.batch_size)
-    ]
+    n = len(texts) - len(texts) % args.batch_size
+    if args.group_by_length:  # as the recipes batch (data.group_by_length)
+        groups = length_grouped(token_lengths(tokenizer, texts[:n], max_len=args.max_len), args.batch_size)
+    else:
+        groups = [range(i, i + args.batch_size) for i in range(0, n, args.batch_size)]
+    batches = [encode(tokenizer, [texts[i] for i in group], max_len=args.max_len) for group in groups]
     left, right = [r["sentence1"] for r in mrpc_dev], [r["sentence2"] for r in mrpc_dev]
     teacher_pairs = (
         (embed(teacher, tokenizer, left, args.max_len) * embed(teacher, tokenizer, right, args.max_len)).sum(-1).numpy()

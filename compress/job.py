@@ -17,8 +17,9 @@ from compress.evaluate.measure import time_model
 from compress.pipeline import Pipeline, Stage
 from compress.recipe import DataSpec, Recipe
 from compress.report import write_report
+from model.data.batching import length_grouped
 from model.data.corpus import load_corpus
-from model.data.tokenizer import encode
+from model.data.tokenizer import encode, token_lengths
 from model.training.distributed import is_main
 from model.transformer import Transformer
 
@@ -51,9 +52,10 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
         rows = glue.load(spec.task, "train", spec.glue_dir)[: spec.limit]
         held = glue.load(spec.task, "dev", spec.glue_dir)[: 8 * spec.batch_size]
         options = dict(max_len=spec.max_len, batch_size=spec.batch_size)
-        return glue.batches(rows, tokenizer, spec.task, shuffle=True, seed=seed, **options), glue.batches(
-            held, tokenizer, spec.task, **options
+        train = glue.batches(
+            rows, tokenizer, spec.task, shuffle=True, seed=seed, group_by_length=spec.group_by_length, **options
         )
+        return train, glue.batches(held, tokenizer, spec.task, **options)
     if spec.corpus is None and not spec.glue_text and not spec.builtin_corpus:
         raise ValueError(
             "this recipe distills a model that was not pretrained on the built-in corpus (Python's docstrings), and "
@@ -70,17 +72,23 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
             f"the corpus has {len(texts)} texts; need at least {n_held + spec.batch_size} for batch_size={spec.batch_size}"
         )
 
-    def batched(items: list[str]) -> list[Batch]:
+    def batched(items: list[str], group_by_length: bool) -> list[Batch]:
+        n = len(items) - len(items) % spec.batch_size  # whole batches only
+        if group_by_length:
+            lengths = token_lengths(tokenizer, items[:n], max_len=spec.max_len)
+            groups = length_grouped(lengths, spec.batch_size, seed=seed)
+        else:
+            groups = [range(i, i + spec.batch_size) for i in range(0, n, spec.batch_size)]
         out = []
-        for i in range(0, len(items) - spec.batch_size + 1, spec.batch_size):
-            batch = encode(tokenizer, items[i : i + spec.batch_size], max_len=spec.max_len)
+        for group in groups:
+            batch = encode(tokenizer, [items[i] for i in group], max_len=spec.max_len)
             if model.config.decoder:
                 batch["decoder_input_ids"] = batch["input_ids"]
                 batch["decoder_attention_mask"] = batch["attention_mask"]
             out.append(batch)
         return out
 
-    return batched(texts[n_held:]), batched(texts[:n_held])
+    return batched(texts[n_held:], spec.group_by_length), batched(texts[:n_held], False)
 
 
 def glue_sentences(tasks: tuple[str, ...], glue_dir: str) -> list[str]:

@@ -357,3 +357,19 @@ def test_sst2_finetune_beats_the_majority_class(shared_data, minilm_path):
         f"SST-2: 30 steps x 16 of 400 train rows -> dev[:200] accuracy {scores['accuracy']:.3f} (majority {majority:.3f})"
     )
     assert scores["accuracy"] > majority + 0.1
+
+
+def test_batches_grouped_by_length_keep_each_label_with_its_text(glue_dir, tokenizer):
+    rows = glue.load("stsb", "train", glue_dir) * 5
+
+    def examples(batches):
+        return sorted(
+            (tuple(ids[mask.bool()].tolist()), tuple(types[mask.bool()].tolist()), float(label))
+            for b in batches
+            for ids, mask, types, label in zip(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"])
+        )
+
+    plain = glue.batches(rows, tokenizer, "stsb", max_len=32, batch_size=4)
+    grouped = glue.batches(rows, tokenizer, "stsb", max_len=32, batch_size=4, shuffle=True, group_by_length=True)
+    assert examples(grouped) == examples(plain)
+    assert sum(b["input_ids"].numel() for b in grouped) <= sum(b["input_ids"].numel() for b in plain)

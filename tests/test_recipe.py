@@ -1,5 +1,6 @@
 """Recipes: the built-in YAML files parse into the pass dataclasses; mistakes name the key and what is allowed."""
 
+import numpy as np
 import pytest
 
 from compress import Distill, Prune, Quantize, Share
@@ -103,3 +104,28 @@ def test_a_distillation_longer_than_its_data_warns():
     assert check_data_size(recipe, steps) is None  # one pass over the data
     warning = check_data_size(recipe, steps // 20)
     assert f"{steps} steps over {steps // 20} batches" in warning and "20 passes" in warning
+
+
+def test_recipe_batches_grouped_by_length_hold_the_same_texts_with_less_padding(tmp_path):
+    from compress.job import recipe_batches
+    from model import Config, Transformer
+    from model.data.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 40, size=400)]
+    model = Transformer(Config.preset("tiny", decoder_layers=0, heads=("mlm",)))
+    model.tokenizer = train_tokenizer(texts, vocab_size=model.config.vocab_size)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(texts))
+    data = ["data.batch_size=16", "data.max_len=48", f"data.corpus={tmp_path / 'corpus.txt'}"]
+    grouped = load_recipe("prune-only", data).data
+    plain = load_recipe("prune-only", [*data, "data.group_by_length=false"]).data
+    (g_train, g_held), (p_train, p_held) = (recipe_batches(spec, model, seed=0) for spec in (grouped, plain))
+
+    def rows(batches):
+        return sorted(tuple(r[m.bool()].tolist()) for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]))
+
+    assert rows(g_train) == rows(p_train) and rows(g_held) == rows(p_held)
+    assert sum(b["input_ids"].numel() for b in g_train) < 0.7 * sum(b["input_ids"].numel() for b in p_train)
+    with pytest.raises(TypeError, match="data.group_by_length must be true or false"):
+        load_recipe("prune-only", ["data.group_by_length=3"])

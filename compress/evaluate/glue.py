@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from compress.evaluate.glue_data import TASKS, Row, Task, get_task, load, load_hf
 from compress.evaluate.glue_metrics import accuracy, f1, matthews, metric, pearson, score, spearman
 from model.config import check_int
-from model.data.tokenizer import encode
+from model.data.batching import length_grouped
+from model.data.tokenizer import encode, token_lengths
 from model.training.loop import TrainConfig, train
 
 __all__ = [
@@ -56,6 +57,7 @@ def batches(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
+    group_by_length: bool = False,
 ) -> list[Batch]:
     """Tokenize rows into model batches.
 
@@ -64,6 +66,8 @@ def batches(
         max_len: tokens per example, special tokens included (pairs are truncated longest first).
         batch_size: examples per batch (the last batch may be smaller).
         shuffle, seed: shuffle the rows first, reproducibly.
+        group_by_length: batch rows of similar token length together (shuffled within windows,
+            `model.data.batching.length_grouped`): far less padding for training.
 
     Returns:
         Batches with input_ids, attention_mask, token_type_ids and, when the rows are labelled,
@@ -76,10 +80,16 @@ def batches(
     labelled = {row["label"] is not None for row in rows}
     if len(labelled) > 1:
         raise ValueError("rows mix labelled and unlabelled examples; batch them separately")
-    order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
+    if group_by_length:
+        pairs = [row[info.fields[1]] for row in rows] if len(info.fields) > 1 else None
+        lengths = token_lengths(tokenizer, [row[info.fields[0]] for row in rows], pairs, max_len=max_len)
+        groups = length_grouped(lengths, batch_size, seed=seed)
+    else:
+        order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
+        groups = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
     out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = [rows[i] for i in order[start : start + batch_size]]
+    for group in groups:
+        chunk = [rows[i] for i in group]
         texts = [row[info.fields[0]] for row in chunk]
         pairs = [row[info.fields[1]] for row in chunk] if len(info.fields) > 1 else None
         batch = encode(tokenizer, texts, pairs, max_len=max_len)

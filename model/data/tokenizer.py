@@ -204,6 +204,15 @@ def _truncating(tok: Tokenizer, max_len: int) -> Iterator[None]:
             tok.enable_padding(**padding)
 
 
+def token_lengths(
+    tok: Tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, *, max_len: int
+) -> list[int]:
+    """Tokens per text (or text pair), special tokens included, after `encode`'s truncation to max_len."""
+    inputs = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
+    with _truncating(tok, max_len):
+        return [len(e.ids) for e in tok.encode_batch(inputs)]
+
+
 def encode(
     tok: Tokenizer,
     texts: Sequence[str],
