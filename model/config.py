@@ -11,6 +11,11 @@ from typing import Any
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 HEADS = ("mlm", "pair", "lm", "classify", "qa")
+POSITIONS = ("absolute", "padding_offset")
+POOLER_ACTIVATIONS = ("tanh", "relu")
+# Fields added after the first saved models: written to config.json only when they differ from
+# these defaults, so a model that does not use them saves byte-identical files (and fingerprints).
+_LATER_DEFAULTS = {"positions": "absolute", "pooler_activation": "tanh"}
 QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
 
 
@@ -160,6 +165,11 @@ class Config:
     `embed_full_rows` > 0 then gives that many vocabulary rows a full-width (dim) correction on
     top of the factorization (adaptive input embeddings: frequent words keep their exact vectors).
     `heads` lists the task heads; `Output.logits` is the first one's output.
+    `positions`: "absolute" numbers tokens 0..T-1; "padding_offset" (RoBERTa, XLM-R) numbers only
+    the tokens that are not `pad_id`, from pad_id + 1 on, and gives padding tokens position pad_id,
+    so its table has max_positions + pad_id + 1 rows (`position_rows`). `max_positions` is always
+    the longest sequence the model takes. `pooler_activation`: the sentence-level pooler's
+    activation on the first token, "tanh" (BERT, RoBERTa) or "relu" (DistilBERT's pre-classifier).
     """
 
     vocab_size: int
@@ -181,6 +191,8 @@ class Config:
     heads: tuple[str, ...] = ("mlm",)
     n_labels: int = 0
     quantized: tuple[QuantizedLayer, ...] = ()
+    positions: str = "absolute"
+    pooler_activation: str = "tanh"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
@@ -237,6 +249,13 @@ class Config:
                 f"got n_labels={self.n_labels} with heads={list(self.heads)}"
             )
         set_(self, "quantized", _as_quantized(self.quantized))
+        check_choice("positions", self.positions, POSITIONS)
+        check_choice("pooler_activation", self.pooler_activation, POOLER_ACTIVATIONS)
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the position table: max_positions, plus pad_id + 1 leading rows for "padding_offset"."""
+        return self.max_positions + (self.pad_id + 1 if self.positions == "padding_offset" else 0)
 
     @property
     def encoder_layers(self) -> int:
@@ -265,7 +284,7 @@ class Config:
         data = dataclasses.asdict(self)
         for key in ("encoder_share", "decoder_share", "heads", "quantized"):
             data[key] = list(data[key])
-        return data
+        return {k: v for k, v in data.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:

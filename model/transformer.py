@@ -50,6 +50,7 @@ class Embeddings(nn.Module):
     full-width correction: `word_full` holds K + 1 rows of width dim (row 0 is the zero row every
     other token reads), and the int32 buffer `full_slot` (vocab,) names each token's row. A token's
     vector is then `word_proj(word[i]) + word_full[full_slot[i]]`, everywhere the table is used.
+    Positions follow `config.positions` (see Config).
     """
 
     def __init__(self, config: Config):
@@ -60,7 +61,8 @@ class Embeddings(nn.Module):
         if config.embed_full_rows:
             self.word_full = nn.Embedding(config.embed_full_rows + 1, config.dim, padding_idx=0)
             self.register_buffer("full_slot", torch.zeros(config.vocab_size, dtype=torch.int32))
-        self.position = nn.Embedding(config.max_positions, config.dim)
+        self.position = nn.Embedding(config.position_rows, config.dim)
+        self.pad_id = config.pad_id if config.positions == "padding_offset" else None
         self.token_type = nn.Embedding(config.type_vocab_size, config.dim) if config.type_vocab_size else None
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -74,8 +76,14 @@ class Embeddings(nn.Module):
         if self.token_type is not None:  # before positions: Hugging Face's order, so imports match bit for bit
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             x = x + self.token_type(types)
-        x = x + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
-        return self.dropout(self.norm(x))
+        return self.dropout(self.norm(x + self.position(self._positions(input_ids))))
+
+    def _positions(self, input_ids: Tensor) -> Tensor:
+        """Position ids: 0..T-1, or RoBERTa's (counting non-padding tokens from pad_id + 1; padding gets pad_id)."""
+        if self.pad_id is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,), broadcast over the batch
+        real = (input_ids != self.pad_id).long()
+        return torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
 
     def unembed(self, h: Tensor) -> Tensor:
         """Logits over the vocabulary with the (tied) word embeddings: (B,T,dim) -> (B,T,vocab)."""
@@ -267,14 +275,15 @@ class LMHead(nn.Module):
 
 
 class Pooler(nn.Module):
-    """BERT's pooler: dense + tanh on the first ([CLS]) token, feeding the sentence-level heads."""
+    """BERT's pooler: dense + tanh (DistilBERT: ReLU) on the first ([CLS]) token, feeding the sentence-level heads."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, activation: str):
         super().__init__()
         self.dense = nn.Linear(dim, dim)
+        self.act = nn.Tanh() if activation == "tanh" else nn.ReLU()
 
     def forward(self, h: Tensor) -> Tensor:
-        return torch.tanh(self.dense(h[:, 0]))
+        return self.act(self.dense(h[:, 0]))
 
 
 class Transformer(nn.Module):
@@ -296,7 +305,7 @@ class Transformer(nn.Module):
         self.encoder = Stack(config, config.encoder, config.encoder_share, cross=False)
         self.decoder = Stack(config, config.decoder, config.decoder_share, cross=True) if config.decoder else None
         needs_pooler = "pair" in config.heads or "classify" in config.heads
-        self.pooler = Pooler(config.dim) if needs_pooler else None
+        self.pooler = Pooler(config.dim, config.pooler_activation) if needs_pooler else None
         heads = {
             "mlm": lambda: MaskedLMHead(config),
             "pair": lambda: nn.Linear(config.dim, 2),

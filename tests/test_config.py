@@ -110,3 +110,26 @@ def test_replace_keeps_filled_in_defaults_as_defaults():
     factorized = Config.preset("tiny", embed_dim=32, encoder_share=(0, 0))
     changed = factorized.replace(dim=96)
     assert changed.embed_dim == 32 and changed.encoder_share == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(positions="rotary"), "positions must be one of absolute, padding_offset; got 'rotary'"),
+        (dict(positions=None), "positions must be one of"),
+        (dict(pooler_activation="gelu"), "pooler_activation must be one of tanh, relu; got 'gelu'"),
+    ],
+)
+def test_position_scheme_and_pooler_activation_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Config.preset("tiny", **kwargs)
+
+
+def test_fields_at_their_later_defaults_are_not_written():
+    # Models that do not use the position scheme or the pooler activation save the same config.json as before.
+    data = Config.preset("tiny").to_dict()
+    assert "positions" not in data and "pooler_activation" not in data
+    roberta = Config.preset("tiny", positions="padding_offset", pad_id=1, pooler_activation="relu")
+    assert roberta.to_dict()["positions"] == "padding_offset" and roberta.to_dict()["pooler_activation"] == "relu"
+    assert Config.from_json(roberta.to_json()) == roberta
+    assert (roberta.position_rows, Config.preset("tiny").position_rows) == (128 + 2, 128)

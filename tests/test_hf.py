@@ -141,6 +141,7 @@ def _small_batch():
         ("BertForMaskedLM", dict(), ("mlm",)),
         ("BertForMaskedLM", dict(hidden_act="gelu_new"), ("mlm",)),
         ("BertForPreTraining", dict(hidden_act="relu"), ("mlm", "pair")),
+        ("BertForQuestionAnswering", dict(), ("qa",)),
     ],
 )
 def test_small_models_logits_parity_from_object_and_folder(tmp_path, cls_name, overrides, heads):
@@ -150,6 +151,8 @@ def test_small_models_logits_parity_from_object_and_folder(tmp_path, cls_name, o
         out = hf(**batch)
     if cls_name == "BertForPreTraining":
         expected = {"mlm": out.prediction_logits, "pair": out.seq_relationship_logits}
+    elif cls_name == "BertForQuestionAnswering":
+        expected = {"qa": torch.stack((out.start_logits, out.end_logits), dim=-1)}
     else:
         expected = {heads[0]: out.logits}
     hf.save_pretrained(tmp_path)
@@ -200,8 +203,8 @@ def test_missing_folder_or_config(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(model_type="roberta", architectures=["RobertaModel"]), "model_type is 'roberta'"),
-        (dict(architectures=["BertForQuestionAnswering"]), "BertForQuestionAnswering"),
+        (dict(model_type="gpt2", architectures=["GPT2Model"]), "model_type is 'gpt2'"),
+        (dict(architectures=["BertForTokenClassification"]), "BertForTokenClassification"),
         (dict(hidden_act="gelu_fast"), "hidden_act is 'gelu_fast'"),
         (dict(position_embedding_type="relative_key"), "position_embedding_type is 'relative_key'"),
         (dict(is_decoder=True), "is_decoder"),
@@ -216,13 +219,13 @@ def test_unsupported_configs_are_refused(tmp_path, change, message):
 
 
 def test_unsupported_objects_are_refused():
-    roberta = transformers.RobertaModel(
-        transformers.RobertaConfig(
+    tagger = transformers.BertForTokenClassification(
+        transformers.BertConfig(
             vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
         )
     )
-    with pytest.raises(ValueError, match="RobertaModel is not supported"):
-        from_hf(roberta)
+    with pytest.raises(ValueError, match="BertForTokenClassification is not supported"):
+        from_hf(tagger)
     with pytest.raises(TypeError, match="dict"):
         from_hf({"model_type": "bert"})
 

@@ -1,0 +1,152 @@
+"""from_hf() beyond BERT: RoBERTa, XLM-R and DistilBERT match transformers on padded batches, compress and export."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="needs the `hf` extra (transformers)")
+
+from compress import Pipeline, Prune, Quantize  # noqa: E402
+from compress.cli import main  # noqa: E402
+from model import from_hf  # noqa: E402
+from model.onnx.export import export_onnx  # noqa: E402
+
+TOL = 1e-5
+VOCAB = 100
+
+
+def _roberta_config(cls_name: str, **overrides):
+    config = transformers.XLMRobertaConfig if cls_name.startswith("XLM") else transformers.RobertaConfig
+    sizes = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, max_position_embeddings=40)
+    return config(vocab_size=VOCAB, hidden_size=32, type_vocab_size=1, **sizes, **overrides)
+
+
+def _small(cls_name: str, **overrides):
+    """A small random HF model in eval mode; every weight perturbed so zero biases and unit norms hide no mapping error."""
+    model = getattr(transformers, cls_name)(_roberta_config(cls_name, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _padded_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """Four rows of lengths 12, 7, 3 (right padding) and 9 (left padding); padding holds pad_id."""
+    ids = torch.randint(3, VOCAB, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 3:], mask[3, :3] = 0, 0, 0
+    ids[mask == 0] = pad_id
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _expected(hf, batch) -> dict[str, torch.Tensor]:
+    """The HF model's last hidden states and head logits, by flashlite head name."""
+    with torch.no_grad():
+        out = hf(**batch, output_hidden_states=True)
+    name = type(hf).__name__
+    heads = {}
+    if "QuestionAnswering" in name:
+        heads["qa"] = torch.stack((out.start_logits, out.end_logits), dim=-1)
+    elif "SequenceClassification" in name:
+        heads["classify"] = out.logits
+    elif "MaskedLM" in name:
+        heads["mlm"] = out.logits
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+    return {"hidden_states": hidden, **heads}
+
+
+def _assert_parity(model, hf, batch):
+    expected = _expected(hf, batch)
+    with torch.no_grad():
+        out = model(**batch)
+    got = {"hidden_states": out.hidden_states, **out.head_logits}
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name].shape == tensor.shape, name
+        assert (got[name] - tensor).abs().max().item() <= TOL, name
+
+
+ROBERTA_CASES = [
+    ("RobertaModel", dict()),
+    ("RobertaForSequenceClassification", dict(num_labels=3)),
+    ("RobertaForSequenceClassification", dict(num_labels=1)),
+    ("RobertaForMaskedLM", dict()),
+    ("RobertaForQuestionAnswering", dict(hidden_act="gelu_new")),
+    ("XLMRobertaModel", dict()),
+    ("XLMRobertaForSequenceClassification", dict(num_labels=2)),
+    ("XLMRobertaForMaskedLM", dict()),
+    ("XLMRobertaForQuestionAnswering", dict()),
+]
+
+
+@pytest.mark.parametrize("cls_name, overrides", ROBERTA_CASES)
+def test_roberta_family_parity_from_object_and_folder(tmp_path, cls_name, overrides):
+    hf = _small(cls_name, **overrides)
+    batch = _padded_batch(hf.config.pad_token_id)
+    hf.save_pretrained(tmp_path)
+    for model in (from_hf(hf), from_hf(tmp_path)):
+        assert model.config.positions == "padding_offset" and model.config.max_positions == 40 - 2
+        _assert_parity(model, hf, batch)
+
+
+def test_roberta_positions_skip_padding_and_start_after_it():
+    model = from_hf(_small("RobertaModel"))
+    ids = torch.tensor([[5, 6, 1, 7], [1, 1, 5, 6]])
+    assert model.embeddings._positions(ids).tolist() == [[2, 3, 1, 4], [1, 1, 2, 3]]
+    assert model.embeddings.position.num_embeddings == 40
+
+
+def test_roberta_mlm_needs_exact_gelu(tmp_path):
+    _small("RobertaForMaskedLM", hidden_act="relu").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="hidden_act is 'relu'.*exact gelu"):
+        from_hf(tmp_path)
+
+
+def test_unsupported_model_type_is_one_line_naming_every_family(tmp_path, capsys):
+    transformers.ElectraModel(
+        transformers.ElectraConfig(
+            vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type is 'electra'") as err:
+        from_hf(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    for supported in ("bert (BertModel", "roberta / xlm-roberta (", "XLMRobertaForQuestionAnswering"):
+        assert supported in message
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["import", "--hf", str(tmp_path), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "model_type is 'electra'" in lines[0]
+    assert not out.exists()
+
+
+def test_prune_and_quantize_an_imported_roberta():
+    hf = _small("RobertaForSequenceClassification", num_labels=2)
+    model = from_hf(hf)
+    batches = [{**_padded_batch(1), "labels": torch.tensor([0, 1, 1, 0])} for _ in range(2)]
+    lite = Pipeline([Prune(heads=0.5, ffn=0.5), Quantize("int8")]).run(model, data=batches)
+    assert [layer.n_heads for layer in lite.config.encoder] == [2, 2]
+    assert lite.config.positions == "padding_offset" and lite.config.quantized
+    with torch.no_grad():
+        logits = lite(**_padded_batch(1)).logits
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+
+
+def test_roberta_exports_to_onnx_with_parity(tmp_path):
+    model = from_hf(_small("RobertaForMaskedLM"))
+    report = export_onnx(model, tmp_path / "roberta.onnx")  # raises ParityError past 1e-4
+    assert max(report.parity.values()) <= 1e-4 and (3, 38) in report.shapes
+
+
+def test_saved_and_loaded_roberta_is_bit_identical(tmp_path):
+    from model import load, save
+
+    model = from_hf(_small("RobertaForSequenceClassification", num_labels=2))
+    save(model, tmp_path / "lite")
+    batch = _padded_batch(1)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "lite")(**batch).logits, model(**batch).logits)
