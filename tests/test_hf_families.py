@@ -17,7 +17,11 @@ TOL = 1e-5
 VOCAB = 100
 
 
-def _roberta_config(cls_name: str, **overrides):
+def _config(cls_name: str, **overrides):
+    """A small config of the class's family: width 32, 2 layers, 4 heads, 40 positions."""
+    if cls_name.startswith("DistilBert"):
+        sizes = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=40)
+        return transformers.DistilBertConfig(vocab_size=VOCAB, **sizes, **overrides)
     config = transformers.XLMRobertaConfig if cls_name.startswith("XLM") else transformers.RobertaConfig
     sizes = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, max_position_embeddings=40)
     return config(vocab_size=VOCAB, hidden_size=32, type_vocab_size=1, **sizes, **overrides)
@@ -25,7 +29,7 @@ def _roberta_config(cls_name: str, **overrides):
 
 def _small(cls_name: str, **overrides):
     """A small random HF model in eval mode; every weight perturbed so zero biases and unit norms hide no mapping error."""
-    model = getattr(transformers, cls_name)(_roberta_config(cls_name, **overrides)).eval()
+    model = getattr(transformers, cls_name)(_config(cls_name, **overrides)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -114,7 +118,7 @@ def test_unsupported_model_type_is_one_line_naming_every_family(tmp_path, capsys
         from_hf(tmp_path)
     message = str(err.value)
     assert "\n" not in message
-    for supported in ("bert (BertModel", "roberta / xlm-roberta (", "XLMRobertaForQuestionAnswering"):
+    for supported in ("bert (BertModel", "roberta / xlm-roberta (", "distilbert (", "DistilBertForQuestionAnswering"):
         assert supported in message
     capsys.readouterr()
     out = tmp_path / "out"
@@ -150,3 +154,42 @@ def test_saved_and_loaded_roberta_is_bit_identical(tmp_path):
     batch = _padded_batch(1)
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "lite")(**batch).logits, model(**batch).logits)
+
+
+DISTILBERT_CASES = [
+    ("DistilBertModel", dict()),
+    ("DistilBertModel", dict(sinusoidal_pos_embds=True, activation="relu")),
+    ("DistilBertForSequenceClassification", dict(num_labels=3)),
+    ("DistilBertForSequenceClassification", dict(num_labels=1)),
+    ("DistilBertForMaskedLM", dict()),
+    ("DistilBertForMaskedLM", dict(activation="gelu_new")),
+    ("DistilBertForQuestionAnswering", dict()),
+]
+
+
+@pytest.mark.parametrize("cls_name, overrides", DISTILBERT_CASES)
+def test_distilbert_parity_from_object_and_folder(tmp_path, cls_name, overrides):
+    hf = _small(cls_name, **overrides)
+    batch = _padded_batch(hf.config.pad_token_id)
+    hf.save_pretrained(tmp_path)
+    for model in (from_hf(hf), from_hf(tmp_path)):
+        assert (model.config.type_vocab_size, model.config.max_positions, model.config.norm_eps) == (0, 40, 1e-12)
+        _assert_parity(model, hf, batch)
+
+
+def test_distilbert_fresh_classifier_uses_the_relu_pre_classifier():
+    model = from_hf(_small("DistilBertModel"), heads=("classify",), n_labels=2)
+    assert model.config.pooler_activation == "relu" and isinstance(model.pooler.act, torch.nn.ReLU)
+
+
+def test_distilbert_untied_output_weights_are_refused(tmp_path):
+    hf = _small("DistilBertForMaskedLM", tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocab_projector.weight differs from the word embeddings"):
+        from_hf(tmp_path)
+
+
+def test_distilbert_exports_to_onnx_with_parity(tmp_path):
+    model = from_hf(_small("DistilBertForSequenceClassification", num_labels=2))
+    report = export_onnx(model, tmp_path / "distilbert.onnx")  # raises ParityError past 1e-4
+    assert max(report.parity.values()) <= 1e-4 and set(report.parity) == {"hidden_states", "classify_logits"}
