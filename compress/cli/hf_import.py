@@ -1,4 +1,4 @@
-"""`flashlite import`: copy a Hugging Face BERT-family model into a flashlite folder."""
+"""`flashlite import`: copy a Hugging Face encoder (BERT, RoBERTa, XLM-R, DistilBERT) into a flashlite folder."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ def add_parser(commands) -> None:
     """
     p = commands.add_parser(
         "import",
-        help="import a Hugging Face BERT-family model into a flashlite folder",
-        description="Import BertModel / BertForSequenceClassification / BertForMaskedLM weights with exact parity.",
+        help="import a Hugging Face encoder (BERT, RoBERTa, XLM-R, DistilBERT) into a flashlite folder",
+        description="Import a BERT, RoBERTa, XLM-R or DistilBERT model (base, classification, masked LM or QA) with exact parity.",
     )
-    p.add_argument("--hf", required=True, help=f"a Hugging Face BERT-family folder, or {MINILM}")
+    p.add_argument("--hf", required=True, help=f"a Hugging Face encoder folder, or {MINILM}")
     p.add_argument("--out", type=Path, required=True, help="the flashlite folder to write")
     p.set_defaults(run=run, model=None)
 

@@ -233,7 +233,7 @@ def encode(
 
     Returns:
         ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``token_type_ids``,
-        each an int64 (B, T) tensor, padded on the right with [PAD].
+        each an int64 (B, T) tensor, padded on the right with [PAD] (or <pad>).
     """
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError(f"texts must be a non-empty sequence of str, got {texts!r:.80}")
@@ -244,9 +244,9 @@ def encode(
         raise ValueError(f"max_len={max_len!r}: expected an int above {n_specials}, the special tokens added")
     if pad_to is not None and (not isinstance(pad_to, int) or pad_to < max_len):
         raise ValueError(f"pad_to={pad_to!r}: expected None or an int >= max_len ({max_len})")
-    pad = tok.token_to_id("[PAD]")
-    if pad is None:
-        raise ValueError("the tokenizer's vocabulary lacks [PAD], needed to pad the batch")
+    pad = next((tok.token_to_id(t) for t in ("[PAD]", "<pad>") if tok.token_to_id(t) is not None), None)
+    if pad is None:  # "<pad>": RoBERTa's, XLM-R's
+        raise ValueError("the tokenizer's vocabulary lacks [PAD] (or <pad>), needed to pad the batch")
     inputs = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
     with _truncating(tok, max_len):
         encodings = tok.encode_batch(inputs)
