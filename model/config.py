@@ -11,8 +11,8 @@ from typing import Any
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 HEADS = ("mlm", "pair", "lm", "classify", "qa")
-POSITIONS = ("absolute", "padding_offset")
-POOLER_ACTIVATIONS = ("tanh", "relu")
+POSITIONS = ("absolute", "padding_offset", "rotary")
+POOLER_ACTIVATIONS = ("tanh", *ACTIVATIONS)
 # Fields added after the first saved models: written to config.json only when they differ from
 # these defaults, so a model that does not use them saves byte-identical files (and fingerprints).
 _LATER_DEFAULTS = {"positions": "absolute", "pooler_activation": "tanh"}
@@ -165,11 +165,13 @@ class Config:
     `embed_full_rows` > 0 then gives that many vocabulary rows a full-width (dim) correction on
     top of the factorization (adaptive input embeddings: frequent words keep their exact vectors).
     `heads` lists the task heads; `Output.logits` is the first one's output.
-    `positions`: "absolute" numbers tokens 0..T-1; "padding_offset" (RoBERTa, XLM-R) numbers only
-    the tokens that are not `pad_id`, from pad_id + 1 on, and gives padding tokens position pad_id,
-    so its table has max_positions + pad_id + 1 rows (`position_rows`). `max_positions` is always
-    the longest sequence the model takes. `pooler_activation`: the sentence-level pooler's
-    activation on the first token, "tanh" (BERT, RoBERTa) or "relu" (DistilBERT's pre-classifier).
+    `positions`: "absolute" numbers tokens 0..T-1 in a learned table; "padding_offset" (RoBERTa,
+    XLM-R) numbers only the tokens that are not `pad_id`, from pad_id + 1 on, and gives padding
+    tokens position pad_id, so its table has max_positions + pad_id + 1 rows (`position_rows`);
+    "rotary" (RoFormer) has no table and rotates each self-attention head's queries and keys by
+    position (dims i and i + head_dim/2 paired, base 10000). `max_positions` is always the longest
+    sequence the model takes. `pooler_activation`: the sentence-level pooler's activation on the
+    first token, "tanh" (BERT, RoBERTa) or one of ACTIVATIONS (DistilBERT: relu; RoFormer: its own).
     """
 
     vocab_size: int
@@ -250,11 +252,16 @@ class Config:
             )
         set_(self, "quantized", _as_quantized(self.quantized))
         check_choice("positions", self.positions, POSITIONS)
+        odd = sorted({s.head_dim for s in (*self.encoder, *self.decoder) if s.head_dim % 2})
+        if self.positions == "rotary" and odd:
+            raise ValueError(f"positions='rotary' rotates pairs of head dims, so head_dim must be even; got {odd}")
         check_choice("pooler_activation", self.pooler_activation, POOLER_ACTIVATIONS)
 
     @property
     def position_rows(self) -> int:
-        """Rows of the position table: max_positions, plus pad_id + 1 leading rows for "padding_offset"."""
+        """Rows of the position table: max_positions, plus pad_id + 1 leading rows for "padding_offset"; 0 for "rotary"."""
+        if self.positions == "rotary":
+            return 0
         return self.max_positions + (self.pad_id + 1 if self.positions == "padding_offset" else 0)
 
     @property

@@ -61,7 +61,7 @@ class Embeddings(nn.Module):
         if config.embed_full_rows:
             self.word_full = nn.Embedding(config.embed_full_rows + 1, config.dim, padding_idx=0)
             self.register_buffer("full_slot", torch.zeros(config.vocab_size, dtype=torch.int32))
-        self.position = nn.Embedding(config.position_rows, config.dim)
+        self.position = nn.Embedding(config.position_rows, config.dim) if config.position_rows else None
         self.pad_id = config.pad_id if config.positions == "padding_offset" else None
         self.token_type = nn.Embedding(config.type_vocab_size, config.dim) if config.type_vocab_size else None
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -76,7 +76,9 @@ class Embeddings(nn.Module):
         if self.token_type is not None:  # before positions: Hugging Face's order, so imports match bit for bit
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             x = x + self.token_type(types)
-        return self.dropout(self.norm(x + self.position(self._positions(input_ids))))
+        if self.position is not None:  # rotary positions act inside attention instead
+            x = x + self.position(self._positions(input_ids))
+        return self.dropout(self.norm(x))
 
     def _positions(self, input_ids: Tensor) -> Tensor:
         """Position ids: 0..T-1, or RoBERTa's (counting non-padding tokens from pad_id + 1; padding gets pad_id)."""
@@ -104,11 +106,25 @@ class Embeddings(nn.Module):
         return w
 
 
-class Attention(nn.Module):
-    """Multi-head attention (self or cross) with its own head count and head width."""
+def rotate(x: Tensor) -> Tensor:
+    """Rotary positions: x (B,H,T,D) with dims i and i + D/2 turned by angle t / 10000**(2i/D) at position t.
 
-    def __init__(self, dim: int, shape: LayerShape, dropout: float):
+    The angles are computed in float64 (as RoFormer's sinusoid table is) and cast to x's dtype.
+    """
+    t, d = x.shape[-2], x.shape[-1]
+    freq = 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # (D/2,)
+    angles = torch.arange(t, dtype=torch.float64, device=x.device)[:, None] / freq  # (T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) with its own head count and head width; `rotary`: rotate q and k."""
+
+    def __init__(self, dim: int, shape: LayerShape, dropout: float, rotary: bool = False):
         super().__init__()
+        self.rotary = rotary
         self.n_heads, self.head_dim = shape.n_heads, shape.head_dim
         inner = shape.n_heads * shape.head_dim
         self.q_proj = nn.Linear(dim, inner)
@@ -133,6 +149,8 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         kv = x if memory is None else memory
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(kv)), self._split(self.v_proj(kv))
+        if self.rotary:
+            q, k = rotate(q), rotate(k)
         dropout = self.dropout if self.training else 0.0
         if need_weights:  # the kernels and sdpa return no weights
             warn_fallback(
@@ -165,7 +183,7 @@ class Block(nn.Module):
     def __init__(self, config: Config, shape: LayerShape, cross: bool):
         super().__init__()
         self.pre_norm = config.norm == "pre"
-        self.self_attn = Attention(config.dim, shape, config.attention_dropout)
+        self.self_attn = Attention(config.dim, shape, config.attention_dropout, rotary=config.positions == "rotary")
         self.attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.cross_attn = Attention(config.dim, shape, config.attention_dropout) if cross else None
         self.cross_norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if cross else None
@@ -280,7 +298,7 @@ class Pooler(nn.Module):
     def __init__(self, dim: int, activation: str):
         super().__init__()
         self.dense = nn.Linear(dim, dim)
-        self.act = nn.Tanh() if activation == "tanh" else nn.ReLU()
+        self.act = nn.Tanh() if activation == "tanh" else _ACTIVATIONS[activation]()
 
     def forward(self, h: Tensor) -> Tensor:
         return self.act(self.dense(h[:, 0]))

@@ -115,9 +115,10 @@ def test_replace_keeps_filled_in_defaults_as_defaults():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(positions="rotary"), "positions must be one of absolute, padding_offset; got 'rotary'"),
+        (dict(positions="alibi"), "positions must be one of absolute, padding_offset, rotary; got 'alibi'"),
         (dict(positions=None), "positions must be one of"),
-        (dict(pooler_activation="gelu"), "pooler_activation must be one of tanh, relu; got 'gelu'"),
+        (dict(positions="rotary", n_heads=64), r"head_dim must be even; got \[1\]"),
+        (dict(pooler_activation="softmax"), "pooler_activation must be one of tanh, gelu, gelu_tanh, relu, silu"),
     ],
 )
 def test_position_scheme_and_pooler_activation_are_validated(kwargs, message):
@@ -133,3 +134,4 @@ def test_fields_at_their_later_defaults_are_not_written():
     assert roberta.to_dict()["positions"] == "padding_offset" and roberta.to_dict()["pooler_activation"] == "relu"
     assert Config.from_json(roberta.to_json()) == roberta
     assert (roberta.position_rows, Config.preset("tiny").position_rows) == (128 + 2, 128)
+    assert Config.preset("tiny", positions="rotary").position_rows == 0

@@ -19,6 +19,9 @@ VOCAB = 100
 
 def _config(cls_name: str, **overrides):
     """A small config of the class's family: width 32, 2 layers, 4 heads, 40 positions."""
+    if cls_name.startswith("RoFormer"):
+        sizes = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, max_position_embeddings=40)
+        return transformers.RoFormerConfig(vocab_size=VOCAB, hidden_size=32, **sizes, **overrides)
     if cls_name.startswith("DistilBert"):
         sizes = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=40)
         return transformers.DistilBertConfig(vocab_size=VOCAB, **sizes, **overrides)
@@ -31,8 +34,9 @@ def _small(cls_name: str, **overrides):
     """A small random HF model in eval mode; every weight perturbed so zero biases and unit norms hide no mapping error."""
     model = getattr(transformers, cls_name)(_config(cls_name, **overrides)).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+        for name, p in model.named_parameters():
+            if not name.endswith("embed_positions.weight"):  # RoFormer's sinusoid table is fixed, not learned
+                p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
@@ -118,7 +122,7 @@ def test_unsupported_model_type_is_one_line_naming_every_family(tmp_path, capsys
         from_hf(tmp_path)
     message = str(err.value)
     assert "\n" not in message
-    for supported in ("bert (BertModel", "roberta / xlm-roberta (", "distilbert (", "DistilBertForQuestionAnswering"):
+    for supported in ("bert (BertModel", "roberta / xlm-roberta (", "distilbert (", "roformer (RoFormerModel"):
         assert supported in message
     capsys.readouterr()
     out = tmp_path / "out"
@@ -215,3 +219,43 @@ def test_cli_compresses_a_roberta_folder_with_its_own_tokenizer(tmp_path):
     assert main([*argv, *(arg for s in settings for arg in ("--set", s)), "--set", "export.onnx=false"]) == 0
     lite = load(tmp_path / "out" / "model")
     assert lite.config.positions == "padding_offset" and lite.config.encoder[0].n_heads == 2
+
+
+ROFORMER_CASES = [
+    ("RoFormerModel", dict()),
+    ("RoFormerForSequenceClassification", dict(num_labels=3)),
+    ("RoFormerForSequenceClassification", dict(num_labels=2, hidden_act="relu")),
+    ("RoFormerForMaskedLM", dict()),
+    ("RoFormerForQuestionAnswering", dict(hidden_act="gelu_new")),
+]
+
+
+@pytest.mark.parametrize("cls_name, overrides", ROFORMER_CASES)
+def test_roformer_parity_from_object_and_folder(tmp_path, cls_name, overrides):
+    hf = _small(cls_name, **overrides)
+    batch = {**_padded_batch(0), "token_type_ids": (torch.arange(12) >= 6).long().expand(4, 12)}
+    hf.save_pretrained(tmp_path)
+    for model in (from_hf(hf), from_hf(tmp_path)):
+        assert model.config.positions == "rotary" and model.embeddings.position is None
+        _assert_parity(model, hf, batch)
+
+
+@pytest.mark.parametrize(
+    "change, message", [(dict(embedding_size=16), "embedding_size"), (dict(rotary_value=True), "rotary_value")]
+)
+def test_roformer_layouts_flashlite_lacks_are_refused(tmp_path, change, message):
+    _small("RoFormerModel", **change).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        from_hf(tmp_path)
+
+
+def test_roformer_prunes_quantizes_and_exports_to_onnx(tmp_path):
+    model = from_hf(_small("RoFormerForSequenceClassification", num_labels=2))
+    batches = [{**_padded_batch(0), "labels": torch.tensor([0, 1, 1, 0])} for _ in range(2)]
+    lite = Pipeline([Prune(heads=0.5, ffn=0.5)]).run(model, data=batches)
+    assert [layer.n_heads for layer in lite.config.encoder] == [2, 2]
+    report = export_onnx(lite, tmp_path / "roformer.onnx")  # raises ParityError past 1e-4
+    assert max(report.parity.values()) <= 1e-4
+    quantized = Pipeline([Quantize("int8")]).run(lite, data=batches)
+    with torch.no_grad():
+        assert torch.isfinite(quantized(**_padded_batch(0)).logits).all()

@@ -58,6 +58,8 @@ class Family:
         ignored: HF tensors (without prefix) rebuilt by flashlite or tied to the word embeddings.
         tied: the HF output weight tied to the word embeddings (checked equal to them), if any.
         config: (hf config dict, architecture, heads, n_labels) -> Config; heads None = the architecture's.
+        convert: (flashlite name, tensor, Config) -> the tensor as flashlite lays it out (same shape),
+            for families whose layout differs (RoFormer's interleaved rotary dims); None = as stored.
     """
 
     model_types: tuple[str, ...]
@@ -68,6 +70,7 @@ class Family:
     ignored: frozenset[str]
     tied: str | None
     config: Callable[..., Any]
+    convert: Callable[[str, Tensor, Any], Tensor] | None = None
 
     @cached_property
     def _forward(self) -> list[tuple[re.Pattern, str]]:
@@ -214,6 +217,8 @@ def _load(model: Transformer, family: Family, hf_state: dict[str, Tensor], fresh
         if family.is_ignored(hf_name):
             continue
         name = family.flashlite_name(hf_name)
+        if name is not None and name in target and family.convert is not None:
+            tensor = family.convert(name, tensor, model.config)
         if name is None:
             unexpected.append(hf_name)
         elif name not in target or name.startswith(fresh):
