@@ -220,27 +220,30 @@ def _export(
     result: JobResult,
     stages: list[Stage],
 ) -> list[dict[str, Any]]:
-    """Export the Lite model (and quantize it with ONNX Runtime) as the recipe says; the side-by-side rows of the files."""
+    """Export the Lite model's deployable folder (with its ONNX Runtime variant) as the recipe says; the side-by-side rows of the files."""
+    from dataclasses import asdict
+
     from compress.evaluate.deploy import PEER, compare_files, one_call_int8  # ONNX tooling only when exporting
     from model.onnx.export import export_onnx
-    from model.onnx.ort_quantize import NothingToQuantize, quantize_onnx
 
-    result.onnx = export_onnx(lite, out / "onnx")
+    mode = recipe.export.quantize
+    result.onnx = export_onnx(
+        lite,
+        out / "onnx",
+        quantize=[mode] if mode else [],
+        calibration=held_out if mode == "int8-static" else None,
+        stages=[asdict(stage) for stage in stages],
+    )
     result.files["onnx"] = out / "onnx"
     files = {"Lite, ONNX": result.onnx.paths["encoder"]}
-    mode = recipe.export.quantize
-    if mode:
-        calibration = held_out if mode == "int8-static" else None
-        try:
-            quantized = quantize_onnx(out / "onnx", out / f"onnx-{mode}", mode, calibration=calibration)
-            result.files["onnx_quantized"] = out / f"onnx-{mode}"
-            files[f"Lite, ONNX {mode}"] = quantized.paths["encoder"]
-        except NothingToQuantize:
-            warnings.warn(
-                f"export.quantize={mode}: the exported layers are already integer products (nothing for ONNX "
-                f"Runtime to quantize); onnx/ is the file to deploy",
-                stacklevel=2,
-            )
+    if mode in result.onnx.quantized:
+        files[f"Lite, ONNX {mode}"] = result.onnx.quantized[mode].paths["encoder"]
+    elif mode:
+        warnings.warn(
+            f"export.quantize={mode}: the exported layers are already integer products (nothing for ONNX "
+            f"Runtime to quantize); onnx/model.onnx is the file to deploy",
+            stacklevel=2,
+        )
     if recipe.export.peer is False:
         return []
     files = {PEER: one_call_int8(teacher, out / "peer"), **files}

@@ -618,7 +618,8 @@ def test_export_int8_dynamic_loads_in_onnxruntime_and_matches_pytorch(finetuned,
     listed = {line.split()[0]: int(line.split()[1]) for line in stdout.splitlines() if line.startswith(str(onnx_dir))}
     assert listed == {str(fp32): fp32.stat().st_size, str(int8): int8.stat().st_size}  # the files with their real sizes
     assert int8.stat().st_size < fp32.stat().st_size
-    assert (onnx_dir / "tokenizer.json").is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "README.md", "manifest.json"):
+        assert (onnx_dir / name).is_file(), name
 
     model = load(out)
     rows = glue.load("sst2", "dev", shared_data / "glue")[:16]
@@ -630,9 +631,9 @@ def test_export_int8_dynamic_loads_in_onnxruntime_and_matches_pytorch(finetuned,
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feeds = {i.name: batch[i.name].numpy() for i in session.get_inputs()}
         results[path] = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-    for name, want in (
-        ("hidden_states", expected.hidden_states),
-        ("classify_logits", expected.head_logits["classify"]),
+    for name, want in (  # Hugging Face's output names
+        ("last_hidden_state", expected.hidden_states),
+        ("logits", expected.head_logits["classify"]),
     ):
         assert np.abs(results[fp32][name] - want.numpy()).max() <= 1e-4
         noise = results[int8][name] - results[fp32][name]

@@ -1,11 +1,12 @@
-"""`flashlite export`: export a model to ONNX with a parity check, optionally quantized by ONNX Runtime."""
+"""`flashlite export`: export a model to a deployable ONNX folder with a parity check, optionally quantized by ONNX Runtime."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from compress.cli.common import ONNX_MODES, add_source, load_source
+from compress.cli.common import MINILM, ONNX_MODES, add_source, load_source
 
 
 def add_parser(commands) -> None:
@@ -16,12 +17,20 @@ def add_parser(commands) -> None:
     """
     p = commands.add_parser(
         "export",
-        help="export a model to ONNX (verified), optionally quantized by ONNX Runtime",
-        description="Export to OUT/model.onnx with a parity check against PyTorch, and quantize it "
-        "with ONNX Runtime into OUT/model-MODE.onnx; prints files, sizes, parity and SQNR.",
+        help="export a model to a deployable ONNX folder (verified), optionally quantized by ONNX Runtime",
+        description="Export to the folder OUT (model.onnx, config.json, tokenizer files, model card, manifest) with a "
+        "parity check against PyTorch, and quantize it with ONNX Runtime into OUT/model-MODE.onnx; prints files, "
+        "sizes, parity and SQNR. Sentence-embedding exports use the sentence-transformers layout (graphs in OUT/onnx/).",
     )
     add_source(p, required=True)
-    p.add_argument("--out", type=Path, required=True, help="folder for model.onnx, model-MODE.onnx and tokenizer.json")
+    p.add_argument("--out", type=Path, required=True, help="the export folder")
+    p.add_argument(
+        "--sentence-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add a sentence_embedding output (mean pooling + L2 normalization) and the sentence-transformers "
+        "layout (default: on when --hf names a sentence-transformers folder, one with modules.json)",
+    )
     p.add_argument(
         "--quantize",
         nargs="+",
@@ -66,32 +75,65 @@ def calibration(model, corpus: str | None) -> list[dict]:
     return batches
 
 
+def is_sentence_transformer(args: argparse.Namespace) -> bool:
+    """Whether the source is a sentence-transformers folder (--hf with modules.json; all-MiniLM-L6-v2 is one).
+
+    Args:
+        args: the parsed command line.
+    """
+    if args.hf is None:
+        return False
+    if args.hf == MINILM and not Path(args.hf).exists():
+        return True
+    return (Path(args.hf) / "modules.json").is_file()
+
+
+def source_stages(args: argparse.Namespace) -> list[dict] | None:
+    """The compression stages recorded in a --model folder's manifest.json (None when it has none).
+
+    Args:
+        args: the parsed command line.
+    """
+    manifest = args.model / "manifest.json" if args.model else None
+    if manifest is None or not manifest.is_file():
+        return None
+    stages = json.loads(manifest.read_text(encoding="utf-8")).get("stages")
+    return stages if isinstance(stages, list) and stages else None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Export to --out/model.onnx (and tokenizer.json), quantize into model-MODE.onnx, print parity and files.
+    """Export the folder --out (and its ONNX Runtime variants); print parity, SQNR and the graph files.
 
     Args:
         args: the parsed command line.
     """
     from model.onnx.export import export_onnx
-    from model.onnx.ort_quantize import quantize_onnx
 
     model = load_source(args)
-    report = export_onnx(model, args.out / "model.onnx")
-    if model.tokenizer is not None:  # `flashlite eval --onnx` reads it from beside the file
-        model.tokenizer.save(str(args.out / "tokenizer.json"))
+    modes = list(dict.fromkeys(m for m in args.quantize if m != "none"))
+    sentence = is_sentence_transformer(args) if args.sentence_embedding is None else args.sentence_embedding
+    report = export_onnx(
+        model,
+        args.out,
+        sentence_embedding=sentence,
+        quantize=modes,
+        calibration=calibration(model, args.corpus) if "int8-static" in modes else None,
+        stages=source_stages(args),
+    )
     print(f"exported {args.model or args.hf} to ONNX; ONNX Runtime vs PyTorch on batch x seq {report.shapes}:")
     for name, diff in report.parity.items():
         print(f"  {name}: max abs difference {diff:.2e}")
     lines = [(path, size, "fp32") for path, size in report.bytes.items()]
-    for mode in dict.fromkeys(m for m in args.quantize if m != "none"):
-        batches = calibration(model, args.corpus) if mode == "int8-static" else None
-        quantized = quantize_onnx(args.out / "model.onnx", args.out / f"model-{mode}.onnx", mode, calibration=batches)
+    for mode, quantized in report.quantized.items():
         sqnr = ", ".join(f"{name} {value:.1f} dB" for name, value in quantized.sqnr.items())
         lines += [
             (path, size, f"{mode}: {quantized.ratio:.2f}x the fp32 bytes, SQNR {sqnr}")
             for path, size in quantized.bytes.items()
         ]
+    for mode, why in report.skipped.items():
+        print(f"  {mode}: skipped: {why}")
     print(f"{'file':<40} {'bytes':>12}  notes")
     for path, size, notes in lines:
         print(f"{path:<40} {size:>12}  {notes}")
+    print(f"beside them in {args.out}: config.json, tokenizer files, README.md (the model card), manifest.json")
     return 0

@@ -1,4 +1,4 @@
-"""export_onnx(): a flashlite model to ONNX graphs with exact attention and integer weights, verified against PyTorch.
+"""export_onnx(): a flashlite model to a deployable ONNX folder (or one graph file), with exact attention and integer weights, verified against PyTorch.
 
 Why torch's dynamo exporter (torch.export + onnxscript) rather than the TorchScript one: on
 torch 2.13 it is the maintained path, it records dynamic batch and sequence axes as symbols
@@ -6,10 +6,12 @@ with the ranges we give (sequence <= max_positions) instead of tracing Python co
 on one example shape, and its translation table lets quantized layers become
 DequantizeLinear / MatMulInteger nodes on integer initializers.
 
-What is exported (see model/onnx/runtime.py for the file layout):
+What is exported (model/onnx/layout.py has the folder's files):
   encoder graph  inputs input_ids, attention_mask (B,T) int64 [, token_type_ids when the model
-                 has token types]; outputs hidden_states (B,T,dim) and `<head>_logits` for every
-                 head that reads the encoder (mlm, pair, classify, qa), in config order
+                 has token types]; outputs last_hidden_state (B,T,dim), then each head that reads
+                 the encoder with Hugging Face's names (`layout.head_outputs`: logits, or
+                 start_logits/end_logits for qa), then, for sentence-embedding exports,
+                 sentence_embedding (B,dim): mean over the mask's tokens, L2-normalized.
   decoder graph  inputs decoder_input_ids (B,S) int64, encoder_hidden_states (B,T,dim) fp32,
                  encoder_attention_mask (B,T) int64; outputs decoder_hidden_states and, with
                  an 'lm' head, lm_logits. Causal masking only: decoder padding goes on the right.
@@ -21,13 +23,16 @@ several layers is one module, so its weights are one set of initializers.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,10 +40,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.config import check_int
+from model.onnx import layout
 from model.onnx.export_ops import TRANSLATIONS, has_dynamic, needs_blocks, should_fold, swap_for_export
+from model.onnx.hub_files import write_side_files
 from model.onnx.runtime import DECODER_INPUTS, OrtModel, graph_metadata, graph_paths
 from model.transformer import Transformer
 
@@ -60,23 +68,30 @@ class Exported:
     """What `export_onnx` wrote and measured.
 
     paths: graph name ("encoder", "decoder") -> file. bytes: file -> size on disk (with its
-    external data). parity: output name -> max abs difference ONNX Runtime vs PyTorch over
-    every checked shape (empty with verify=False). shapes: the (batch, seq) pairs checked.
+    external data). parity: output -> max abs difference ONNX Runtime vs PyTorch over every
+    checked shape, by the PyTorch Output's names (hidden_states, HEAD_logits) and
+    sentence_embedding (empty with verify=False). shapes: the (batch, seq) pairs checked.
+    folder: the deployable folder (None for a single-file export). quantized: ONNX Runtime mode
+    -> its `Quantized` report; skipped: mode -> why ONNX Runtime had nothing to quantize.
     """
 
     paths: dict[str, Path]
     bytes: dict[str, int]
     parity: dict[str, float] = field(default_factory=dict)
     shapes: list[tuple[int, int]] = field(default_factory=list)
+    folder: Path | None = None
+    quantized: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 class _EncoderGraph(nn.Module):
     """Embeddings, encoder stack and the encoder's heads, without the eager input checks (they are data-dependent)."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, sentence_embedding: bool = False):
         super().__init__()
         self.model = model
         self.heads = [h for h in model.config.heads if h != "lm"]
+        self.sentence_embedding = sentence_embedding
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         m = self.model
@@ -84,7 +99,20 @@ class _EncoderGraph(nn.Module):
         pooled = m.pooler(h) if m.pooler is not None else None
         # The same head inputs as Transformer.forward; the parity check compares against it.
         inputs = {"mlm": (h, m.embeddings), "qa": (h,), "pair": (pooled,), "classify": (pooled,)}
-        return (h, *(m.heads[name](*inputs[name]) for name in self.heads))
+        outputs = [h]
+        for name in self.heads:
+            logits = m.heads[name](*inputs[name])
+            outputs += [logits[..., 0], logits[..., 1]] if name == "qa" else [logits]  # qa: start, end
+        if self.sentence_embedding:
+            outputs.append(sentence_embedding(h, attention_mask))
+        return tuple(outputs)
+
+
+def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' mean pooling over the mask's tokens, then L2 normalization: (B,T,dim) -> (B,dim)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return F.normalize(mean, p=2, dim=1)
 
 
 class _DecoderGraph(nn.Module):
@@ -117,12 +145,20 @@ def export_onnx(
     atol: float = 1e-4,
     max_len: int = 256,
     external_data: bool | None = None,
+    sentence_embedding: bool = False,
+    quantize: Sequence[str] = (),
+    calibration: Sequence[Mapping[str, Any]] | None = None,
+    stages: Sequence[Mapping[str, Any]] | None = None,
+    labels: Sequence[str] | None = None,
+    model_type: str | None = None,
 ) -> Exported:
     """Export `model` to ONNX, check every file with onnx.checker (full check) and, by default, against PyTorch.
 
     model: a Transformer (any attention backend, shared/factorized/pruned/quantized; not modified).
-    path: `NAME.onnx` (a decoder graph goes to `NAME.decoder.onnx` beside it) or a folder
-      (`model.onnx` in it); parent folders are created. Files appear only once checked and verified.
+    path: a folder: the deployable folder (model/onnx/layout.py: graphs, config.json, tokenizer
+      files, model card, manifest); or `NAME.onnx`: the graph alone (a decoder graph goes to
+      `NAME.decoder.onnx` beside it). Parent folders are created. Files appear only once all are
+      written, checked and verified; on any failure nothing is written.
     task: "encoder" (one graph: hidden states + encoder heads) or "seq2seq" (encoder and decoder
       graphs; needs decoder layers); None picks "seq2seq" when the model has a decoder.
     opset: ONNX opset, 18..23 (21+ when the model has int4 or group-quantized int8 layers); default 21.
@@ -131,6 +167,13 @@ def export_onnx(
       (models with int8-dynamic layers: see `check_parity`).
     external_data: True writes weights to `NAME.onnx.data` beside each graph; None does so only
       when the weights exceed 2 GB; False never (a model over 2 GB is then refused).
+    sentence_embedding: add the output sentence_embedding (mean pooling + L2 normalization in the
+      graph) and, for a folder, the sentence-transformers layout (graphs under onnx/).
+    quantize: ONNX Runtime modes (quantize_onnx) whose files join the folder (`layout.variant_name`);
+      a mode with nothing left to quantize (the layers are already integer products) is skipped
+      and named in `Exported.skipped`. calibration: batches for "int8-static".
+    stages, labels, model_type: for the folder's model card (the pipeline manifest's "stages"),
+      config.json's id2label (class names) and its model_type (None: `hub_files.family_of`).
     Returns an `Exported` with the paths, file sizes and the measured differences.
     """
     if not isinstance(model, Transformer):
@@ -151,31 +194,138 @@ def export_onnx(
         raise ValueError(
             f"the model has int4 or group-quantized int8 layers: blocked DequantizeLinear needs opset >= 21, got {opset}"
         )
+    quantize = _check_quantize(quantize, Path(path), sentence_embedding)
 
     graph_model = _fp32_copy(model)
     swap_for_export(graph_model)
-    final = graph_paths(path)
-    final["encoder"].parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final["encoder"].parent, prefix=".export-"))
+    folder = None if Path(path).suffix == ".onnx" else Path(path)
+    if folder is None:
+        final = graph_paths(path)
+    else:
+        final = graph_paths(folder / (f"{layout.SENTENCE_DIR}/" if sentence_embedding else "") / layout.GRAPH)
+    root = folder or final["encoder"].parent
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".export-"))
     try:
-        staged = graph_paths(staging / final["encoder"].name)
-        graphs = {"encoder": _EncoderGraph(graph_model)}
+        staged = {name: staging / p.relative_to(root) for name, p in final.items()}
+        staged["encoder"].parent.mkdir(parents=True, exist_ok=True)
+        graphs = {"encoder": _EncoderGraph(graph_model, sentence_embedding)}
         if task == "seq2seq":
             graphs["decoder"] = _DecoderGraph(graph_model)
         for name, graph in graphs.items():
             proto = _trace(graph, name, opset)
             _write(proto, staged[name], external_data)
-        report = Exported(paths={}, bytes={})
+        report = Exported(paths={}, bytes={}, folder=folder)
         if verify:
             report.parity, report.shapes = check_parity(model, staged["encoder"], atol=atol, max_len=max_len)
+        written = _quantized_variants(report, staged["encoder"], staging, root, quantize, calibration)
+        if folder is not None:
+            hf = write_side_files(
+                staging,
+                model,
+                graph=final["encoder"].relative_to(root).as_posix(),
+                outputs=[o.name for o in onnx.load(str(staged["encoder"]), load_external_data=False).graph.output],
+                variants=written,
+                stages=stages,
+                parity=report.parity,
+                sentence=sentence_embedding,
+                labels=labels,
+                model_type=model_type,
+            )
+            _write_manifest(staging, model, hf)
         for name in graphs:
             report.paths[name] = publish(staged[name], final[name])
             report.bytes[str(report.paths[name])] = size_with_data(report.paths[name])
         if task == "encoder":  # a decoder left by an earlier export would be picked up by OrtModel
             _remove_graph(final["decoder"])
+        for quantized in report.quantized.values():
+            quantized.paths = {n: publish(p, root / p.relative_to(staging)) for n, p in quantized.paths.items()}
+            quantized.bytes = {str(p): size_with_data(p) for p in quantized.paths.values()}
+        if folder is not None:
+            _publish_folder(staging, folder)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_quantize(quantize: Sequence[str] | str, path: Path, sentence: bool) -> tuple[str, ...]:
+    from model.onnx.ort_quantize import MODES  # ort_quantize imports this module
+
+    modes = (quantize,) if isinstance(quantize, str) else tuple(quantize)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"quantize modes must be among {', '.join(MODES)}; got {unknown}")
+    if modes and path.suffix == ".onnx":
+        raise ValueError("quantize= writes the variants into an export folder; give a folder, not a .onnx file")
+    return tuple(dict.fromkeys(modes))
+
+
+def _quantized_variants(
+    report: Exported,
+    graph: Path,
+    staging: Path,
+    root: Path,
+    modes: tuple[str, ...],
+    calibration: Sequence[Mapping[str, Any]] | None,
+) -> dict[str, str]:
+    """Quantize the staged graph into the staging folder for each mode; returns mode -> the file's name in the folder."""
+    if not modes:
+        return {}
+    from model.onnx.ort_quantize import NothingToQuantize, quantize_onnx  # ort_quantize imports this module
+
+    sentence = graph.parent.name == layout.SENTENCE_DIR
+    written = {}
+    for mode in modes:
+        name = layout.variant_name(mode, sentence)
+        try:
+            batches = calibration if mode == "int8-static" else None
+            report.quantized[mode] = quantize_onnx(graph, staging / name, mode, calibration=batches)
+        except NothingToQuantize as err:
+            report.skipped[mode] = str(err)
+            continue
+        written[mode] = name
+    return written
+
+
+def _write_manifest(staging: Path, model: Transformer, hf: Mapping[str, Any]) -> None:
+    """manifest.json over every staged file (written last, so an interrupted publish shows as a mismatch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        flashlite = version("flashlite")
+    except PackageNotFoundError:
+        flashlite = "unknown"
+    files = [
+        p.relative_to(staging).as_posix()
+        for p in sorted(staging.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    ]
+    extra = {
+        "flashlite_version": flashlite,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "model_type": hf["model_type"],
+    }
+    (staging / layout.MANIFEST).write_text(layout.manifest(staging, files, extra), encoding="utf-8")
+
+
+def _publish_folder(staging: Path, folder: Path) -> None:
+    """Move the staged side files into `folder` (manifest.json last); drop the files an earlier export listed that this one did not write."""
+    old = folder / layout.MANIFEST
+    try:
+        stale = set(json.loads(old.read_text(encoding="utf-8"))["files"]) if old.is_file() else set()
+    except (ValueError, KeyError, TypeError):
+        stale = set()
+    names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    names = [n for n in names if n != layout.MANIFEST and not Path(n).name.startswith(".")] + [layout.MANIFEST]
+    for name in names:  # the graphs are in place already
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)
+    for name in stale - set(names):
+        target = folder / name
+        if target.is_file() and target.resolve().is_relative_to(folder.resolve()):
+            target.unlink()
 
 
 def _check_task(model: Transformer, task: str | None) -> str:
@@ -195,7 +345,9 @@ def _fp32_copy(model: Transformer) -> Transformer:
     return copied.float().eval().requires_grad_(False)
 
 
-def _example(model: Transformer, graph: str) -> tuple[tuple[torch.Tensor, ...], dict, list[str], list[str]]:
+def _example(
+    model: Transformer, graph: str, graph_sentence: bool = False
+) -> tuple[tuple[torch.Tensor, ...], dict, list[str], list[str]]:
     """Example inputs (batch 2, not 0/1 so the exporter keeps axes symbolic), dynamic shapes, input and output names."""
     config = model.config
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=config.max_positions)
@@ -206,7 +358,7 @@ def _example(model: Transformer, graph: str) -> tuple[tuple[torch.Tensor, ...], 
     if graph == "encoder":
         names = ["input_ids", "attention_mask"] + (["token_type_ids"] if config.type_vocab_size else [])
         args = (ids, mask, torch.zeros_like(ids))[: len(names)]
-        outputs = ["hidden_states"] + [f"{h}_logits" for h in config.heads if h != "lm"]
+        outputs = layout.encoder_outputs(config.heads, graph_sentence)
         return args, {n: {0: batch, 1: seq} for n in names}, names, outputs
     decoder_seq = torch.export.Dim("decoder_sequence", max=config.max_positions)
     dec = ids[:, : max(2, length - 2)]
@@ -222,7 +374,8 @@ def _example(model: Transformer, graph: str) -> tuple[tuple[torch.Tensor, ...], 
 
 def _trace(graph: nn.Module, name: str, opset: int) -> ir.Model:
     """Run torch's dynamo exporter on one graph wrapper and optimize the result; returns the onnx_ir Model."""
-    args, shapes, inputs, outputs = _example(graph.model, name)
+    sentence = isinstance(graph, _EncoderGraph) and graph.sentence_embedding
+    args, shapes, inputs, outputs = _example(graph.model, name, sentence)
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     with warnings.catch_warnings():
@@ -283,6 +436,7 @@ def publish(staged: Path, final: Path) -> Path:
     data = staged.with_name(staged.name + ".data")
     final_data = final.with_name(final.name + ".data")
     had_data = data.exists()
+    final.parent.mkdir(parents=True, exist_ok=True)
     if had_data:
         os.replace(data, final_data)
     os.replace(staged, final)
@@ -352,7 +506,13 @@ def check_parity(
         expected, got = reference(**batch), runner(batch)
         shape = tuple(batch["input_ids"].shape)
         shapes.append(shape)
-        for name, want, have in output_pairs(expected, got):
+        pairs = list(output_pairs(expected, got))
+        if layout.SENTENCE_EMBEDDING in runner.encoder.outputs:
+            feeds = runner.encoder_feeds(batch)
+            embedding = runner.encoder.session.run([layout.SENTENCE_EMBEDDING], feeds)[0]
+            want = sentence_embedding(expected.hidden_states, batch["attention_mask"])
+            pairs.append((layout.SENTENCE_EMBEDDING, want, torch.from_numpy(embedding)))
+        for name, want, have in pairs:
             diff = float((want - have).abs().max())
             allowed = max(atol, rtol * float(want.abs().max()))
             if not np.isfinite(diff) or diff > allowed:

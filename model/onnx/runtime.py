@@ -2,9 +2,11 @@
 
 File layout (what `export_onnx` writes and `OrtModel` reads): a model is addressed by its
 encoder file `NAME.onnx`; an encoder-decoder model adds `NAME.decoder.onnx` beside it. A
-folder stands for `folder/model.onnx` (+ `folder/model.decoder.onnx`). External data, when
-there is any, lives in the same folder. Every file carries its Config as metadata, so the
-runner validates inputs (names, dtypes, shapes, id ranges) before ONNX Runtime sees them.
+folder stands for `folder/model.onnx` (+ `folder/model.decoder.onnx`), or `folder/onnx/model.onnx`
+in the sentence-transformers layout. External data, when there is any, lives in the same
+folder. Every file carries its Config as metadata, so the runner validates inputs (names,
+dtypes, shapes, id ranges) before ONNX Runtime sees them. A deployable folder's manifest.json
+(model/onnx/layout.py) is checked first: a missing, truncated or altered file is named.
 
 Loading refuses hostile or broken files with a ValueError before any tensor data is read:
 corrupted or truncated protobufs, graphs that fail the ONNX checker, files that are not
@@ -22,44 +24,19 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from google.protobuf.message import DecodeError
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from model.checks import check_ids, check_token_types
 from model.config import Config, check_int
 from model.losses import LABEL_KEYS
+from model.onnx.deployed import first_line, open_session
+from model.onnx.layout import HIDDEN, graph_paths, head_outputs, manifest_folder, verify_folder
 from model.transformer import Output, Transformer
 
 CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DECODER_INPUTS = ("decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask")
-# What ONNX Runtime raises when it refuses a model file: the file's fault, reported as a ValueError.
-# Its other errors (RuntimeException, EPFail, EngineError, ...) are not about the file and propagate.
-ORT_LOAD_ERRORS = (
-    ort_errors.Fail,
-    ort_errors.InvalidArgument,
-    ort_errors.InvalidGraph,
-    ort_errors.InvalidProtobuf,
-    ort_errors.NoSuchFile,
-    ort_errors.NotImplemented,  # an operator ONNX Runtime has no kernel for
-)
-
-
-def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
-    """Where the graphs of one export live: {"encoder": NAME.onnx, "decoder": NAME.decoder.onnx}.
-
-    path: a `.onnx` file (the encoder graph), or a folder (then NAME is `model` inside it).
-    """
-    path = Path(path)
-    if path.suffix != ".onnx":
-        path = path / "model.onnx"
-    if path.name.endswith(".decoder.onnx"):
-        raise ValueError(
-            f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix('.decoder.onnx')}.onnx"
-        )
-    return {"encoder": path, "decoder": path.with_name(path.name.removesuffix(".onnx") + ".decoder.onnx")}
 
 
 def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
@@ -80,7 +57,7 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))  # by path, so external data is looked up beside the file
     except onnx.checker.ValidationError as err:
         raise ValueError(
-            f"{path} fails the ONNX checker (corrupted, truncated or hand-edited): {_first_line(err)}"
+            f"{path} fails the ONNX checker (corrupted, truncated or hand-edited): {first_line(err)}"
         ) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     if CONFIG_KEY not in meta or meta.get(GRAPH_KEY) not in ("encoder", "decoder"):
@@ -88,10 +65,6 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
             f"{path} is not a flashlite export (no {CONFIG_KEY!r} / {GRAPH_KEY!r} metadata); write it with export_onnx"
         )
     return proto
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _tensors(graph: onnx.GraphProto):
@@ -140,7 +113,7 @@ class _Graph:
     """One ONNX Runtime session with the names and metadata of its graph."""
 
     path: Path
-    session: ort.InferenceSession
+    session: Any  # onnxruntime.InferenceSession
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     config: Config
@@ -150,25 +123,13 @@ def _open(path: Path, threads: int | None) -> _Graph:
     proto = read_onnx(path)
     meta = {p.key: p.value for p in proto.metadata_props}
     config = Config.from_json(meta[CONFIG_KEY])
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers are noise for exported graphs
-    options.inter_op_num_threads = 1
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    # ORT fuses an int4 DequantizeLinear + MatMul (our Int4Linear export) into MatMulNBits, by
-    # default with int8 activations; level 0 keeps fp32 activations, as PyTorch's Int4Linear does.
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except ORT_LOAD_ERRORS as err:  # ONNX Runtime refuses the file; its other errors (and ours) propagate
-        raise ValueError(f"ONNX Runtime cannot load {path}: {_first_line(err)}") from None
-    return _Graph(
-        path,
-        session,
-        tuple(i.name for i in session.get_inputs()),
-        tuple(o.name for o in session.get_outputs()),
-        config,
-    )
+    session = open_session(path, threads)
+    outputs = tuple(o.name for o in session.get_outputs())
+    if meta[GRAPH_KEY] == "encoder" and HIDDEN not in outputs:
+        raise ValueError(
+            f"{path} has no {HIDDEN} output (outputs {list(outputs)}): an export of an earlier flashlite; export it again"
+        )
+    return _Graph(path, session, tuple(i.name for i in session.get_inputs()), outputs, config)
 
 
 class OrtModel:
@@ -188,6 +149,9 @@ class OrtModel:
             check_int("threads", threads, 1)
         self.threads = threads
         paths = graph_paths(path_or_dir)
+        folder = manifest_folder(paths["encoder"])
+        if folder is not None:  # a deploy folder: every file it lists must be the one exported
+            verify_folder(folder)
         self.encoder = _open(paths["encoder"], threads)
         self.decoder = _open(paths["decoder"], threads) if paths["decoder"].exists() else None
         self.config = self.encoder.config
@@ -224,7 +188,7 @@ class OrtModel:
                     f"decoder_input_ids has {len(ids)} rows but input_ids has {len(feeds['input_ids'])}; one target per source"
                 )
         values = self._run(self.encoder, feeds)
-        out = Output(hidden_states=values.pop("hidden_states"))
+        out = Output(hidden_states=values.pop(HIDDEN))
         if decoder_ids is not None:
             decoded = self._run(
                 self.decoder,
@@ -235,8 +199,12 @@ class OrtModel:
                 },
             )
             out.decoder_hidden_states = decoded.pop("decoder_hidden_states")
-            values.update(decoded)
-        heads = {name.removesuffix("_logits"): value for name, value in values.items()}
+        heads = {
+            head: values[names[0]] if len(names) == 1 else np.stack([values[n] for n in names], axis=-1)
+            for head, names in head_outputs(self.config.heads).items()
+        }
+        if decoder_ids is not None and "lm_logits" in decoded:
+            heads["lm"] = decoded["lm_logits"]
         out.head_logits = {name: heads[name] for name in self.config.heads if name in heads}
         out.logits = next(iter(out.head_logits.values()), None)
         if as_torch:
@@ -264,7 +232,7 @@ class OrtModel:
         if "lm_logits" not in self.decoder.outputs:
             raise ValueError("the decoder graph has no lm_logits output (the model has no 'lm' head)")
         feeds = self.encoder_feeds({"input_ids": input_ids, "attention_mask": attention_mask})
-        memory = self._run(self.encoder, feeds)["hidden_states"]
+        memory = self._run(self.encoder, feeds)[HIDDEN]
 
         def next_logits(prefix: np.ndarray) -> np.ndarray:
             step = {

@@ -1,0 +1,165 @@
+"""The deployable folder's layout: its file names, the graphs' Hugging Face output names, and the manifest that vouches for every file.
+
+Torch-free (json, hashlib, pathlib): the torch-free runner (model/onnx/deployed.py) and the
+exporter share it. A folder that `export_onnx` writes holds:
+  model.onnx [+ model.decoder.onnx]   the graphs (in onnx/ instead for sentence-embedding exports,
+                                      where sentence-transformers looks for them)
+  model-MODE.onnx                     ONNX Runtime-quantized variants (sentence layout: onnx/VARIANT)
+  config.json, flashlite_config.json  the transformers/Optimum config and flashlite's own Config
+  tokenizer.json, tokenizer_config.json, special_tokens_map.json
+  modules.json, 1_Pooling/config.json, sentence_bert_config.json   (sentence-embedding exports)
+  README.md                           the model card
+  manifest.json                       written last: format, versions, sha256 and size of every file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+FORMAT, FORMAT_VERSION = "flashlite-onnx", 1
+MANIFEST, FLASHLITE_CONFIG = "manifest.json", "flashlite_config.json"
+GRAPH, DECODER_GRAPH = "model.onnx", "model.decoder.onnx"
+SENTENCE_DIR = "onnx"  # sentence-transformers' backend="onnx" reads its graphs from this subfolder
+HIDDEN, SENTENCE_EMBEDDING = "last_hidden_state", "sentence_embedding"
+# ONNX Runtime variants in the sentence layout, named as sentence-transformers names its own
+# (`export_dynamic_quantized_onnx_model` with a custom config writes model_qint8_quantized.onnx).
+SENTENCE_VARIANTS = {"int8-dynamic": "model_qint8_quantized.onnx", "int8-static": "model_qint8_static.onnx"}
+
+
+def variant_name(mode: str, sentence: bool) -> str:
+    """The file name (relative to the folder) of the ONNX Runtime-quantized graph for `mode`.
+
+    Args:
+        mode: the quantize_onnx mode ("int8-dynamic", "int8-static", "int4").
+        sentence: whether the folder has the sentence-transformers layout.
+    """
+    if sentence:
+        name = SENTENCE_VARIANTS.get(mode) or f"model_{mode.replace('-', '_')}.onnx"
+        return f"{SENTENCE_DIR}/{name}"
+    return f"model-{mode}.onnx"
+
+
+def head_outputs(heads: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The encoder graph's output names for each head, Hugging Face's where it has one.
+
+    qa gives start_logits and end_logits (BertForQuestionAnswering); the first other head gives
+    `logits` (the one head of a BertForSequenceClassification / BertForMaskedLM); any further head
+    HEAD_logits. The decoder's 'lm' head is not an encoder output.
+
+    Args:
+        heads: the config's heads, in order.
+    """
+    names: dict[str, tuple[str, ...]] = {}
+    for head in heads:
+        if head == "qa":
+            names[head] = ("start_logits", "end_logits")
+        elif head != "lm":
+            names[head] = ("logits",) if "logits" not in {n for v in names.values() for n in v} else (f"{head}_logits",)
+    return names
+
+
+def encoder_outputs(heads: Sequence[str], sentence_embedding: bool) -> list[str]:
+    """Every output name of the encoder graph, in order.
+
+    Args:
+        heads: the config's heads.
+        sentence_embedding: whether the graph ends in mean pooling + L2 normalization.
+    """
+    names = [HIDDEN, *(n for v in head_outputs(heads).values() for n in v)]
+    return names + [SENTENCE_EMBEDDING] if sentence_embedding else names
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path, files: Iterable[str], extra: dict[str, Any]) -> str:
+    """The manifest.json text for `files` (relative names) in `folder`: format, `extra` keys, each file's size and sha256.
+
+    Args:
+        folder: where the files are now (the staging folder).
+        files: their names relative to the folder, with '/' separators.
+        extra: further top-level keys (versions, graphs, stages).
+    """
+    entries = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)} for name in files}
+    return json.dumps(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, **extra, "files": dict(sorted(entries.items()))}, indent=2
+    )
+
+
+def manifest_folder(graph: Path) -> Path | None:
+    """The deploy folder a graph file belongs to (its folder, or the one above `onnx/`), or None when it has no manifest.
+
+    Args:
+        graph: an ONNX file.
+    """
+    folder = graph.parent
+    for candidate in (folder, folder.parent) if folder.name == SENTENCE_DIR else (folder,):
+        if (candidate / MANIFEST).exists() or (candidate / FLASHLITE_CONFIG).exists():
+            return candidate
+    return None
+
+
+def verify_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """Check every file the folder's manifest.json lists (present, its size, its sha256); returns the manifest.
+
+    Raises ValueError naming the file that is missing, truncated (or grown) or altered, and
+    naming manifest.json when it is missing beside flashlite_config.json or is not a flashlite
+    export manifest.
+
+    Args:
+        folder: an export folder.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: {folder} is not a complete flashlite export (re-export it)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        files = record["files"]
+        if record.get("format") != FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {record.get('format')!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a flashlite export manifest ({err}); re-export the folder") from None
+    for name, entry in files.items():
+        target = folder / name
+        if (
+            Path(name).is_absolute()
+            or ".." in Path(name).parts
+            or not target.resolve().is_relative_to(folder.resolve())
+        ):
+            raise ValueError(f"{path} lists {name!r}, outside the folder; refusing it")
+        if not target.is_file():
+            raise ValueError(f"{target} is missing (listed in {path}); the export is incomplete")
+        size = target.stat().st_size
+        if size != entry.get("bytes"):
+            raise ValueError(f"{target} has {size} bytes, not the {entry.get('bytes')} the manifest lists (truncated?)")
+        if sha256(target) != entry.get("sha256"):
+            raise ValueError(f"{target} differs from the file that was exported (its sha256 does not match {path})")
+    return record
+
+
+def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
+    """Where the graphs of one export live: {"encoder": NAME.onnx, "decoder": NAME.decoder.onnx}.
+
+    path: a `.onnx` file (the encoder graph), or a folder (then NAME is `model` inside it, or in its
+      `onnx/` subfolder when only that holds one).
+    """
+    path = Path(path)
+    if path.suffix != ".onnx":  # a folder: its model.onnx, or the sentence-transformers layout's onnx/model.onnx
+        sentence = path / SENTENCE_DIR / GRAPH
+        path = sentence if not (path / GRAPH).exists() and sentence.exists() else path / GRAPH
+    if path.name.endswith(".decoder.onnx"):
+        raise ValueError(
+            f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix('.decoder.onnx')}.onnx"
+        )
+    return {"encoder": path, "decoder": path.with_name(path.name.removesuffix(".onnx") + ".decoder.onnx")}
