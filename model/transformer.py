@@ -293,7 +293,7 @@ class LMHead(nn.Module):
 
 
 class Pooler(nn.Module):
-    """BERT's pooler: dense + tanh (DistilBERT: ReLU) on the first ([CLS]) token, feeding the sentence-level heads."""
+    """BERT's pooler: dense + tanh (Config.pooler_activation) on the first ([CLS]) token, feeding the sentence-level heads."""
 
     def __init__(self, dim: int, activation: str):
         super().__init__()

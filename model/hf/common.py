@@ -100,6 +100,16 @@ class Family:
         return hf_name.removeprefix(self.prefix) in self.ignored
 
 
+_KIND_NAMES = {float: "a number", int: "an int", str: "a string", bool: "true or false"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """isinstance for JSON config values: a bool is no number (nor a number a bool), an int counts as a float."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
 def with_defaults(hf: dict[str, Any], defaults: dict[str, Any], types: dict[str, type]) -> dict[str, Any]:
     """The config dict with omitted (or null) keys set to the family's defaults, each key's type checked.
 
@@ -111,11 +121,8 @@ def with_defaults(hf: dict[str, Any], defaults: dict[str, Any], types: dict[str,
     hf = {**defaults, **{k: v for k, v in hf.items() if v is not None}}
     for key, kind in types.items():
         value = hf[key]
-        if isinstance(value, bool) is not (kind is bool) or not isinstance(
-            value, (int, float) if kind is float else kind
-        ):
-            names = {float: "a number", int: "an int", str: "a string", bool: "true or false"}
-            raise TypeError(f"{key} must be {names[kind]}, got {value!r}")
+        if not _is(value, kind):
+            raise TypeError(f"{key} must be {_KIND_NAMES[kind]}, got {value!r}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{key} must be a finite number, got {value!r}")
         if kind is int and value < 0:
