@@ -22,7 +22,6 @@ several layers is one module, so its weights are one set of initializers.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -34,33 +33,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import check_int
 from model.onnx import layout
-from model.onnx.export_ops import TRANSLATIONS, has_dynamic, needs_blocks, should_fold, swap_for_export
+from model.onnx.export_ops import TRANSLATIONS, needs_blocks, should_fold, swap_for_export
 from model.onnx.hub_files import write_side_files
-from model.onnx.runtime import DECODER_INPUTS, OrtModel, graph_metadata, graph_paths
+from model.onnx.layout import TWO_GB, graph_paths, publish, remove_graph, size_with_data
+from model.onnx.parity import ParityError, check_parity, fp32_copy, sentence_embedding
+from model.onnx.runtime import DECODER_INPUTS, graph_metadata
 from model.transformer import Transformer
+
+__all__ = ["Exported", "ParityError", "check_parity", "export_onnx", "sentence_embedding"]
 
 OPSET = 21  # the first opset with 4-bit and blocked DequantizeLinear (group-quantized layers need it)
 MAX_OPSET = 23
 TASKS = ("encoder", "seq2seq")
-PARITY_BATCHES = (1, 3)
-PARITY_LENGTHS = (8, 33)  # plus one near max_positions (capped by `max_len`)
-TWO_GB = 2**31
-DYNAMIC_RTOL = 1e-2  # see check_parity
-
-
-class ParityError(ValueError):
-    """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
 
 
 @dataclass
@@ -106,13 +99,6 @@ class _EncoderGraph(nn.Module):
         if self.sentence_embedding:
             outputs.append(sentence_embedding(h, attention_mask))
         return tuple(outputs)
-
-
-def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """sentence-transformers' mean pooling over the mask's tokens, then L2 normalization: (B,T,dim) -> (B,dim)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return F.normalize(mean, p=2, dim=1)
 
 
 class _DecoderGraph(nn.Module):
@@ -196,7 +182,7 @@ def export_onnx(
         )
     quantize = _check_quantize(quantize, Path(path), sentence_embedding)
 
-    graph_model = _fp32_copy(model)
+    graph_model = fp32_copy(model)
     swap_for_export(graph_model)
     folder = None if Path(path).suffix == ".onnx" else Path(path)
     if folder is None:
@@ -237,7 +223,7 @@ def export_onnx(
             report.paths[name] = publish(staged[name], final[name])
             report.bytes[str(report.paths[name])] = size_with_data(report.paths[name])
         if task == "encoder":  # a decoder left by an earlier export would be picked up by OrtModel
-            _remove_graph(final["decoder"])
+            remove_graph(final["decoder"])
         for quantized in report.quantized.values():
             quantized.paths = {n: publish(p, root / p.relative_to(staging)) for n, p in quantized.paths.items()}
             quantized.bytes = {str(p): size_with_data(p) for p in quantized.paths.values()}
@@ -338,13 +324,6 @@ def _check_task(model: Transformer, task: str | None) -> str:
     return task
 
 
-def _fp32_copy(model: Transformer) -> Transformer:
-    """An fp32, eval-mode copy with exact attention; the tokenizer is not copied (the graph does not need it)."""
-    copied = copy.deepcopy(model, memo={id(model.tokenizer): None})
-    copied.attention_backend = "sdpa"
-    return copied.float().eval().requires_grad_(False)
-
-
 def _example(
     model: Transformer, graph: str, graph_sentence: bool = False
 ) -> tuple[tuple[torch.Tensor, ...], dict, list[str], list[str]]:
@@ -429,104 +408,3 @@ def _write(model: ir.Model, path: Path, external_data: bool | None) -> None:
     use_external = bool(external_data) or (external_data is None and weights >= TWO_GB)
     ir.save(model, path, external_data=f"{path.name}.data" if use_external else None)
     onnx.checker.check_model(str(path), full_check=True)
-
-
-def publish(staged: Path, final: Path) -> Path:
-    """Move a checked graph (data file first, then the graph that names it) into place; drop a stale data file."""
-    data = staged.with_name(staged.name + ".data")
-    final_data = final.with_name(final.name + ".data")
-    had_data = data.exists()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if had_data:
-        os.replace(data, final_data)
-    os.replace(staged, final)
-    if not had_data and final_data.exists():  # left by an earlier export; the new graph holds its weights
-        final_data.unlink()
-    return final
-
-
-def _remove_graph(path: Path) -> None:
-    for stale in (path, path.with_name(path.name + ".data")):
-        if stale.exists():
-            stale.unlink()
-
-
-def size_with_data(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def parity_batches(config, max_len: int) -> list[dict[str, torch.Tensor]]:
-    """The padded batches the parity check runs: batch {1,3} x seq {8, 33, min(max_positions, max_len)}.
-
-    Row lengths T, T//2+1 and T-3 (so batch 3 mixes padding amounts); token types switch to 1
-    halfway when the model has two or more; decoder inputs (for encoder-decoder models) are
-    the encoder ids. Seeded, so every export checks the same numbers.
-    """
-    generator = torch.Generator().manual_seed(0)
-    lengths = sorted({min(t, config.max_positions) for t in (*PARITY_LENGTHS, min(config.max_positions, max_len))})
-    batches = []
-    for b in PARITY_BATCHES:
-        for t in lengths:
-            ids = torch.randint(0, config.vocab_size, (b, t), generator=generator)
-            mask = torch.zeros_like(ids)
-            for row, n in enumerate((t, t // 2 + 1, max(1, t - 3))[:b]):
-                mask[row, :n] = 1
-            batch = {"input_ids": ids, "attention_mask": mask}
-            if config.type_vocab_size >= 2:
-                types = torch.zeros_like(ids)
-                types[:, t // 2 :] = 1
-                batch["token_type_ids"] = types
-            if config.decoder:
-                batch["decoder_input_ids"] = ids
-            batches.append(batch)
-    return batches
-
-
-@torch.no_grad()
-def check_parity(
-    model: Transformer, path: str | os.PathLike, *, atol: float = 1e-4, max_len: int = 256
-) -> tuple[dict[str, float], list[tuple[int, int]]]:
-    """Compare ONNX Runtime on the export at `path` with `model` (fp32, exact attention) on `parity_batches`.
-
-    Returns (output name -> max abs difference over all batches, the (batch, seq) shapes run).
-    Raises ParityError naming the first output off by more than `atol`. Models with int8-dynamic
-    layers round activations to int8 at run time, where a 1e-7 difference upstream can round one
-    value the other way and move an output by a quantization step; they are held to
-    max(atol, 1e-2 * max|output|) instead.
-    """
-    reference = _fp32_copy(model)
-    runner = OrtModel(path)
-    rtol = DYNAMIC_RTOL if has_dynamic(reference) else 0.0
-    worst: dict[str, float] = {}
-    shapes = []
-    for batch in parity_batches(reference.config, max_len):
-        if runner.decoder is None:
-            batch.pop("decoder_input_ids", None)
-        expected, got = reference(**batch), runner(batch)
-        shape = tuple(batch["input_ids"].shape)
-        shapes.append(shape)
-        pairs = list(output_pairs(expected, got))
-        if layout.SENTENCE_EMBEDDING in runner.encoder.outputs:
-            feeds = runner.encoder_feeds(batch)
-            embedding = runner.encoder.session.run([layout.SENTENCE_EMBEDDING], feeds)[0]
-            want = sentence_embedding(expected.hidden_states, batch["attention_mask"])
-            pairs.append((layout.SENTENCE_EMBEDDING, want, torch.from_numpy(embedding)))
-        for name, want, have in pairs:
-            diff = float((want - have).abs().max())
-            allowed = max(atol, rtol * float(want.abs().max()))
-            if not np.isfinite(diff) or diff > allowed:
-                raise ParityError(
-                    f"ONNX Runtime output {name} differs from PyTorch by {diff:.3g} (allowed {allowed:.3g}) at batch x seq {shape}"
-                )
-            worst[name] = max(worst.get(name, 0.0), diff)
-    return worst, shapes
-
-
-def output_pairs(expected, got):
-    """(output name, PyTorch value, ONNX Runtime value) for every output both produced."""
-    yield "hidden_states", expected.hidden_states, got.hidden_states
-    if got.decoder_hidden_states is not None:
-        yield "decoder_hidden_states", expected.decoder_hidden_states, got.decoder_hidden_states
-    for head, value in got.head_logits.items():
-        yield f"{head}_logits", expected.head_logits[head], value

@@ -28,6 +28,7 @@ SENTENCE_DIR = "onnx"  # sentence-transformers' backend="onnx" reads its graphs 
 HIDDEN, SENTENCE_EMBEDDING = "last_hidden_state", "sentence_embedding"
 # ONNX Runtime variants in the sentence layout, named as sentence-transformers names its own
 # (`export_dynamic_quantized_onnx_model` with a custom config writes model_qint8_quantized.onnx).
+TWO_GB = 2**31  # protobuf's limit: larger graphs keep their weights in NAME.onnx.data
 SENTENCE_VARIANTS = {"int8-dynamic": "model_qint8_quantized.onnx", "int8-static": "model_qint8_static.onnx"}
 
 
@@ -163,3 +164,30 @@ def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
             f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix('.decoder.onnx')}.onnx"
         )
     return {"encoder": path, "decoder": path.with_name(path.name.removesuffix(".onnx") + ".decoder.onnx")}
+
+
+def publish(staged: Path, final: Path) -> Path:
+    """Move a checked graph (data file first, then the graph that names it) into place; drop a stale data file."""
+    data = staged.with_name(staged.name + ".data")
+    final_data = final.with_name(final.name + ".data")
+    had_data = data.exists()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if had_data:
+        os.replace(data, final_data)
+    os.replace(staged, final)
+    if not had_data and final_data.exists():  # left by an earlier export; the new graph holds its weights
+        final_data.unlink()
+    return final
+
+
+def remove_graph(path: Path) -> None:
+    """Delete a graph file and its external data file, where they exist."""
+    for stale in (path, path.with_name(path.name + ".data")):
+        if stale.exists():
+            stale.unlink()
+
+
+def size_with_data(path: Path) -> int:
+    """Bytes of a graph file and its external data file, if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

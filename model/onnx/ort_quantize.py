@@ -39,8 +39,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from model.onnx.export import TWO_GB, output_pairs, parity_batches, publish, size_with_data
 from model.onnx.fold import fold_dequantized_weights, quantizable_weights
+from model.onnx.layout import TWO_GB, publish, size_with_data
+from model.onnx.parity import output_pairs, parity_batches
 from model.onnx.runtime import CONFIG_KEY, GRAPH_KEY, OrtModel, graph_paths, read_onnx
 
 MODES = ("int8-dynamic", "int8-static", "int4")
