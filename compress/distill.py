@@ -8,6 +8,8 @@ so head counts may differ) on the last mapped layer.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -21,10 +23,56 @@ from model.losses import LABEL_KEYS
 from model.training.loop import TrainConfig, train
 from model.transformer import MODEL_INPUTS, Transformer
 
+logger = logging.getLogger(__name__)
+
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
     """Student layer i learns from teacher layer round((i + 1) * Lt / Ls) - 1: the last maps to the last."""
     return tuple(max(0, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers))
+
+
+@torch.no_grad()
+def layer_errors(student: Transformer, teacher: Transformer, batches: list[dict[str, Tensor]]) -> Tensor:
+    """(Ls, Lt) float64: the relative squared error of student layer i's output against teacher layer j's.
+
+    Sums over the real tokens of `batches` of |h_s - h_t|^2 / |h_t|^2; a narrower (wider) student
+    is zero-padded (truncated) to the teacher's width, as Distill's projection starts.
+    """
+    s_dim, t_dim = student.config.dim, teacher.config.dim
+    error = torch.zeros(student.config.encoder_layers, teacher.config.encoder_layers, dtype=torch.float64)
+    norm = torch.zeros(teacher.config.encoder_layers, dtype=torch.float64)
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and not k.startswith("decoder")}
+        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+        s_out = student.eval()(**inputs, output_hidden_states=True).all_hidden_states[1:]
+        t_out = teacher.eval()(**inputs, output_hidden_states=True).all_hidden_states[1:]
+        s_hidden = torch.stack([F.pad(h, (0, t_dim - s_dim)) if s_dim < t_dim else h[..., :t_dim] for h in s_out])
+        s_hidden, t_hidden = s_hidden[:, mask].double(), torch.stack(t_out)[:, mask].double()  # (L, N, dim)
+        error += torch.stack([(t_hidden - h).pow(2).sum((1, 2)) for h in s_hidden])
+        norm += t_hidden.pow(2).sum((1, 2))
+    return error / norm
+
+
+def matched_layer_map(errors: Tensor) -> tuple[int, ...]:
+    """The increasing student -> teacher layer map with the least total error whose last layer maps to the last.
+
+    errors: (Ls, Lt) from `layer_errors`, Ls <= Lt. A student cut from the teacher by dropping
+    layers finds the teacher layers its own came from (their outputs match best); the last
+    layer learns the teacher's output, as in `uniform_layer_map`. Dynamic programming.
+    """
+    n_s, n_t = errors.shape
+    if n_s > n_t:
+        raise ValueError(f"a matched layer map needs a student no deeper than its teacher, got {n_s} > {n_t} layers")
+    best = errors[0].clone()  # best[j]: least total error of layers 0..i with layer i at teacher layer j
+    choice = []
+    for i in range(1, n_s):
+        prefix = torch.cummin(torch.cat([best.new_full((1,), math.inf), best[:-1]]), 0)
+        choice.append(prefix.indices - 1)  # the best earlier teacher layer for each j (shifted by the inf pad)
+        best = errors[i] + prefix.values
+    layer_map = [n_t - 1]
+    for back in reversed(choice):
+        layer_map.append(int(back[layer_map[-1]]))
+    return tuple(reversed(layer_map))
 
 
 class _QKVRecorder:
@@ -76,7 +124,8 @@ class DistillLoss(nn.Module):
         self.student, self.settings = student, settings
         self.teacher = _Reference(teacher)
         s, t = student.config, teacher.config
-        self.layer_map = settings.layer_map or uniform_layer_map(s.encoder_layers, t.encoder_layers)
+        given = settings.layer_map
+        self.layer_map = uniform_layer_map(s.encoder_layers, t.encoder_layers) if given in (None, "uniform") else given
         if len(self.layer_map) != s.encoder_layers or not all(0 <= j < t.encoder_layers for j in self.layer_map):
             raise ValueError(
                 f"layer_map must give one teacher layer in [0, {t.encoder_layers}) for each of the student's "
@@ -192,8 +241,11 @@ class Distill:
     logits, hidden, attention, pooled, task: loss weights. pooled: sentence-embedding
     distillation, 1 - cosine between the student's and the teacher's mean-pooled last hidden
     states (real tokens only; how sentence-transformers models such as all-MiniLM-L6-v2 embed a
-    sentence). task: the student's own label loss when the batches carry labels. layer_map: teacher layer for each student encoder layer (None =
-    uniform). relation_heads: MiniLM-v2 relation heads (0 = the largest count dividing both
+    sentence). task: the student's own label loss when the batches carry labels.
+    layer_map: teacher layer for each student encoder layer; None = matched when the student
+    has fewer layers than the teacher (`matched_layer_map` on the first 4 batches: a student cut
+    in depth learns from the layers its own came from), else uniform; "uniform" =
+    `uniform_layer_map` always. relation_heads: MiniLM-v2 relation heads (0 = the largest count dividing both
     attention widths and the teacher's head count). checkpoint_every: steps between
     checkpoints in ctx.workdir/distill, from which an interrupted run resumes exactly.
     """
@@ -207,7 +259,7 @@ class Distill:
     attention: float = 1.0
     pooled: float = 0.0
     task: float = 0.0
-    layer_map: tuple[int, ...] | None = None
+    layer_map: tuple[int, ...] | str | None = None
     relation_heads: int = 0
     checkpoint_every: int = 0
     progress: bool = True
@@ -237,17 +289,25 @@ class Distill:
                 raise ValueError(f"Distill {name} must be an int >= {minimum}, got {value!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"Distill progress must be True or False, got {self.progress!r}")
-        if self.layer_map is not None:
+        if self.layer_map is not None and self.layer_map != "uniform":
             if not isinstance(self.layer_map, (list, tuple)) or not all(
                 type(j) is int and j >= 0 for j in self.layer_map
             ):
                 raise ValueError(
-                    f"Distill layer_map must be a list of teacher layer indices (ints >= 0), got {self.layer_map!r}"
+                    f"Distill layer_map must be null, 'uniform' or a list of teacher layer indices (ints >= 0), "
+                    f"got {self.layer_map!r}"
                 )
             object.__setattr__(self, "layer_map", tuple(self.layer_map))
 
     def __call__(self, model: Transformer, ctx: Context) -> Transformer:
-        objective = DistillLoss(model, ctx.teacher.to(ctx.device), self)
+        settings = self
+        if self.layer_map is None and model.config.encoder_layers < ctx.teacher.config.encoder_layers:
+            batches = ctx.batches(4)
+            if batches:  # a student cut in depth learns from the teacher layers its own came from
+                layer_map = matched_layer_map(layer_errors(model, ctx.teacher, batches))
+                logger.info("Distill: student layer i learns from teacher layer %s[i] (matched)", list(layer_map))
+                settings = dataclasses.replace(self, layer_map=layer_map)
+        objective = DistillLoss(model, ctx.teacher.to(ctx.device), settings)
         run = TrainConfig(
             steps=self.steps,
             lr=self.lr,

@@ -197,3 +197,48 @@ def test_pooled_term_is_one_minus_the_cosine_of_mean_pooled_embeddings():
     s, t = pool(student(**batch).hidden_states), pool(teacher(**batch).hidden_states)
     expected = 2.0 * (1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).mean()
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_matched_layer_map_is_the_brute_force_optimum():
+    import itertools
+
+    from compress.distill import matched_layer_map
+
+    errors = torch.rand(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    maps = [(*m, 5) for m in itertools.combinations(range(5), 2)]  # increasing, the last on the last
+    expected = min(maps, key=lambda m: sum(errors[i, j].item() for i, j in enumerate(m)))
+    assert matched_layer_map(errors) == expected
+    assert matched_layer_map(torch.zeros(1, 4)) == (3,)
+    assert matched_layer_map(torch.zeros(4, 4)) == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="no deeper than its teacher"):
+        matched_layer_map(torch.zeros(5, 4))
+
+
+def test_a_student_cut_in_depth_learns_from_the_layers_it_kept(caplog):
+    """Layers 1 and 3 of 6 dropped: kept layer 0 reproduces teacher layer 0 exactly, and the pass uses the matched map."""
+    from compress.distill import layer_errors, matched_layer_map
+    from compress.pipeline import Pipeline
+    from compress.prune_shapes import reshaped
+
+    torch.manual_seed(0)
+    config = Config.preset("tiny", decoder_layers=0, heads=("mlm",), dropout=0.0, attention_dropout=0.0)
+    config = config.replace(encoder=(LayerShape(4, 16, 128),) * 6, encoder_share=None)
+    teacher = Transformer(config).eval()
+    student, kept = reshaped(teacher, {"encoder": {1, 3}})
+    assert kept["encoder"] == [0, 2, 4, 5]
+    data = batches(config, 3, decoder=False)
+    errors = layer_errors(student, teacher, data)
+    assert errors[0, 0] < 1e-12 and errors[0].argmin() == 0 and errors[1, 1] > 0.0
+    mask = data[0]["attention_mask"].bool()
+    s_out = student(**data[0], output_hidden_states=True).all_hidden_states
+    t_out = teacher(**data[0], output_hidden_states=True).all_hidden_states
+    by_hand = (s_out[2][mask] - t_out[3][mask]).double().pow(2).sum() / t_out[3][mask].double().pow(2).sum()
+    torch.testing.assert_close(layer_errors(student, teacher, data[:1])[1, 2], by_hand)
+    layer_map = matched_layer_map(errors)
+    assert layer_map[0] == 0 and layer_map[-1] == 5 and list(layer_map) == sorted(set(layer_map))
+    with caplog.at_level("INFO", logger="compress.distill"):
+        Pipeline([Distill(steps=1, logits=0.0, progress=False)]).run(student, teacher=teacher, data=data, seed=0)
+    assert f"teacher layer {list(layer_map)}[i] (matched)" in caplog.text
+    assert Distill(layer_map="uniform").layer_map == "uniform"
+    with pytest.raises(ValueError, match="'uniform'"):
+        Distill(layer_map="closest")
