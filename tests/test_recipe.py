@@ -129,3 +129,12 @@ def test_recipe_batches_grouped_by_length_hold_the_same_texts_with_less_padding(
     assert sum(b["input_ids"].numel() for b in g_train) < 0.7 * sum(b["input_ids"].numel() for b in p_train)
     with pytest.raises(TypeError, match="data.group_by_length must be true or false"):
         load_recipe("prune-only", ["data.group_by_length=3"])
+
+
+def test_the_general_schedule_recipes_are_a_structural_stage_then_a_task_stage():
+    general, task = load_recipe("general"), load_recipe("glue-task-from-general")
+    assert [type(p) for p in general.passes] == [Share, Prune, Distill]
+    assert general.passes[2].logits == 0.0 and general.data.glue_text and not general.data.builtin_corpus
+    assert general.export.onnx is False  # its model/ is the student of every task, not a deployable
+    assert [type(p) for p in task.passes] == [Distill] and task.passes[0].task > 0
+    assert task.data.task == "sst2" and task.export.quantize == "int8-dynamic"
