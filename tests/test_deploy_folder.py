@@ -190,3 +190,20 @@ print("ok")
 """
     done = run_without_torch(code, tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_cli_turns_the_sentence_layout_on_for_a_sentence_transformers_source(tmp_path):
+    import argparse
+
+    from compress.cli.export import is_sentence_transformer, source_stages
+
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "modules.json").write_text("[]")
+    (tmp_path / "plain").mkdir()
+    assert is_sentence_transformer(argparse.Namespace(hf="all-MiniLM-L6-v2", model=None))
+    assert is_sentence_transformer(argparse.Namespace(hf=str(tmp_path / "st"), model=None))
+    assert not is_sentence_transformer(argparse.Namespace(hf=str(tmp_path / "plain"), model=None))
+    assert not is_sentence_transformer(argparse.Namespace(hf=None, model=tmp_path / "st"))
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps({"stages": [{"name": "input"}]}))
+    assert source_stages(argparse.Namespace(model=tmp_path / "plain")) == [{"name": "input"}]
+    assert source_stages(argparse.Namespace(model=tmp_path / "st")) is None
