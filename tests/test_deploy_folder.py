@@ -207,3 +207,11 @@ def test_the_cli_turns_the_sentence_layout_on_for_a_sentence_transformers_source
     (tmp_path / "plain" / "manifest.json").write_text(json.dumps({"stages": [{"name": "input"}]}))
     assert source_stages(argparse.Namespace(model=tmp_path / "plain")) == [{"name": "input"}]
     assert source_stages(argparse.Namespace(model=tmp_path / "st")) is None
+
+
+def test_a_graph_file_beside_a_saved_model_is_no_export_folder(classifier, tmp_path):
+    from model import save
+
+    save(classifier, tmp_path)  # its manifest.json is a saved model's, not an export's
+    report = export_onnx(classifier, tmp_path / "model.onnx")
+    assert OrtModel(report.paths["encoder"]).config == classifier.config

@@ -98,15 +98,23 @@ def manifest(folder: Path, files: Iterable[str], extra: dict[str, Any]) -> str:
 
 
 def manifest_folder(graph: Path) -> Path | None:
-    """The deploy folder a graph file belongs to (its folder, or the one above `onnx/`), or None when it has no manifest.
+    """The export folder a graph file belongs to (its folder, or the one above `onnx/`), or None when it is in none.
+
+    A folder is an export folder when it holds flashlite_config.json or a flashlite-onnx
+    manifest.json (a saved model's manifest.json beside a graph file does not count).
 
     Args:
         graph: an ONNX file.
     """
     folder = graph.parent
     for candidate in (folder, folder.parent) if folder.name == SENTENCE_DIR else (folder,):
-        if (candidate / MANIFEST).exists() or (candidate / FLASHLITE_CONFIG).exists():
+        if (candidate / FLASHLITE_CONFIG).exists():
             return candidate
+        try:
+            if json.loads((candidate / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT:
+                return candidate
+        except (OSError, ValueError, AttributeError):
+            continue
     return None
 
 
