@@ -1,4 +1,4 @@
-"""attend(): scaled dot-product attention with a choice of backend, and the exact reference math."""
+"""attend(): scaled dot-product attention with a choice of backend, the exact reference math, and the decoding cache."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -222,3 +223,34 @@ def attend(
     name, reason = choose_backend(q, backend, dropout=dropout)
     warn_fallback(backend, name, reason)
     return BACKENDS[name](q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout=dropout)
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's keys and values while generating, each (B,H,S,D).
+
+    `keys`/`values` (self-attention) grow by the new tokens at every step; `memory_keys`/
+    `memory_values` (cross-attention over the encoder output) are computed at the first step only.
+    """
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    memory_keys: Tensor | None = None
+    memory_values: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens cached so far."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new tokens' keys and values (B,H,T,D); returns all of them."""
+        if self.keys is not None:
+            keys, values = torch.cat((self.keys, keys), dim=2), torch.cat((self.values, values), dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep self-attention rows `rows` (beam search); the memory's rows stay (beams of one source share it)."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)

@@ -11,11 +11,19 @@ from typing import Any
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 HEADS = ("mlm", "pair", "lm", "classify", "qa")
-POSITIONS = ("absolute", "padding_offset", "rotary")
+POSITIONS = ("absolute", "padding_offset", "rotary", "sinusoidal")
 POOLER_ACTIVATIONS = ("tanh", *ACTIVATIONS)
+DECODER_EMBEDDINGS = ("shared", "own_positions")
 # Fields added after the first saved models: written to config.json only when they differ from
 # these defaults, so a model that does not use them saves byte-identical files (and fingerprints).
-_LATER_DEFAULTS = {"positions": "absolute", "pooler_activation": "tanh"}
+_LATER_DEFAULTS = {
+    "positions": "absolute",
+    "pooler_activation": "tanh",
+    "embed_scale": 1.0,
+    "embed_norm": True,
+    "decoder_embeddings": "shared",
+    "lm_head_tied": True,
+}
 QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
 
 
@@ -172,6 +180,13 @@ class Config:
     position (dims i and i + head_dim/2 paired, base 10000). `max_positions` is always the longest
     sequence the model takes. `pooler_activation`: the sentence-level pooler's activation on the
     first token, "tanh" (BERT, RoBERTa) or one of ACTIVATIONS (DistilBERT: relu; RoFormer: its own).
+    "sinusoidal" (Marian) adds a fixed table, sin of t / 10000**(2i/dim) in dims i < dim/2 and cos
+    in dims dim/2 + i, computed and never stored.
+    `embed_scale` multiplies the word vectors on input (BART/Marian scale_embedding: sqrt(dim)), not
+    in the tied output layers; `embed_norm` False drops the LayerNorm after the embeddings (Marian).
+    `decoder_embeddings`: "shared" runs the decoder on the encoder's embeddings; "own_positions"
+    (BART, mBART) gives the decoder its own position table and embedding LayerNorm, the word table
+    still shared. `lm_head_tied` False gives the seq2seq LM head its own (vocab, dim) output matrix.
     """
 
     vocab_size: int
@@ -195,6 +210,10 @@ class Config:
     quantized: tuple[QuantizedLayer, ...] = ()
     positions: str = "absolute"
     pooler_activation: str = "tanh"
+    embed_scale: float = 1.0
+    embed_norm: bool = True
+    decoder_embeddings: str = "shared"
+    lm_head_tied: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
@@ -256,11 +275,29 @@ class Config:
         if self.positions == "rotary" and odd:
             raise ValueError(f"positions='rotary' rotates pairs of head dims, so head_dim must be even; got {odd}")
         check_choice("pooler_activation", self.pooler_activation, POOLER_ACTIVATIONS)
+        if self.positions == "sinusoidal" and self.dim % 2:
+            raise ValueError(f"positions='sinusoidal' pairs sin and cos halves, so dim must be even; got {self.dim}")
+        self._check_seq2seq_facts()
+
+    def _check_seq2seq_facts(self) -> None:
+        """Validate the embedding and LM-head facts that the imported seq2seq families need."""
+        scale = self.embed_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ValueError(f"embed_scale must be a positive finite number, got {scale!r}")
+        object.__setattr__(self, "embed_scale", float(scale))
+        for name in ("embed_norm", "lm_head_tied"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_choice("decoder_embeddings", self.decoder_embeddings, DECODER_EMBEDDINGS)
+        if self.decoder_embeddings != "shared" and not self.decoder:
+            raise ValueError(f"decoder_embeddings={self.decoder_embeddings!r} needs decoder layers")
+        if not self.lm_head_tied and "lm" not in self.heads:
+            raise ValueError("lm_head_tied=False describes the 'lm' head, but heads has no 'lm'")
 
     @property
     def position_rows(self) -> int:
-        """Rows of the position table: max_positions, plus pad_id + 1 leading rows for "padding_offset"; 0 for "rotary"."""
-        if self.positions == "rotary":
+        """Rows of the position table: max_positions, plus pad_id + 1 leading rows for "padding_offset"; 0 for "rotary" and "sinusoidal"."""
+        if self.positions in ("rotary", "sinusoidal"):
             return 0
         return self.max_positions + (self.pad_id + 1 if self.positions == "padding_offset" else 0)
 

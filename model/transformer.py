@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from model.attention import attend, choose_backend, reference_attention, warn_fallback
+from model.attention import LayerCache, attend, choose_backend, reference_attention, warn_fallback
 from model.checks import check_ids, check_labels, check_token_types
 from model.config import Config, LayerShape
 from model.losses import LABEL_KEYS, task_losses
@@ -44,41 +45,70 @@ class Output:
 
 
 class Embeddings(nn.Module):
-    """Word (vocab x embed_dim, projected to dim when factorized) + position + token type, then LayerNorm.
+    """Word (vocab x embed_dim, projected to dim when factorized, times embed_scale) + token type + position, then LayerNorm.
 
     With `config.embed_full_rows` = K > 0 (adaptive input embeddings), K vocabulary rows also add a
     full-width correction: `word_full` holds K + 1 rows of width dim (row 0 is the zero row every
     other token reads), and the int32 buffer `full_slot` (vocab,) names each token's row. A token's
     vector is then `word_proj(word[i]) + word_full[full_slot[i]]`, everywhere the table is used.
-    Positions follow `config.positions` (see Config).
+    Positions follow `config.positions` (see Config). `own_words=False` builds only the position
+    table and LayerNorm: the decoder's own (Config.decoder_embeddings="own_positions"), which reads
+    its word vectors from the encoder's Embeddings (`forward(words=...)`).
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, own_words: bool = True):
         super().__init__()
-        self.word = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.word_proj = nn.Linear(config.embed_dim, config.dim, bias=False) if config.embed_dim < config.dim else None
+        self.word = nn.Embedding(config.vocab_size, config.embed_dim) if own_words else None
+        self.word_proj = None
+        if own_words and config.embed_dim < config.dim:
+            self.word_proj = nn.Linear(config.embed_dim, config.dim, bias=False)
         self.word_full = None
-        if config.embed_full_rows:
+        if own_words and config.embed_full_rows:
             self.word_full = nn.Embedding(config.embed_full_rows + 1, config.dim, padding_idx=0)
             self.register_buffer("full_slot", torch.zeros(config.vocab_size, dtype=torch.int32))
+        self.scale = config.embed_scale
         self.position = nn.Embedding(config.position_rows, config.dim) if config.position_rows else None
+        self.sinusoidal = config.positions == "sinusoidal"
         self.pad_id = config.pad_id if config.positions == "padding_offset" else None
-        self.token_type = nn.Embedding(config.type_vocab_size, config.dim) if config.type_vocab_size else None
-        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        types = own_words and config.type_vocab_size
+        self.token_type = nn.Embedding(config.type_vocab_size, config.dim) if types else None
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if config.embed_norm else None
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    def lookup(self, input_ids: Tensor) -> Tensor:
+        """Word vectors (B,T) -> (B,T,dim): factors multiplied, full-width corrections added, times embed_scale."""
         x = self.word(input_ids)  # (B, T, E)
         if self.word_proj is not None:
             x = self.word_proj(x)  # (B, T, dim)
         if self.word_full is not None:
             x = x + self.word_full(self.full_slot[input_ids].long())  # row 0 (zeros) for tokens without a correction
+        return x * self.scale if self.scale != 1.0 else x
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        *,
+        start: int = 0,
+        words: Embeddings | None = None,
+    ) -> Tensor:
+        """Embed input_ids[:, start:] (B,T) -> (B,T-start,dim); positions still count from the sequence's start.
+
+        Args:
+            input_ids, token_type_ids: the whole sequence (B,T) and its token types.
+            start: tokens before it are already in a key/value cache (decoding); they are not embedded.
+            words: the Embeddings holding the word table, when this one has none (own_words=False).
+        """
+        new = input_ids[:, start:]
+        x = (words or self).lookup(new)
         if self.token_type is not None:  # before positions: Hugging Face's order, so imports match bit for bit
-            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            types = torch.zeros_like(new) if token_type_ids is None else token_type_ids[:, start:]
             x = x + self.token_type(types)
         if self.position is not None:  # rotary positions act inside attention instead
-            x = x + self.position(self._positions(input_ids))
-        return self.dropout(self.norm(x))
+            x = x + self.position(self._positions(input_ids)[..., start:])
+        elif self.sinusoidal:
+            x = x + sinusoid(input_ids.shape[1], x.shape[-1], x.device)[start:].to(x.dtype)
+        return self.dropout(self.norm(x) if self.norm is not None else x)
 
     def _positions(self, input_ids: Tensor) -> Tensor:
         """Position ids: 0..T-1, or RoBERTa's (counting non-padding tokens from pad_id + 1; padding gets pad_id)."""
@@ -106,14 +136,26 @@ class Embeddings(nn.Module):
         return w
 
 
-def rotate(x: Tensor) -> Tensor:
+def _angles(start: int, t: int, d: int, device) -> Tensor:
+    """Angles (T, d/2) in float64 of positions start..start+T-1: position / 10000**(2i/d)."""
+    freq = 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # (d/2,)
+    return torch.arange(start, start + t, dtype=torch.float64, device=device)[:, None] / freq
+
+
+def sinusoid(t: int, dim: int, device) -> Tensor:
+    """Marian's fixed position table (T, dim) in float64: sin of the angles in dims < dim/2, cos in the rest."""
+    angles = _angles(0, t, dim, device)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+def rotate(x: Tensor, start: int = 0) -> Tensor:
     """Rotary positions: x (B,H,T,D) with dims i and i + D/2 turned by angle t / 10000**(2i/D) at position t.
 
-    The angles are computed in float64 (as RoFormer's sinusoid table is) and cast to x's dtype.
+    The angles are computed in float64 (as RoFormer's sinusoid table is) and cast to x's dtype;
+    `start`: the position of x's first token (after a key/value cache).
     """
     t, d = x.shape[-2], x.shape[-1]
-    freq = 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # (D/2,)
-    angles = torch.arange(t, dtype=torch.float64, device=x.device)[:, None] / freq  # (T, D/2)
+    angles = _angles(start, t, d, x.device)  # (T, D/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -146,11 +188,14 @@ class Attention(nn.Module):
         causal: bool,
         backend: str,
         need_weights: bool,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        kv = x if memory is None else memory
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(kv)), self._split(self.v_proj(kv))
+        """Attend from x (B,T,dim) over itself (memory None) or over memory (B,Tm,dim); `cache` holds earlier keys."""
+        start = cache.length if cache is not None and memory is None else 0
+        q = self._split(self.q_proj(x))
         if self.rotary:
-            q, k = rotate(q), rotate(k)
+            q = rotate(q, start)
+        k, v = self._keys_values(x, memory, cache, start)
         dropout = self.dropout if self.training else 0.0
         if need_weights:  # the kernels and sdpa return no weights
             warn_fallback(
@@ -162,6 +207,21 @@ class Attention(nn.Module):
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.out_proj(out), weights
+
+    def _keys_values(self, x: Tensor, memory: Tensor | None, cache: LayerCache | None, start: int):
+        """Keys and values (B,H,S,D): of memory (computed once per cache), or of x after the cached ones."""
+        if memory is not None and cache is not None and cache.memory_keys is not None:
+            return cache.memory_keys, cache.memory_values
+        kv = x if memory is None else memory
+        k, v = self._split(self.k_proj(kv)), self._split(self.v_proj(kv))
+        if self.rotary:
+            k = rotate(k, start)
+        if cache is None:
+            return k, v
+        if memory is not None:
+            cache.memory_keys, cache.memory_values = k, v
+            return k, v
+        return cache.extend(k, v)
 
 
 class FeedForward(nn.Module):
@@ -208,8 +268,9 @@ class Block(nn.Module):
         memory_mask: Tensor | None,
         backend: str,
         need_weights: bool,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        opts = dict(backend=backend, need_weights=need_weights)
+        opts = dict(backend=backend, need_weights=need_weights, cache=cache)
         x, weights = self._residual(
             x, self.attn_norm, lambda h: self.self_attn(h, None, key_mask, causal=causal, **opts)
         )
@@ -242,11 +303,15 @@ class Stack(nn.Module):
         backend="auto",
         hidden_states=False,
         attentions=False,
+        caches=None,
     ):
-        """Returns (last hidden (B,T,dim), [input + each layer's output] or None, [each layer's weights] or None)."""
+        """Returns (last hidden (B,T,dim), [input + each layer's output] or None, [each layer's weights] or None).
+
+        caches: one LayerCache per layer (not per block: shared blocks see different inputs), or None.
+        """
         hiddens = [x] if hidden_states else None
         weights = [] if attentions else None
-        for block_index in self.share:
+        for layer, block_index in enumerate(self.share):
             x, w = self.blocks[block_index](
                 x,
                 key_mask,
@@ -255,6 +320,7 @@ class Stack(nn.Module):
                 memory_mask=memory_mask,
                 backend=backend,
                 need_weights=attentions,
+                cache=None if caches is None else caches[layer],
             )
             if hidden_states:
                 hiddens.append(x)
@@ -282,14 +348,15 @@ class MaskedLMHead(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Seq2seq LM head on the decoder: tied word embeddings and a bias."""
+    """Seq2seq LM head on the decoder: the tied word embeddings (or its own `out`, Config.lm_head_tied=False) and a bias."""
 
     def __init__(self, config: Config):
         super().__init__()
+        self.out = None if config.lm_head_tied else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h: Tensor, embeddings: Embeddings) -> Tensor:
-        return embeddings.unembed(h) + self.bias
+        return (embeddings.unembed(h) if self.out is None else self.out(h)) + self.bias
 
 
 class Pooler(nn.Module):
@@ -320,6 +387,9 @@ class Transformer(nn.Module):
         self.attention_backend = attention_backend
         self.tokenizer = None  # a tokenizers.Tokenizer, attached by from_hf/pretraining/load
         self.embeddings = Embeddings(config)
+        self.decoder_embeddings = None
+        if config.decoder_embeddings == "own_positions":
+            self.decoder_embeddings = Embeddings(config, own_words=False)
         self.encoder = Stack(config, config.encoder, config.encoder_share, cross=False)
         self.decoder = Stack(config, config.decoder, config.decoder_share, cross=True) if config.decoder else None
         needs_pooler = "pair" in config.heads or "classify" in config.heads
@@ -381,14 +451,41 @@ class Transformer(nn.Module):
         memory: Tensor,
         memory_mask: Tensor,
         decoder_attention_mask: Tensor | None = None,
+        *,
+        caches: list[LayerCache] | None = None,
     ) -> Tensor:
-        """Run the decoder over encoder output `memory` (B,T,dim): returns the last decoder layer (B,S,dim)."""
+        """Run the decoder over encoder output `memory` (B,T,dim): returns the last decoder layer (B,S,dim).
+
+        caches: one LayerCache per decoder layer (generation). The tokens they hold are not run
+        again: only decoder_input_ids[:, cached:] are, and only their states come back; the cached
+        keys are all attended to (decoder_attention_mask must be None).
+        """
         mask = self._check_decoder_ids(decoder_input_ids, decoder_attention_mask, memory)
-        y = self.embeddings(decoder_input_ids)
+        if caches is not None and decoder_attention_mask is not None:
+            raise ValueError("decoding with a key/value cache attends to every cached token: no decoder_attention_mask")
+        y = self.embed_decoder(decoder_input_ids, start=0 if caches is None else caches[0].length)
         y, _, _ = self.decoder(
-            y, mask.bool(), causal=True, memory=memory, memory_mask=memory_mask.bool(), backend=self.attention_backend
+            y,
+            mask.bool() if caches is None else None,
+            causal=y.shape[1] > 1,
+            memory=memory,
+            memory_mask=memory_mask.bool(),
+            backend=self.attention_backend,
+            caches=caches,
         )
         return y
+
+    def embed_decoder(self, decoder_input_ids: Tensor, *, start: int = 0) -> Tensor:
+        """The decoder's input vectors (B,S-start,dim): its own positions and norm, or the shared embeddings."""
+        if self.decoder_embeddings is None:
+            return self.embeddings(decoder_input_ids, start=start)
+        return self.decoder_embeddings(decoder_input_ids, start=start, words=self.embeddings)
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> Tensor:
+        """Greedy or beam-search decoding with a key/value cache; see `model.generate.generate` for the options."""
+        from model.generate import generate
+
+        return generate(self, input_ids, attention_mask, **options)
 
     def _check_decoder_ids(self, ids: Tensor, mask: Tensor | None, encoded: Tensor) -> Tensor:
         """Validate the decoder's ids and mask against the encoder batch `encoded` (ids or memory); returns the mask."""

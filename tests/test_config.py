@@ -115,7 +115,7 @@ def test_replace_keeps_filled_in_defaults_as_defaults():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(positions="alibi"), "positions must be one of absolute, padding_offset, rotary; got 'alibi'"),
+        (dict(positions="alibi"), "positions must be one of absolute, padding_offset, rotary, sinusoidal; got 'alibi'"),
         (dict(positions=None), "positions must be one of"),
         (dict(positions="rotary", n_heads=64), r"head_dim must be even; got \[1\]"),
         (dict(pooler_activation="softmax"), "pooler_activation must be one of tanh, gelu, gelu_tanh, relu, silu"),
