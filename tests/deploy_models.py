@@ -35,6 +35,22 @@ sys.meta_path.insert(0, _NoTorch())
 """
 
 
+# The model card's torch-free snippet (onnxruntime, tokenizers, numpy), with every output kept in `outputs`.
+PLAIN_SNIPPET = """
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+tokenizer = Tokenizer.from_file("{folder}/tokenizer.json")
+session = ort.InferenceSession("{folder}/{graph}", providers=["CPUExecutionProvider"])
+encodings = tokenizer.encode_batch({texts!r})
+fields = {{"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}}
+feeds = {{name: np.array([getattr(e, f) for e in encodings], dtype=np.int64) for name, f in fields.items()}}
+feeds = {{name: feeds[name] for name in (i.name for i in session.get_inputs())}}
+outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+"""
+
+
 def batches(model: Transformer, n: int = 2) -> list[dict[str, torch.Tensor]]:
     """`n` batches of SENTENCES encoded with the model's tokenizer (data for Prune's importance)."""
     return [encode(model.tokenizer, SENTENCES, max_len=32) for _ in range(n)]

