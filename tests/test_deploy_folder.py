@@ -204,3 +204,25 @@ def test_a_graph_file_beside_a_saved_model_is_no_export_folder(classifier, tmp_p
     save(classifier, tmp_path)  # its manifest.json is a saved model's, not an export's
     report = export_onnx(classifier, tmp_path / "model.onnx")
     assert OrtModel(report.paths["encoder"]).config == classifier.config
+
+
+@pytest.mark.parametrize(
+    "traits, model_type, architecture",
+    [
+        ({}, "bert", "BertForSequenceClassification"),
+        ({"positions": "padding_offset", "pad_id": 1}, "roberta", "RobertaForSequenceClassification"),
+        ({"pooler_activation": "relu", "type_vocab_size": 0}, "distilbert", "DistilBertForSequenceClassification"),
+        ({"positions": "rotary"}, "roformer", "RoFormerForSequenceClassification"),
+    ],
+)
+def test_config_json_names_the_source_family(traits, model_type, architecture):
+    from transformers import AutoConfig
+
+    from model import Config
+    from model.onnx.hub_files import hf_config
+
+    config = Config.preset("tiny", decoder_layers=0, heads=("classify",), n_labels=2, **traits)
+    data = hf_config(config)
+    assert data["model_type"] == model_type and data["architectures"] == [architecture]
+    loaded = AutoConfig.for_model(**data)  # transformers reads every key with its family's class
+    assert loaded.num_labels == 2 and loaded.vocab_size == config.vocab_size

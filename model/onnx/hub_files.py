@@ -53,6 +53,12 @@ def _roberta(config: Config) -> dict[str, Any]:
     return {**_bert(config), "max_position_embeddings": config.max_positions + config.pad_id + 1}
 
 
+def _roformer(config: Config) -> dict[str, Any]:
+    """RoFormerConfig: BERT's keys without a position table type; rotary queries and keys only (rotary_value off)."""
+    data = {k: v for k, v in _bert(config).items() if k != "position_embedding_type"}
+    return {**data, "embedding_size": config.dim, "rotary_value": False}
+
+
 def _distilbert(config: Config) -> dict[str, Any]:
     """DistilBertConfig's own key names (no token types)."""
     first = config.encoder[0]
@@ -74,22 +80,26 @@ FAMILIES: dict[str, Callable[[Config], dict[str, Any]]] = {
     "bert": _bert,
     "roberta": _roberta,
     "distilbert": _distilbert,
+    "roformer": _roformer,
 }
-_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
+_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "roformer": "RoFormer"}
 # The transformers class of each flashlite head, for config.json's `architectures` (None: the base model).
 _ARCHITECTURES = {"classify": "ForSequenceClassification", "qa": "ForQuestionAnswering", "mlm": "ForMaskedLM"}
 
 
 def family_of(config: Config) -> str:
-    """The Hugging Face model_type a Config comes from: RoBERTa-style positions say roberta, DistilBERT's ReLU
-    pre-classifier or no token types say distilbert, anything else (flashlite's own models too) bert.
+    """The Hugging Face model_type a Config comes from, by the traits each family imports with: rotary positions
+    say roformer, positions offset by the padding index roberta (xlm-roberta too: give model_type to say so),
+    DistilBERT's ReLU pre-classifier or no token types distilbert, anything else (flashlite's own models too) bert.
 
     Args:
         config: the model's Config.
     """
-    if getattr(config, "positions", "absolute") == "padding_offset":
+    if config.positions == "rotary":
+        return "roformer"
+    if config.positions == "padding_offset":
         return "roberta"
-    if getattr(config, "pooler_activation", "tanh") == "relu" or config.type_vocab_size == 0:
+    if config.pooler_activation == "relu" or config.type_vocab_size == 0:
         return "distilbert"
     return "bert"
 
