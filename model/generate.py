@@ -113,7 +113,7 @@ class _Beams:
         """Merge the hypotheses that just ended (among the first N candidates) into the finished ones."""
         n = self.running.shape[1]
         just = hits & (torch.arange(hits.shape[1], device=hits.device) < n)
-        cand = top_scores / ((cur + 1 - 1) ** options["length_penalty"])
+        cand = top_scores / (cur ** options["length_penalty"])  # cur tokens generated, the start token not counted
         full = self.finished.all(dim=-1, keepdim=True) & (options["early_stopping"] is True)
         cand += full.to(torch.float32) * _NEG
         cand += (~self.improvable).to(torch.float32) * _NEG

@@ -1,4 +1,4 @@
-"""from_hf(): import a Hugging Face encoder checkpoint (folder or transformers model), routed by its model_type."""
+"""from_hf(): import a Hugging Face checkpoint (folder or transformers model), routed by its model_type."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from model.config import Config
-from model.hf import bert, distilbert, roberta, roformer
+from model.hf import bart, bert, distilbert, marian, roberta, roformer
 from model.hf.common import Family, build, read_config, read_weights
 from model.transformer import Transformer
 
-FAMILIES = (bert.FAMILY, roberta.FAMILY, distilbert.FAMILY, roformer.FAMILY)
+FAMILIES = (bert.FAMILY, roberta.FAMILY, distilbert.FAMILY, roformer.FAMILY, bart.FAMILY, marian.FAMILY)
 # Every Hugging Face class we import, and the flashlite heads each one carries.
 ARCHITECTURES = {name: heads for family in FAMILIES for name, heads in family.architectures.items()}
 MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -50,7 +50,7 @@ def config_from_hf(
         heads, n_labels: replace the architecture's heads (n_labels: the width of "classify").
 
     Raises ValueError for anything flashlite cannot reproduce exactly (another model type,
-    relative positions, decoders, an activation it lacks), TypeError for a mistyped key.
+    relative positions, an activation it lacks), TypeError for a mistyped key.
     """
     family, architecture = _family(hf, architecture)
     return family.config(hf, architecture, heads=heads, n_labels=n_labels)
@@ -76,7 +76,7 @@ def from_hf(
     heads: tuple[str, ...] | None = None,
     n_labels: int = 0,
 ) -> Transformer:
-    """Import a Hugging Face encoder (BERT, RoBERTa, XLM-R, DistilBERT, RoFormer) as a flashlite Transformer with the same outputs.
+    """Import a Hugging Face model (BERT, RoBERTa, XLM-R, DistilBERT, RoFormer, BART, mBART, Marian) with the same outputs.
 
     Args:
         model_or_dir: a folder with config.json and model.safetensors (or pytorch_model.bin), or a

@@ -1,0 +1,181 @@
+"""from_hf() on encoder-decoders: BART, mBART and Marian match transformers on padded batches and in generate()."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="needs the `hf` extra (transformers)")
+
+from model import from_hf, load, save  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 100
+_CONFIGS = {"Bart": "BartConfig", "MBart": "MBartConfig", "Marian": "MarianConfig"}
+
+
+def _family(cls_name: str) -> str:
+    return next(f for f in ("MBart", "Bart", "Marian") if cls_name.startswith(f))
+
+
+def _config(cls_name: str, **overrides):
+    """A small config of the class's family: width 32, 2 + 2 layers, 4 heads, FFN 37, 40 positions."""
+    sizes = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4)
+    sizes.update(encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=40, dropout=0.0)
+    if _family(cls_name) == "Marian":  # Marian's pad and decoder start are the last id
+        sizes.update(pad_token_id=VOCAB - 1, decoder_start_token_id=VOCAB - 1)
+    if _family(cls_name) == "MBart":
+        sizes.update(decoder_start_token_id=2)
+    config = getattr(transformers, _CONFIGS[_family(cls_name)])
+    return config(vocab_size=VOCAB, **{**sizes, **overrides})
+
+
+def _small(cls_name: str, **overrides):
+    """A small random HF model in eval mode, every weight (and final_logits_bias) perturbed so no mapping error hides.
+
+    With untied embeddings transformers 5 gives encoder and decoder their own copies of the word
+    table; a real checkpoint holds one table, so they are set equal to `shared` here.
+    """
+    model = getattr(transformers, cls_name)(_config(cls_name, **overrides)).eval()
+    base = model.get_encoder().embed_tokens, model.get_decoder().embed_tokens
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("embed_positions.weight") or _family(cls_name) != "Marian":  # Marian's are fixed
+                p.add_(torch.randn_like(p) * 0.15)
+        for table in base:
+            table.weight.copy_(model.get_input_embeddings().weight)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.add_(torch.randn_like(model.final_logits_bias) * 0.1)
+    return model
+
+
+def _folder(hf, tmp_path):
+    hf.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def _padded_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """Four sources of lengths 12, 7, 3 (right padding) and 9 (left padding); targets of lengths 6, 6, 4, 2."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB - 1, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 3:], mask[3, :3] = 0, 0, 0
+    targets = torch.randint(3, VOCAB - 1, (4, 6), generator=g)
+    target_mask = torch.ones_like(targets)
+    target_mask[2, 4:], target_mask[3, 2:] = 0, 0
+    return {
+        "input_ids": ids.masked_fill(mask == 0, pad_id),
+        "attention_mask": mask,
+        "decoder_input_ids": targets.masked_fill(target_mask == 0, pad_id),
+        "decoder_attention_mask": target_mask,
+    }
+
+
+def _assert_parity(model, hf):
+    batch = _padded_batch(hf.config.pad_token_id)
+    with torch.no_grad():
+        want = hf(**batch)
+        got = model(**batch)
+    assert (got.hidden_states - want.encoder_last_hidden_state).abs().max().item() <= TOL
+    if "lm" in model.config.heads:
+        assert got.head_logits["lm"].shape == want.logits.shape
+        assert (got.head_logits["lm"] - want.logits).abs().max().item() <= TOL
+    else:
+        assert (got.decoder_hidden_states - want.last_hidden_state).abs().max().item() <= TOL
+
+
+CASES = [
+    ("BartModel", dict()),
+    ("BartForConditionalGeneration", dict()),
+    ("BartForConditionalGeneration", dict(tie_word_embeddings=False, scale_embedding=True, activation_function="relu")),
+    ("MBartModel", dict()),
+    ("MBartForConditionalGeneration", dict(scale_embedding=True)),
+    ("MarianModel", dict()),
+    ("MarianMTModel", dict(scale_embedding=True, activation_function="swish")),
+    ("MarianMTModel", dict(tie_word_embeddings=False)),
+]
+
+
+@pytest.mark.parametrize("cls_name, overrides", CASES, ids=[f"{c}-{o}" for c, o in CASES])
+def test_padded_batches_match_transformers(cls_name, overrides, tmp_path):
+    hf = _small(cls_name, **overrides)
+    model = from_hf(_folder(hf, tmp_path))
+    assert model.config.lm_head_tied == (overrides.get("tie_word_embeddings", True) or "lm" not in model.config.heads)
+    _assert_parity(model, hf)
+
+
+def test_an_in_memory_model_imports_like_its_folder(tmp_path):
+    hf = _small("MBartForConditionalGeneration")
+    _assert_parity(from_hf(hf), hf)
+
+
+def test_the_config_saves_its_seq2seq_facts(tmp_path):
+    model = from_hf(_folder(_small("MarianMTModel", scale_embedding=True, tie_word_embeddings=False), tmp_path))
+    save(model, tmp_path / "lite")
+    text = (tmp_path / "lite" / "config.json").read_text()
+    for key in ('"positions": "sinusoidal"', '"embed_norm": false', '"lm_head_tied": false', '"embed_scale"'):
+        assert key in text
+    again, batch = load(tmp_path / "lite"), _padded_batch(VOCAB - 1)
+    with torch.no_grad():
+        assert torch.equal(again(**batch).head_logits["lm"], model(**batch).head_logits["lm"])
+
+
+def _end_token(model, batch, start: int) -> int:
+    """An end token that row 0 produces and row 1 never does when decoding freely: rows end at different steps."""
+    free = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12, decoder_start_token_id=start)
+    eos = next((t for t in free[0, 1:].tolist() if t not in free[1].tolist()), None)
+    assert eos is not None, "rows 0 and 1 decode alike: pick another seed"
+    return eos
+
+
+# Untied heads: random tied ones mostly echo the last token, which would leave little to compare.
+_UNTIED = dict(tie_word_embeddings=False, scale_embedding=True)
+GENERATE = [
+    ("BartForConditionalGeneration", dict(tie_word_embeddings=False), 1),
+    ("BartForConditionalGeneration", dict(tie_word_embeddings=False), 4),
+    ("MBartForConditionalGeneration", _UNTIED, 1),
+    ("MBartForConditionalGeneration", _UNTIED, 3),
+    ("MarianMTModel", dict(**_UNTIED, activation_function="swish"), 1),
+    ("MarianMTModel", dict(**_UNTIED, activation_function="swish"), 3),
+]
+
+
+@pytest.mark.parametrize("cls_name, overrides, num_beams", GENERATE, ids=[f"{c}-beams{n}" for c, _, n in GENERATE])
+def test_generate_gives_the_ids_of_transformers(cls_name, overrides, num_beams, tmp_path):
+    hf = _small(cls_name, **overrides)
+    model = from_hf(_folder(hf, tmp_path))
+    batch = _padded_batch(hf.config.pad_token_id)
+    source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    start = hf.config.decoder_start_token_id
+    eos = _end_token(model, source, start)
+    options = dict(max_new_tokens=12, num_beams=num_beams, decoder_start_token_id=start, eos_token_id=eos)
+    with torch.no_grad():
+        want = hf.generate(**source, do_sample=False, forced_eos_token_id=eos, **options)
+    got = model.generate(**source, pad_token_id=hf.config.pad_token_id, forced_eos_token_id=eos, **options)
+    assert torch.equal(got, want)
+    if num_beams == 1:
+        assert (want == hf.config.pad_token_id).any(), "no row ended early: the test would not see padding"
+
+
+def test_marian_with_its_own_decoder_vocabulary_is_refused(tmp_path):
+    hf = _small("MarianMTModel")
+    hf.config.decoder_vocab_size = VOCAB + 1
+    with pytest.raises(ValueError, match=r"decoder_vocab_size \(101\) differs from vocab_size \(100\)"):
+        from_hf(hf)
+
+
+def test_a_decoder_with_its_own_word_table_is_refused(tmp_path):
+    hf = _small("BartForConditionalGeneration", tie_word_embeddings=False)
+    with torch.no_grad():
+        hf.get_decoder().embed_tokens.weight.add_(1.0)
+    with pytest.raises(ValueError, match="decoder.embed_tokens.weight differs from the word table"):
+        from_hf(_folder(hf, tmp_path))
+
+
+def test_an_unsupported_seq2seq_head_is_refused_naming_the_supported(tmp_path):
+    hf = transformers.BartForSequenceClassification(_config("BartForSequenceClassification"))
+    with pytest.raises(
+        ValueError, match="BartForSequenceClassification is not supported.*BartForConditionalGeneration"
+    ):
+        from_hf(hf)
