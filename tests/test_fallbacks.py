@@ -13,7 +13,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from model import quant_math
 from model.config import Config
-from model.onnx import runtime
+from model.onnx import deployed
 from model.onnx.runtime import OrtModel, graph_metadata
 from model.quant_math import integer_matmul, padded_int_mm
 
@@ -140,7 +140,7 @@ def test_other_errors_while_opening_a_session_propagate(tmp_path, monkeypatch, e
     def session(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(runtime.ort, "InferenceSession", session)
+    monkeypatch.setattr(deployed.ort, "InferenceSession", session)  # the one place sessions are opened
     with pytest.raises(type(error)) as caught:
         OrtModel(path)
     assert caught.value is error

@@ -842,7 +842,7 @@ def ort_model(tmp_path_factory):
         [
             helper.make_node("Add", ["input_ids", "token_type_ids"], ["sum"]),
             helper.make_node("Mul", ["sum", "attention_mask"], ["kept"]),
-            helper.make_node("Cast", ["kept"], ["hidden_states"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["kept"], ["last_hidden_state"], to=TensorProto.FLOAT),  # Hugging Face's name
         ],
     )
     stub_graph(

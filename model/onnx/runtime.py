@@ -125,10 +125,6 @@ def _open(path: Path, threads: int | None) -> _Graph:
     config = Config.from_json(meta[CONFIG_KEY])
     session = open_session(path, threads)
     outputs = tuple(o.name for o in session.get_outputs())
-    if meta[GRAPH_KEY] == "encoder" and HIDDEN not in outputs:
-        raise ValueError(
-            f"{path} has no {HIDDEN} output (outputs {list(outputs)}): an export of an earlier flashlite; export it again"
-        )
     return _Graph(path, session, tuple(i.name for i in session.get_inputs()), outputs, config)
 
 
@@ -188,6 +184,11 @@ class OrtModel:
                     f"decoder_input_ids has {len(ids)} rows but input_ids has {len(feeds['input_ids'])}; one target per source"
                 )
         values = self._run(self.encoder, feeds)
+        if HIDDEN not in values:
+            raise ValueError(
+                f"{self.encoder.path} has no {HIDDEN} output (outputs {list(values)}): an export of an earlier "
+                "flashlite; export it again"
+            )
         out = Output(hidden_states=values.pop(HIDDEN))
         if decoder_ids is not None:
             decoded = self._run(
@@ -202,6 +203,7 @@ class OrtModel:
         heads = {
             head: values[names[0]] if len(names) == 1 else np.stack([values[n] for n in names], axis=-1)
             for head, names in head_outputs(self.config.heads).items()
+            if all(n in values for n in names)
         }
         if decoder_ids is not None and "lm_logits" in decoded:
             heads["lm"] = decoded["lm_logits"]
