@@ -71,7 +71,9 @@ def eval_source(args: argparse.Namespace):
     if args.onnx.is_file() and args.onnx.suffix != ".onnx":
         raise ValueError(f"--onnx {args.onnx} is not an .onnx file (write one with `flashlite export`)")
     runner = OrtModel(args.onnx)
-    path = args.tokenizer or graph_paths(args.onnx)["encoder"].parent / "tokenizer.json"
+    graph_folder = runner.encoder.path.parent  # a sentence-transformers folder keeps its graphs in onnx/
+    beside = [folder / "tokenizer.json" for folder in (graph_folder, graph_folder.parent)]
+    path = args.tokenizer or next((p for p in beside if p.is_file()), beside[0])
     if not path.is_file():
         raise FileNotFoundError(
             f"no tokenizer at {path}: pass --tokenizer FILE (export writes tokenizer.json beside model.onnx)"
