@@ -40,32 +40,37 @@ def reference_attention(
     causal: bool = False,
     scale: float | None = None,
     dropout: float = 0.0,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Exact attention in the inputs' dtype (use float64 for test references).
+    """Exact attention in the inputs' dtype (use float64 for test references); `bias` is added to the scores.
 
     Returns (output (B,H,Tq,D), weights (B,H,Tq,Tk)).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
-    bias = _masked_scores_bias(key_mask, causal, q.shape[-2], k.shape[-2], q.device, scores.dtype)
     if bias is not None:
         scores = scores + bias
+    masked = _masked_scores_bias(key_mask, causal, q.shape[-2], k.shape[-2], q.device, scores.dtype)
+    if masked is not None:
+        scores = scores + masked
     weights = torch.softmax(scores, dim=-1)
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout)
     return torch.matmul(weights, v), weights
 
 
-def _reference(q, k, v, *, key_mask, causal, scale, dropout):
-    return reference_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout=dropout)[0]
+def _reference(q, k, v, *, key_mask, causal, scale, dropout, bias=None):
+    return reference_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout=dropout, bias=bias)[0]
 
 
-def _sdpa(q, k, v, *, key_mask, causal, scale, dropout):
+def _sdpa(q, k, v, *, key_mask, causal, scale, dropout, bias=None):
     tq, tk = q.shape[-2], k.shape[-2]
-    if key_mask is None and (not causal or tq == tk):
+    if bias is None and key_mask is None and (not causal or tq == tk):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=scale)
-    bias = _masked_scores_bias(key_mask, causal, tq, tk, q.device, q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    masked = _masked_scores_bias(key_mask, causal, tq, tk, q.device, q.dtype)
+    if bias is not None:
+        masked = bias if masked is None else bias + masked
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=masked, dropout_p=dropout, scale=scale)
 
 
 # The Triton kernels are imported on first use: a CPU-only install never imports triton, and
@@ -208,6 +213,7 @@ def attend(
     scale: float | None = None,
     dropout: float = 0.0,
     backend: str = "auto",
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Attention of q (B,H,Tq,D) over k, v (B,H,Tk,D); returns (B,H,Tq,D).
 
@@ -218,8 +224,14 @@ def attend(
     "flash-lsh" (approximate, inference only); see `choose_backend` for what "auto" picks and
     when a request is overridden (dropout, export); a kernel asked for by name that falls back
     for dropout warns, naming the reason.
+    bias: added to the scores, broadcast to (B,H,Tq,Tk) (T5's relative positions); the Triton
+    kernels take none, so it runs sdpa instead.
     """
     _check(q, k, v, key_mask)
+    if bias is not None:
+        name = backend if backend in ("reference", "sdpa") else "sdpa"
+        warn_fallback(backend, name, "an additive score bias: the Triton kernels take none")
+        return BACKENDS[name](q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout=dropout, bias=bias)
     name, reason = choose_backend(q, backend, dropout=dropout)
     warn_fallback(backend, name, reason)
     return BACKENDS[name](q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout=dropout)

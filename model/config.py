@@ -11,7 +11,8 @@ from typing import Any
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 HEADS = ("mlm", "pair", "lm", "classify", "qa")
-POSITIONS = ("absolute", "padding_offset", "rotary", "sinusoidal")
+POSITIONS = ("absolute", "padding_offset", "rotary", "sinusoidal", "relative")
+NORM_TYPES = ("layer", "rms")
 POOLER_ACTIVATIONS = ("tanh", *ACTIVATIONS)
 DECODER_EMBEDDINGS = ("shared", "own_positions")
 # Fields added after the first saved models: written to config.json only when they differ from
@@ -23,6 +24,12 @@ _LATER_DEFAULTS = {
     "embed_norm": True,
     "decoder_embeddings": "shared",
     "lm_head_tied": True,
+    "lm_head_scale": 1.0,
+    "norm_type": "layer",
+    "linear_bias": True,
+    "ffn_gated": False,
+    "relative_buckets": 32,
+    "relative_max_distance": 128,
 }
 QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
 
@@ -186,7 +193,13 @@ class Config:
     in the tied output layers; `embed_norm` False drops the LayerNorm after the embeddings (Marian).
     `decoder_embeddings`: "shared" runs the decoder on the encoder's embeddings; "own_positions"
     (BART, mBART) gives the decoder its own position table and embedding LayerNorm, the word table
-    still shared. `lm_head_tied` False gives the seq2seq LM head its own (vocab, dim) output matrix.
+    still shared. `lm_head_tied` False gives the seq2seq LM head its own (vocab, dim) output matrix;
+    `lm_head_scale` multiplies the decoder's output before it (T5 tied: dim**-0.5).
+    "relative" (T5) has no table either: every self-attention adds a learned bias per head and
+    relative-distance bucket (`relative_buckets` buckets, logarithmic up to `relative_max_distance`;
+    bidirectional in the encoder, backward only in the decoder). `norm_type` "rms" makes every norm
+    an RMSNorm (no bias, no mean); `linear_bias` False drops the biases of attention and FFN
+    projections; `ffn_gated` multiplies the FFN's activated `gate` projection with its `up` one.
     """
 
     vocab_size: int
@@ -214,6 +227,12 @@ class Config:
     embed_norm: bool = True
     decoder_embeddings: str = "shared"
     lm_head_tied: bool = True
+    lm_head_scale: float = 1.0
+    norm_type: str = "layer"
+    linear_bias: bool = True
+    ffn_gated: bool = False
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
@@ -281,11 +300,12 @@ class Config:
 
     def _check_seq2seq_facts(self) -> None:
         """Validate the embedding and LM-head facts that the imported seq2seq families need."""
-        scale = self.embed_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-            raise ValueError(f"embed_scale must be a positive finite number, got {scale!r}")
-        object.__setattr__(self, "embed_scale", float(scale))
-        for name in ("embed_norm", "lm_head_tied"):
+        for name in ("embed_scale", "lm_head_scale"):
+            scale = getattr(self, name)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
+            object.__setattr__(self, name, float(scale))
+        for name in ("embed_norm", "lm_head_tied", "linear_bias", "ffn_gated"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_choice("decoder_embeddings", self.decoder_embeddings, DECODER_EMBEDDINGS)
@@ -293,11 +313,19 @@ class Config:
             raise ValueError(f"decoder_embeddings={self.decoder_embeddings!r} needs decoder layers")
         if not self.lm_head_tied and "lm" not in self.heads:
             raise ValueError("lm_head_tied=False describes the 'lm' head, but heads has no 'lm'")
+        check_choice("norm_type", self.norm_type, NORM_TYPES)
+        check_int("relative_buckets", self.relative_buckets, 2)
+        check_int("relative_max_distance", self.relative_max_distance, 1)
+        if self.relative_buckets % 2 or self.relative_max_distance <= self.relative_buckets // 2:
+            raise ValueError(
+                f"relative_buckets ({self.relative_buckets}) must be even and relative_max_distance "
+                f"({self.relative_max_distance}) over half of it: the buckets past the exact ones grow logarithmically"
+            )
 
     @property
     def position_rows(self) -> int:
-        """Rows of the position table: max_positions, plus pad_id + 1 leading rows for "padding_offset"; 0 for "rotary" and "sinusoidal"."""
-        if self.positions in ("rotary", "sinusoidal"):
+        """Rows of the position table: max_positions, plus pad_id + 1 leading rows for "padding_offset"; 0 without a table."""
+        if self.positions in ("rotary", "sinusoidal", "relative"):
             return 0
         return self.max_positions + (self.pad_id + 1 if self.positions == "padding_offset" else 0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,35 @@ _ACTIVATIONS = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
 }
+
+
+def norm_layer(config: Config) -> nn.Module:
+    """The norm every layer uses: LayerNorm, or RMSNorm without bias (Config.norm_type="rms", T5)."""
+    if config.norm_type == "rms":
+        return nn.RMSNorm(config.dim, eps=config.norm_eps)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps)
+
+
+def relative_buckets(queries: Tensor, keys: Tensor, n: int, max_distance: int, bidirectional: bool) -> Tensor:
+    """T5's bucket (Tq, Tk) of each query/key position pair: exact for small distances, logarithmic up to max_distance.
+
+    Args:
+        queries, keys: positions (Tq,) and (Tk,), int64.
+        n, max_distance: Config.relative_buckets and relative_max_distance.
+        bidirectional: the encoder's (half the buckets for keys after the query); else keys after it share bucket 0.
+    """
+    relative = keys[None, :] - queries[:, None]  # (Tq, Tk)
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        n //= 2
+        buckets += (relative > 0).long() * n
+        relative = relative.abs()
+    else:
+        relative = -torch.min(relative, torch.zeros_like(relative))
+    exact = n // 2
+    large = exact + (torch.log(relative.float() / exact) / math.log(max_distance / exact) * (n - exact)).long()
+    large = torch.min(large, torch.full_like(large, n - 1))
+    return buckets + torch.where(relative < exact, relative, large)
 
 
 @dataclass
@@ -72,7 +102,7 @@ class Embeddings(nn.Module):
         self.pad_id = config.pad_id if config.positions == "padding_offset" else None
         types = own_words and config.type_vocab_size
         self.token_type = nn.Embedding(config.type_vocab_size, config.dim) if types else None
-        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if config.embed_norm else None
+        self.norm = norm_layer(config) if config.embed_norm else None
         self.dropout = nn.Dropout(config.dropout)
 
     def lookup(self, input_ids: Tensor) -> Tensor:
@@ -162,18 +192,27 @@ def rotate(x: Tensor, start: int = 0) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention (self or cross) with its own head count and head width; `rotary`: rotate q and k."""
+    """Multi-head attention (self or cross) with its own head count and head width.
 
-    def __init__(self, dim: int, shape: LayerShape, dropout: float, rotary: bool = False):
+    Self-attention follows config.positions: "rotary" rotates q and k; "relative" adds T5's
+    learned bias per head and distance bucket (`relative`, (buckets, n_heads)), bidirectional
+    unless `causal` (the decoder's).
+    """
+
+    def __init__(self, config: Config, shape: LayerShape, *, cross: bool = False, causal: bool = False):
         super().__init__()
-        self.rotary = rotary
+        self.rotary = config.positions == "rotary" and not cross
         self.n_heads, self.head_dim = shape.n_heads, shape.head_dim
-        inner = shape.n_heads * shape.head_dim
-        self.q_proj = nn.Linear(dim, inner)
-        self.k_proj = nn.Linear(dim, inner)
-        self.v_proj = nn.Linear(dim, inner)
-        self.out_proj = nn.Linear(inner, dim)
-        self.dropout = dropout
+        inner, dim, bias = shape.n_heads * shape.head_dim, config.dim, config.linear_bias
+        self.q_proj = nn.Linear(dim, inner, bias=bias)
+        self.k_proj = nn.Linear(dim, inner, bias=bias)
+        self.v_proj = nn.Linear(dim, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, dim, bias=bias)
+        self.relative = None
+        if config.positions == "relative" and not cross:
+            self.relative = nn.Embedding(config.relative_buckets, shape.n_heads)
+            self.bucket_args = (config.relative_buckets, config.relative_max_distance, not causal)
+        self.dropout = config.attention_dropout
 
     def _split(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -196,17 +235,26 @@ class Attention(nn.Module):
         if self.rotary:
             q = rotate(q, start)
         k, v = self._keys_values(x, memory, cache, start)
+        bias = None if self.relative is None else self._position_bias(start, q.shape[2], k.shape[2])
         dropout = self.dropout if self.training else 0.0
         if need_weights:  # the kernels and sdpa return no weights
             warn_fallback(
                 backend, "reference", "output_attentions=True: the Triton kernels return no attention weights"
             )
-            out, weights = reference_attention(q, k, v, key_mask=key_mask, causal=causal, dropout=dropout)
+            out, weights = reference_attention(q, k, v, key_mask=key_mask, causal=causal, dropout=dropout, bias=bias)
         else:
-            out, weights = attend(q, k, v, key_mask=key_mask, causal=causal, dropout=dropout, backend=backend), None
+            opts = dict(key_mask=key_mask, causal=causal, dropout=dropout, bias=bias)
+            out, weights = attend(q, k, v, backend=backend, **opts), None
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.out_proj(out), weights
+
+    def _position_bias(self, start: int, tq: int, tk: int) -> Tensor:
+        """T5's relative position bias (1, H, Tq, Tk) for queries at start..start+Tq-1 over keys 0..Tk-1."""
+        device = self.relative.weight.device
+        queries = torch.arange(start, start + tq, device=device)
+        buckets = relative_buckets(queries, torch.arange(tk, device=device), *self.bucket_args)
+        return self.relative(buckets).permute(2, 0, 1).unsqueeze(0)
 
     def _keys_values(self, x: Tensor, memory: Tensor | None, cache: LayerCache | None, start: int):
         """Keys and values (B,H,S,D): of memory (computed once per cache), or of x after the cached ones."""
@@ -225,15 +273,22 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward network: up-projection, activation, down-projection."""
+    """Position-wise feed-forward network: up-projection, activation, down-projection.
 
-    def __init__(self, dim: int, ffn_dim: int, activation: str):
+    Gated (Config.ffn_gated, T5 v1.1): down(act(gate(x)) * up(x)).
+    """
+
+    def __init__(self, config: Config, ffn_dim: int):
         super().__init__()
-        self.up = nn.Linear(dim, ffn_dim)
-        self.act = _ACTIVATIONS[activation]()
-        self.down = nn.Linear(ffn_dim, dim)
+        dim, bias = config.dim, config.linear_bias
+        self.gate = nn.Linear(dim, ffn_dim, bias=bias) if config.ffn_gated else None
+        self.up = nn.Linear(dim, ffn_dim, bias=bias)
+        self.act = _ACTIVATIONS[config.activation]()
+        self.down = nn.Linear(ffn_dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate is not None:
+            return self.down(self.act(self.gate(x)) * self.up(x))
         return self.down(self.act(self.up(x)))
 
 
@@ -243,15 +298,15 @@ class Block(nn.Module):
     def __init__(self, config: Config, shape: LayerShape, cross: bool):
         super().__init__()
         self.pre_norm = config.norm == "pre"
-        self.self_attn = Attention(config.dim, shape, config.attention_dropout, rotary=config.positions == "rotary")
-        self.attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.cross_attn = Attention(config.dim, shape, config.attention_dropout) if cross else None
-        self.cross_norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if cross else None
-        self.ffn = FeedForward(config.dim, shape.ffn_dim, config.activation)
-        self.ffn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.self_attn = Attention(config, shape, causal=cross)  # the decoder's (with cross-attention) is causal
+        self.attn_norm = norm_layer(config)
+        self.cross_attn = Attention(config, shape, cross=True) if cross else None
+        self.cross_norm = norm_layer(config) if cross else None
+        self.ffn = FeedForward(config, shape.ffn_dim)
+        self.ffn_norm = norm_layer(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _residual(self, x: Tensor, norm: nn.LayerNorm, fn) -> tuple[Tensor, Tensor | None]:
+    def _residual(self, x: Tensor, norm: nn.Module, fn) -> tuple[Tensor, Tensor | None]:
         if self.pre_norm:
             y, weights = fn(norm(x))
             return x + self.dropout(y), weights
@@ -290,7 +345,7 @@ class Stack(nn.Module):
         first_use = {block: layer for layer, block in reversed(list(enumerate(share)))}
         self.blocks = nn.ModuleList(Block(config, shapes[first_use[b]], cross) for b in range(len(first_use)))
         self.share = share
-        self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if config.norm == "pre" else None
+        self.final_norm = norm_layer(config) if config.norm == "pre" else None
 
     def forward(
         self,
@@ -348,14 +403,17 @@ class MaskedLMHead(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Seq2seq LM head on the decoder: the tied word embeddings (or its own `out`, Config.lm_head_tied=False) and a bias."""
+    """Seq2seq LM head on the decoder: times lm_head_scale, the tied word embeddings (or its own `out`) and a bias."""
 
     def __init__(self, config: Config):
         super().__init__()
         self.out = None if config.lm_head_tied else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.scale = config.lm_head_scale
 
     def forward(self, h: Tensor, embeddings: Embeddings) -> Tensor:
+        if self.scale != 1.0:
+            h = h * self.scale
         return (embeddings.unembed(h) if self.out is None else self.out(h)) + self.bias
 
 

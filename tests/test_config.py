@@ -115,7 +115,10 @@ def test_replace_keeps_filled_in_defaults_as_defaults():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(positions="alibi"), "positions must be one of absolute, padding_offset, rotary, sinusoidal; got 'alibi'"),
+        (
+            dict(positions="alibi"),
+            "positions must be one of absolute, padding_offset, rotary, sinusoidal, relative; got 'alibi'",
+        ),
         (dict(positions=None), "positions must be one of"),
         (dict(positions="rotary", n_heads=64), r"head_dim must be even; got \[1\]"),
         (dict(pooler_activation="softmax"), "pooler_activation must be one of tanh, gelu, gelu_tanh, relu, silu"),
@@ -135,3 +138,37 @@ def test_fields_at_their_later_defaults_are_not_written():
     assert Config.from_json(roberta.to_json()) == roberta
     assert (roberta.position_rows, Config.preset("tiny").position_rows) == (128 + 2, 128)
     assert Config.preset("tiny", positions="rotary").position_rows == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(embed_scale=0.0), ValueError, "embed_scale must be a positive finite number"),
+        (dict(lm_head_scale=True), ValueError, "lm_head_scale must be a positive finite number"),
+        (dict(embed_norm=1), TypeError, "embed_norm must be true or false"),
+        (dict(decoder_embeddings="own"), ValueError, "decoder_embeddings must be one of shared, own_positions"),
+        (dict(decoder_embeddings="own_positions", decoder_layers=0, heads=()), ValueError, "needs decoder layers"),
+        (dict(lm_head_tied=False, heads=("mlm",)), ValueError, "lm_head_tied=False describes the 'lm' head"),
+        (dict(norm_type="batch"), ValueError, "norm_type must be one of layer, rms"),
+        (dict(relative_buckets=7), ValueError, r"relative_buckets \(7\) must be even"),
+        (dict(relative_max_distance=16), ValueError, r"relative_max_distance \(16\) over half of it"),
+        (dict(positions="sinusoidal", dim=63, n_heads=1), ValueError, "dim must be even; got 63"),
+    ],
+)
+def test_seq2seq_facts_are_validated(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Config.preset("tiny", **kwargs)
+
+
+def test_seq2seq_facts_at_their_defaults_are_not_written():
+    assert set(Config.preset("tiny").to_dict()) == set(Config.preset("full").to_dict())
+    t5 = Config.preset("tiny", positions="relative", norm_type="rms", linear_bias=False, ffn_gated=True)
+    t5 = t5.replace(lm_head_tied=False, lm_head_scale=0.125, embed_norm=False, relative_buckets=8)
+    written = t5.to_dict()
+    assert {"norm_type", "linear_bias", "ffn_gated", "lm_head_tied", "lm_head_scale", "relative_buckets"} <= set(
+        written
+    )
+    assert not {"embed_scale", "decoder_embeddings", "relative_max_distance"} & set(written)
+    assert Config.from_json(t5.to_json()) == t5
+    default = Config.preset("tiny").to_dict()
+    assert not {"embed_scale", "embed_norm", "norm_type", "linear_bias", "ffn_gated", "lm_head_scale"} & set(default)

@@ -1,8 +1,10 @@
-"""from_hf() on encoder-decoders: BART, mBART and Marian match transformers on padded batches and in generate()."""
+"""from_hf() on encoder-decoders: BART, mBART, Marian, T5 and mT5 match transformers on padded batches and in generate()."""
 
+import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,15 +14,30 @@ from model import from_hf, load, save  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 100
-_CONFIGS = {"Bart": "BartConfig", "MBart": "MBartConfig", "Marian": "MarianConfig"}
+_CONFIGS = {
+    "Bart": "BartConfig",
+    "MBart": "MBartConfig",
+    "Marian": "MarianConfig",
+    "T5": "T5Config",
+    "MT5": "MT5Config",
+}
 
 
 def _family(cls_name: str) -> str:
-    return next(f for f in ("MBart", "Bart", "Marian") if cls_name.startswith(f))
+    return next(f for f in ("MBart", "Bart", "Marian", "MT5", "T5") if cls_name.startswith(f))
+
+
+def _t5_config(cls_name: str, **overrides):
+    """A small T5 config: width 32, 2 + 2 layers of 4 heads of 8, FFN 37, 8 buckets up to distance 12."""
+    sizes = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
+    sizes.update(relative_attention_num_buckets=8, relative_attention_max_distance=12, decoder_start_token_id=0)
+    return getattr(transformers, _CONFIGS[_family(cls_name)])(vocab_size=VOCAB, **{**sizes, **overrides})
 
 
 def _config(cls_name: str, **overrides):
     """A small config of the class's family: width 32, 2 + 2 layers, 4 heads, FFN 37, 40 positions."""
+    if _family(cls_name) in ("T5", "MT5"):
+        return _t5_config(cls_name, **overrides)
     sizes = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4)
     sizes.update(encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=40, dropout=0.0)
     if _family(cls_name) == "Marian":  # Marian's pad and decoder start are the last id
@@ -38,7 +55,7 @@ def _small(cls_name: str, **overrides):
     table; a real checkpoint holds one table, so they are set equal to `shared` here.
     """
     model = getattr(transformers, cls_name)(_config(cls_name, **overrides)).eval()
-    base = model.get_encoder().embed_tokens, model.get_decoder().embed_tokens
+    base = [m for name, m in model.named_modules() if name.endswith("embed_tokens")]
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("embed_positions.weight") or _family(cls_name) != "Marian":  # Marian's are fixed
@@ -74,9 +91,14 @@ def _padded_batch(pad_id: int) -> dict[str, torch.Tensor]:
 
 def _assert_parity(model, hf):
     batch = _padded_batch(hf.config.pad_token_id)
+    if model.decoder is None:
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         want = hf(**batch)
         got = model(**batch)
+    if model.decoder is None:
+        assert (got.hidden_states - want.last_hidden_state).abs().max().item() <= TOL
+        return
     assert (got.hidden_states - want.encoder_last_hidden_state).abs().max().item() <= TOL
     if "lm" in model.config.heads:
         assert got.head_logits["lm"].shape == want.logits.shape
@@ -94,6 +116,11 @@ CASES = [
     ("MarianModel", dict()),
     ("MarianMTModel", dict(scale_embedding=True, activation_function="swish")),
     ("MarianMTModel", dict(tie_word_embeddings=False)),
+    ("T5ForConditionalGeneration", dict(num_decoder_layers=3)),  # v1.0: ReLU, tied head scaled by d_model**-0.5
+    ("T5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),  # v1.1
+    ("T5Model", dict(feed_forward_proj="gated-silu")),
+    ("T5EncoderModel", dict()),
+    ("MT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu")),
 ]
 
 
@@ -101,8 +128,26 @@ CASES = [
 def test_padded_batches_match_transformers(cls_name, overrides, tmp_path):
     hf = _small(cls_name, **overrides)
     model = from_hf(_folder(hf, tmp_path))
-    assert model.config.lm_head_tied == (overrides.get("tie_word_embeddings", True) or "lm" not in model.config.heads)
+    head = getattr(hf, "lm_head", None)
+    assert model.config.lm_head_tied == (head is None or torch.equal(head.weight, hf.get_input_embeddings().weight))
     _assert_parity(model, hf)
+
+
+def test_an_untied_flan_t5_folder_of_transformers_4_imports_with_its_own_head(tmp_path):
+    """Flan-T5 as published: tie_word_embeddings false, its own lm_head.weight, no output scaling."""
+    hf = _small("T5ForConditionalGeneration", feed_forward_proj="gated-gelu")
+    folder = _folder(hf, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(tie_word_embeddings=False)
+    del config["scale_decoder_outputs"]
+    (folder / "config.json").write_text(json.dumps(config))
+    state = safetensors.torch.load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = torch.randn(VOCAB, 32)
+    safetensors.torch.save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model, again = from_hf(folder), transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
+    assert not model.config.lm_head_tied and model.config.lm_head_scale == 1.0
+    assert torch.equal(again.lm_head.weight, state["lm_head.weight"])
+    _assert_parity(model, again)
 
 
 def test_an_in_memory_model_imports_like_its_folder(tmp_path):
@@ -138,6 +183,9 @@ GENERATE = [
     ("MBartForConditionalGeneration", _UNTIED, 3),
     ("MarianMTModel", dict(**_UNTIED, activation_function="swish"), 1),
     ("MarianMTModel", dict(**_UNTIED, activation_function="swish"), 3),
+    ("T5ForConditionalGeneration", dict(), 1),
+    ("T5ForConditionalGeneration", dict(), 3),
+    ("MT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu"), 3),
 ]
 
 

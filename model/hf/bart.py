@@ -148,11 +148,12 @@ def check_copy(state: dict[str, Tensor], name: str, words: Tensor, why: str) -> 
         raise ValueError(f"{name} differs from the word table (model.shared.weight); {why}")
 
 
-def word_table(state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+def word_table(state: dict[str, Tensor], tied: bool) -> dict[str, Tensor]:
     """The tensors without the "model." prefix, the word table once as shared.weight, its checked copies dropped.
 
     The encoder's embed_tokens is the table the encoder reads (transformers 5 unties it from
-    `shared` when tie_word_embeddings is false); the decoder must read the same one.
+    `shared` when tie_word_embeddings is false); the decoder must read the same one, and a `tied`
+    lm_head too.
     """
     state = {name.removeprefix("model."): t for name, t in state.items()}
     shared = state.pop("shared.weight", None)
@@ -161,21 +162,21 @@ def word_table(state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
         raise ValueError("the checkpoint has no word table (model.shared.weight or model.encoder.embed_tokens.weight)")
     state["shared.weight"] = words
     check_copy(state, "decoder.embed_tokens.weight", words, "flashlite's decoder reads the encoder's word table")
-    if config.lm_head_tied:
+    if tied:
         check_copy(state, "lm_head.weight", words, "config.json ties it (tie_word_embeddings is true)")
     if "final_logits_bias" in state:
         state["final_logits_bias"] = state["final_logits_bias"].reshape(-1)  # (1, vocab) buffer -> the head's bias
     return state
 
 
-def _prepare(state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+def _prepare(state: dict[str, Tensor], hf: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """BART's tensors as flashlite reads them: one word table, position tables without their 2 unused rows."""
-    state = word_table(state, config)
+    state = word_table(state, hf.get("tie_word_embeddings", True) is not False)
     for stack in ("encoder", "decoder"):
         name = f"{stack}.embed_positions.weight"
         if name in state:
             state[name] = state[name][_OFFSET:]
-    return state
+    return state, hf
 
 
 FAMILY = Family(

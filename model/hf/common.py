@@ -60,8 +60,9 @@ class Family:
         config: (hf config dict, architecture, heads, n_labels) -> Config; heads None = the architecture's.
         convert: (flashlite name, tensor, Config) -> the tensor as flashlite lays it out (same shape),
             for families whose layout differs (RoFormer's interleaved rotary dims); None = as stored.
-        prepare: (HF tensors, Config) -> the tensors to read, for families that store one table
-            under several names or in another shape (BART's offset positions); None = as stored.
+        prepare: (HF tensors, config dict) -> (the tensors to read, the config dict), for families
+            that store one table under several names or in another shape (BART's offset positions),
+            or whose config facts show in the weights only (T5's tie); None = as stored.
     """
 
     model_types: tuple[str, ...]
@@ -73,7 +74,7 @@ class Family:
     tied: str | None
     config: Callable[..., Any]
     convert: Callable[[str, Tensor, Any], Tensor] | None = None
-    prepare: Callable[[dict[str, Tensor], Any], dict[str, Tensor]] | None = None
+    prepare: Callable[[dict[str, Tensor], dict[str, Any]], tuple[dict[str, Tensor], dict[str, Any]]] | None = None
 
     @cached_property
     def _forward(self) -> list[tuple[re.Pattern, str]]:
@@ -281,9 +282,9 @@ def build(
         folder: where a tokenizer may be (None for none).
         heads, n_labels: replace the checkpoint's heads (see from_hf).
     """
-    config = family.config(hf, architecture, heads=heads, n_labels=n_labels)
     if family.prepare is not None:
-        state = family.prepare(state, config)
+        state, hf = family.prepare(state, hf)
+    config = family.config(hf, architecture, heads=heads, n_labels=n_labels)
     with torch.device("meta"):  # shapes only: a config.json that lies about sizes allocates nothing before the check
         expected = {name: t.shape for name, t in Transformer(config).state_dict().items()}
     for hf_name, tensor in state.items():

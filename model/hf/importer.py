@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from model.config import Config
-from model.hf import bart, bert, distilbert, marian, roberta, roformer
+from model.hf import bart, bert, distilbert, marian, roberta, roformer, t5
 from model.hf.common import Family, build, read_config, read_weights
 from model.transformer import Transformer
 
-FAMILIES = (bert.FAMILY, roberta.FAMILY, distilbert.FAMILY, roformer.FAMILY, bart.FAMILY, marian.FAMILY)
+FAMILIES = (bert.FAMILY, roberta.FAMILY, distilbert.FAMILY, roformer.FAMILY, bart.FAMILY, marian.FAMILY, t5.FAMILY)
 # Every Hugging Face class we import, and the flashlite heads each one carries.
 ARCHITECTURES = {name: heads for family in FAMILIES for name, heads in family.architectures.items()}
 MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -76,7 +76,7 @@ def from_hf(
     heads: tuple[str, ...] | None = None,
     n_labels: int = 0,
 ) -> Transformer:
-    """Import a Hugging Face model (BERT, RoBERTa, XLM-R, DistilBERT, RoFormer, BART, mBART, Marian) with the same outputs.
+    """Import a Hugging Face model (BERT, RoBERTa, XLM-R, DistilBERT, RoFormer, BART, mBART, Marian, T5, mT5) with the same outputs.
 
     Args:
         model_or_dir: a folder with config.json and model.safetensors (or pytorch_model.bin), or a

@@ -44,12 +44,12 @@ def config_from_hf(
     )
 
 
-def _prepare(state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+def _prepare(state: dict[str, Tensor], hf: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Marian's tensors as flashlite reads them: one word table, the fixed sinusoid tables dropped."""
-    state = word_table(state, config)
+    state = word_table(state, hf.get("tie_word_embeddings", True) is not False)
     for stack in ("encoder", "decoder"):
         state.pop(f"{stack}.embed_positions.weight", None)
-    return state
+    return state, hf
 
 
 FAMILY = Family(
