@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
 from tqdm.auto import tqdm
 
 from compress.importance import channel_scores, dependency_graph, lowest, prunable_units
@@ -231,6 +232,11 @@ class Prune:
                 f"layers={layers} would leave a stack empty: the model has {config.encoder_layers} encoder "
                 f"and {config.decoder_layers} decoder layers and each stack keeps at least one"
             )
+        if self.hidden and not config.embed_norm:
+            raise ValueError(
+                f"hidden={self.hidden} prunes the width from the embedding LayerNorm, which this model has none of "
+                "(embed_norm=False: Marian, T5); prune heads, ffn or layers"
+            )
         dim = kept_width(config.dim, self.hidden, self.round_to)
         if config.embed_dim < config.dim and dim < config.embed_dim:
             raise ValueError(
@@ -243,7 +249,7 @@ class Prune:
     ) -> dict[str, int]:
         """How many heads (attention units) or channels (other units) each unit loses this round."""
         plan = {}
-        for unit in prunable_units(model):
+        for unit in _units(model):
             now = unit.root.weight.shape[0]
             if unit.stack is None:  # the hidden width; the pooler's output is dim wide too (by Config, not by coupling)
                 plan[unit.key] = now - kept_width(dim0, hidden, self.round_to)
@@ -257,7 +263,7 @@ class Prune:
 
     def _prune_widths(self, model: Transformer, plan: dict[str, int], ctx: Context) -> Transformer:
         """Remove the planned heads/channels, least important first, and rebuild from the new shapes."""
-        units = [u for u in prunable_units(model) if u.key in plan]
+        units = [u for u in _units(model) if u.key in plan]
         if not units:
             return model
         graph = dependency_graph(model)
@@ -265,6 +271,8 @@ class Prune:
         for unit in units:  # scores first, then surgery: each unit's index space is its own
             idxs = lowest(scores[unit.key], plan[unit.key], unit.head_dim)
             graph.get_pruning_group(unit.root, unit.fn, idxs).prune()
+            if unit.head_dim:
+                _prune_relative_bias(model.get_submodule(unit.key), {i // unit.head_dim for i in idxs})
         return reshaped(model, {})[0]
 
     def _drop_layers(self, model: Transformer, origin: dict, n: int, ctx: Context) -> tuple[Transformer, dict]:
@@ -276,7 +284,7 @@ class Prune:
         layers also hold cross-attention) comparable.
         """
         config = model.config
-        units = [u for u in prunable_units(model) if u.stack is not None]
+        units = [u for u in _units(model) if u.stack is not None]
         scores = channel_scores(model, dependency_graph(model), units, ctx, self.importance, self.batches)
         candidates = []
         for name in STACKS:
@@ -295,3 +303,18 @@ class Prune:
                 drop[name].add(i)
         model, kept_blocks = reshaped(model, drop)
         return model, {name: [origin[name][b] for b in kept_blocks[name]] for name in STACKS}
+
+
+def _units(model: Transformer) -> list:
+    """The prunable units; without an embedding norm (Marian, T5) the hidden width has no root and is left out."""
+    return [u for u in prunable_units(model) if u.root is not None]
+
+
+def _prune_relative_bias(attention: nn.Module, heads: set[int]) -> None:
+    """Drop the pruned heads' columns of a self-attention's relative-position bias table (T5), if it has one."""
+    table = getattr(attention, "relative", None)
+    if table is None:
+        return
+    keep = [h for h in range(table.weight.shape[1]) if h not in heads]
+    table.weight = nn.Parameter(table.weight.detach()[:, keep].clone(), requires_grad=table.weight.requires_grad)
+    table.embedding_dim = len(keep)

@@ -31,6 +31,10 @@ def kept_width(width: int, ratio: float, round_to: int) -> int:
 
 
 def _width(model: Transformer) -> int:
+    if (
+        model.embeddings.norm is None
+    ):  # no embedding norm (Marian, T5): the width is never pruned (Prune refuses hidden)
+        return model.config.dim
     return model.embeddings.norm.weight.shape[0]
 
 

@@ -254,7 +254,9 @@ class Attention(nn.Module):
         device = self.relative.weight.device
         queries = torch.arange(start, start + tq, device=device)
         buckets = relative_buckets(queries, torch.arange(tk, device=device), *self.bucket_args)
-        return self.relative(buckets).permute(2, 0, 1).unsqueeze(0)
+        # The table is indexed, not called: torch-pruning then leaves it out of the heads' group (it would map
+        # H*D channels onto H columns wrongly); Prune drops the pruned heads' columns itself.
+        return self.relative.weight[buckets].permute(2, 0, 1).unsqueeze(0)
 
     def _keys_values(self, x: Tensor, memory: Tensor | None, cache: LayerCache | None, start: int):
         """Keys and values (B,H,S,D): of memory (computed once per cache), or of x after the cached ones."""

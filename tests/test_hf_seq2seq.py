@@ -10,7 +10,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="needs the `hf` extra (transformers)")
 
+from compress import Pipeline, Prune, Quantize  # noqa: E402
 from model import from_hf, load, save  # noqa: E402
+from model.onnx.export import export_onnx  # noqa: E402
+from model.onnx.runtime import OrtModel  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 100
@@ -227,3 +230,61 @@ def test_an_unsupported_seq2seq_head_is_refused_naming_the_supported(tmp_path):
         ValueError, match="BartForSequenceClassification is not supported.*BartForConditionalGeneration"
     ):
         from_hf(hf)
+
+
+def _kept_heads(before, after) -> list[int]:
+    """Which of `before`'s heads `after` (a pruned copy of one attention) kept, by their query rows."""
+    d = before.head_dim
+    old, new = before.q_proj.weight.view(before.n_heads, d, -1), after.q_proj.weight.view(after.n_heads, d, -1)
+    return [h for k in range(after.n_heads) for h in range(before.n_heads) if torch.equal(old[h], new[k])]
+
+
+def test_bart_prunes_quantizes_and_still_generates(tmp_path):
+    hf = _small("BartForConditionalGeneration")
+    batch = _padded_batch(hf.config.pad_token_id)
+    teacher = from_hf(_folder(hf, tmp_path))
+    pruned = Pipeline([Prune(heads=0.5, ffn=0.5, hidden=0.25)]).run(teacher, data=[batch])
+    assert pruned.config.dim == 24 and pruned.decoder_embeddings.position.weight.shape == (40, 24)
+    assert [s.n_heads for s in (*pruned.config.encoder, *pruned.config.decoder)] == [2] * 4
+    lite = Pipeline([Quantize("int8")]).run(pruned, data=[batch])
+    with torch.no_grad():
+        want, got = pruned(**batch).head_logits["lm"], lite(**batch).head_logits["lm"]
+    assert (got - want).norm() / want.norm() < 0.05  # int8 weights: close to the float model they came from
+    ids = lite.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, num_beams=2)
+    assert ids.shape[0] == 4 and ids.shape[1] <= 7
+
+
+def test_pruning_t5_heads_drops_their_relative_bias_columns():
+    hf = _small("T5ForConditionalGeneration")
+    batch = _padded_batch(hf.config.pad_token_id)
+    model = from_hf(hf)
+    lite = Pipeline([Prune(heads=0.5)]).run(model, data=[batch])
+    for name in ("encoder", "decoder"):
+        for before, after in zip(getattr(model, name).blocks, getattr(lite, name).blocks):
+            kept = _kept_heads(before.self_attn, after.self_attn)
+            assert len(kept) == 2 and after.self_attn.relative.weight.shape == (8, 2)
+            assert torch.equal(after.self_attn.relative.weight, before.self_attn.relative.weight[:, kept])
+    with torch.no_grad():
+        assert torch.isfinite(lite(**batch).head_logits["lm"]).all()
+
+
+@pytest.mark.parametrize("cls_name", ["MarianMTModel", "T5ForConditionalGeneration"])
+def test_models_without_an_embedding_norm_prune_heads_and_ffn_but_not_the_width(cls_name):
+    hf = _small(cls_name)
+    batch = _padded_batch(hf.config.pad_token_id)
+    lite = Pipeline([Prune(heads=0.5, ffn=0.5)]).run(from_hf(hf), data=[batch])
+    assert {(s.n_heads, s.ffn_dim) for s in (*lite.config.encoder, *lite.config.decoder)} == {(2, 16)}
+    with pytest.raises(ValueError, match="prunes the width from the embedding LayerNorm, which this model has none"):
+        Pipeline([Prune(hidden=0.25)]).run(from_hf(hf), data=[batch])
+
+
+@pytest.mark.parametrize("cls_name", ["MarianMTModel", "T5ForConditionalGeneration"])
+def test_marian_and_t5_export_to_onnx_with_parity(cls_name, tmp_path):
+    hf = _small(cls_name, **({"feed_forward_proj": "gated-gelu"} if cls_name.startswith("T5") else {}))
+    model = from_hf(hf)
+    export_onnx(model, tmp_path / "model.onnx")  # checks parity with PyTorch (1e-4) at several shapes
+    batch = _padded_batch(hf.config.pad_token_id)
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    with torch.no_grad():
+        want = model(**batch).head_logits["lm"]
+    assert (OrtModel(tmp_path / "model.onnx")(batch).head_logits["lm"] - want).abs().max().item() <= TOL
