@@ -201,10 +201,13 @@ def test_generate_gives_the_ids_of_transformers(cls_name, overrides, num_beams, 
     start = hf.config.decoder_start_token_id
     eos = _end_token(model, source, start)
     options = dict(max_new_tokens=12, num_beams=num_beams, decoder_start_token_id=start, eos_token_id=eos)
+    if cls_name.startswith("MBart"):  # mBART's target-language token, forced first
+        options["forced_bos_token_id"] = 3
     with torch.no_grad():
         want = hf.generate(**source, do_sample=False, forced_eos_token_id=eos, **options)
     got = model.generate(**source, pad_token_id=hf.config.pad_token_id, forced_eos_token_id=eos, **options)
     assert torch.equal(got, want)
+    assert "forced_bos_token_id" not in options or (want[:, 1] == 3).all()
     if num_beams == 1:
         assert (want == hf.config.pad_token_id).any(), "no row ended early: the test would not see padding"
 
