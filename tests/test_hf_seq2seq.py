@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="needs the `hf` extra (transformers)")
 
-from compress import Pipeline, Prune, Quantize  # noqa: E402
+from compress import Pipeline, Prune, Quantize, Share  # noqa: E402
 from model import from_hf, load, save  # noqa: E402
 from model.onnx.export import export_onnx  # noqa: E402
 from model.onnx.runtime import OrtModel  # noqa: E402
@@ -291,3 +291,18 @@ def test_marian_and_t5_export_to_onnx_with_parity(cls_name, tmp_path):
     with torch.no_grad():
         want = model(**batch).head_logits["lm"]
     assert (OrtModel(tmp_path / "model.onnx")(batch).head_logits["lm"] - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("cls_name", ["BartForConditionalGeneration", "MarianMTModel", "T5ForConditionalGeneration"])
+def test_quantize_and_share_run_on_every_seq2seq_family(cls_name):
+    hf = _small(cls_name, **({"feed_forward_proj": "gated-gelu"} if cls_name.startswith("T5") else {}))
+    model, batch = from_hf(hf), _padded_batch(hf.config.pad_token_id)
+    with torch.no_grad():
+        want = model(**batch).head_logits["lm"]
+    for mode, bound in (("int8", 0.1), ("int8-dynamic", 0.1), ("int4", 0.6)):
+        lite = Pipeline([Quantize(mode, group_size=32 if mode == "int4" else 128)]).run(model, data=[batch])
+        with torch.no_grad():
+            got = lite(**batch).head_logits["lm"]
+        assert (got - want).norm() / want.norm() < bound, mode
+    shared = Pipeline([Share(layers_per_group=2)]).run(model, data=[batch])
+    assert shared.config.encoder_share == (0, 0) and shared.config.decoder_share == (0, 0)
