@@ -30,6 +30,8 @@ _LATER_DEFAULTS = {
     "ffn_gated": False,
     "relative_buckets": 32,
     "relative_max_distance": 128,
+    "eos_id": None,
+    "decoder_start_id": None,
 }
 QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
 
@@ -200,6 +202,8 @@ class Config:
     bidirectional in the encoder, backward only in the decoder). `norm_type` "rms" makes every norm
     an RMSNorm (no bias, no mean); `linear_bias` False drops the biases of attention and FFN
     projections; `ffn_gated` multiplies the FFN's activated `gate` projection with its `up` one.
+    `eos_id` and `decoder_start_id` (None: unknown) are what `Transformer.generate` ends and starts
+    the decoder's sequences with when not told (imports take them from config.json).
     """
 
     vocab_size: int
@@ -233,6 +237,8 @@ class Config:
     ffn_gated: bool = False
     relative_buckets: int = 32
     relative_max_distance: int = 128
+    eos_id: int | None = None
+    decoder_start_id: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
@@ -313,6 +319,12 @@ class Config:
             raise ValueError(f"decoder_embeddings={self.decoder_embeddings!r} needs decoder layers")
         if not self.lm_head_tied and "lm" not in self.heads:
             raise ValueError("lm_head_tied=False describes the 'lm' head, but heads has no 'lm'")
+        for name in ("eos_id", "decoder_start_id"):
+            value = getattr(self, name)
+            if value is not None:
+                check_int(name, value, 0)
+                if value >= self.vocab_size:
+                    raise ValueError(f"{name} must be < vocab_size ({self.vocab_size}), got {value}")
         check_choice("norm_type", self.norm_type, NORM_TYPES)
         check_int("relative_buckets", self.relative_buckets, 2)
         check_int("relative_max_distance", self.relative_max_distance, 1)

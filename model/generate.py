@@ -210,17 +210,21 @@ def generate(
         input_ids, attention_mask: the encoder batch (B,T).
         max_new_tokens: tokens generated after the start token, at most.
         num_beams: 1 = greedy, else beam search of that width.
-        eos_token_id: the id(s) that end a sequence (None: run max_new_tokens).
+        eos_token_id: the id(s) that end a sequence (None: config.eos_id; both None: run max_new_tokens).
         pad_token_id: what follows an end (None: config.pad_id).
-        decoder_start_token_id: the decoder's first token (None: config.pad_id, as T5 and Marian).
+        decoder_start_token_id: the decoder's first token (None: config.decoder_start_id, else config.pad_id).
         forced_bos_token_id, forced_eos_token_id: the only token allowed first (mBART's language
             id) and last (at max_new_tokens; BART's and Marian's generation configs set it).
         length_penalty, early_stopping: beam search's, as transformers' (defaults 1.0 and False).
 
     Returns (B, 1 + steps) int64, starting with the start token.
     """
-    pad = model.config.pad_id if pad_token_id is None else pad_token_id
-    start_id = model.config.pad_id if decoder_start_token_id is None else decoder_start_token_id
+    config = model.config
+    pad = config.pad_id if pad_token_id is None else pad_token_id
+    start_id = decoder_start_token_id
+    if start_id is None:
+        start_id = config.pad_id if config.decoder_start_id is None else config.decoder_start_id
+    eos_token_id = config.eos_id if eos_token_id is None else eos_token_id
     ids = dict(pad_token_id=pad, decoder_start_token_id=start_id)
     ids.update(forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id)
     _check_options(model, max_new_tokens, num_beams, ids)

@@ -153,6 +153,8 @@ def test_fields_at_their_later_defaults_are_not_written():
         (dict(relative_buckets=7), ValueError, r"relative_buckets \(7\) must be even"),
         (dict(relative_max_distance=16), ValueError, r"relative_max_distance \(16\) over half of it"),
         (dict(positions="sinusoidal", dim=63, n_heads=1), ValueError, "dim must be even; got 63"),
+        (dict(eos_id=512), ValueError, r"eos_id must be < vocab_size \(512\)"),
+        (dict(decoder_start_id=True), TypeError, "decoder_start_id must be an int"),
     ],
 )
 def test_seq2seq_facts_are_validated(kwargs, error, message):
@@ -171,4 +173,6 @@ def test_seq2seq_facts_at_their_defaults_are_not_written():
     assert not {"embed_scale", "decoder_embeddings", "relative_max_distance"} & set(written)
     assert Config.from_json(t5.to_json()) == t5
     default = Config.preset("tiny").to_dict()
-    assert not {"embed_scale", "embed_norm", "norm_type", "linear_bias", "ffn_gated", "lm_head_scale"} & set(default)
+    assert not {"embed_scale", "embed_norm", "norm_type", "linear_bias", "ffn_gated", "lm_head_scale", "eos_id"} & set(
+        default
+    )

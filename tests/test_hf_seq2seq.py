@@ -306,3 +306,19 @@ def test_quantize_and_share_run_on_every_seq2seq_family(cls_name):
         assert (got - want).norm() / want.norm() < bound, mode
     shared = Pipeline([Share(layers_per_group=2)]).run(model, data=[batch])
     assert shared.config.encoder_share == (0, 0) and shared.config.decoder_share == (0, 0)
+
+
+@pytest.mark.parametrize("cls_name", ["BartForConditionalGeneration", "MarianMTModel", "T5ForConditionalGeneration"])
+def test_generate_reads_its_start_and_end_tokens_from_the_imported_config(cls_name, tmp_path):
+    hf = _small(cls_name, **({} if cls_name.startswith("T5") else {"tie_word_embeddings": False}))
+    model = from_hf(_folder(hf, tmp_path))
+    assert (model.config.eos_id, model.config.decoder_start_id) == (
+        hf.config.eos_token_id,
+        hf.config.decoder_start_token_id,
+    )
+    batch = _padded_batch(hf.config.pad_token_id)
+    source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    forced = hf.generation_config.forced_eos_token_id  # BART and Marian force it last; T5 has none
+    with torch.no_grad():
+        want = hf.generate(**source, do_sample=False, num_beams=2, max_new_tokens=8)
+    assert torch.equal(model.generate(**source, num_beams=2, max_new_tokens=8, forced_eos_token_id=forced), want)

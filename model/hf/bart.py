@@ -116,7 +116,22 @@ def seq2seq_config(
         n_labels=n_labels,
         embed_scale=math.sqrt(dim) if hf["scale_embedding"] else 1.0,
         lm_head_tied=hf["tie_word_embeddings"] or "lm" not in heads,
+        **generation_ids(hf),
         **facts,
+    )
+
+
+def generation_ids(hf: dict[str, Any]) -> dict[str, int | None]:
+    """Config.eos_id and decoder_start_id from config.json, as transformers' generate reads them.
+
+    The start token falls back to bos_token_id (mBART); a list of end tokens is left to the caller.
+    """
+    start = hf.get("decoder_start_token_id")
+    start = hf.get("bos_token_id") if start is None else start
+    eos = hf.get("eos_token_id")
+    return dict(
+        eos_id=eos if isinstance(eos, int) and not isinstance(eos, bool) else None,
+        decoder_start_id=start if isinstance(start, int) and not isinstance(start, bool) else None,
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from model.config import Config, LayerShape
-from model.hf.bart import word_table
+from model.hf.bart import generation_ids, word_table
 from model.hf.common import Family, activation, check_positive, task_heads, with_defaults
 
 # T5Config's defaults: config.json may omit a key at its default.
@@ -132,6 +132,7 @@ def config_from_hf(
         embed_norm=False,
         lm_head_tied=tied or "lm" not in heads,
         lm_head_scale=_lm_scale(hf) if "lm" in heads else 1.0,
+        **generation_ids(hf),
     )
 
 
