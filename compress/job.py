@@ -233,6 +233,7 @@ def _export(
         quantize=[mode] if mode else [],
         calibration=held_out if mode == "int8-static" else None,
         stages=[asdict(stage) for stage in stages],
+        sentence_embedding=recipe.export.sentence_embedding,
     )
     result.files["onnx"] = out / "onnx"
     files = {"Lite, ONNX": result.onnx.paths["encoder"]}

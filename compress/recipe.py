@@ -84,18 +84,24 @@ class ExportSpec:
 
     peer: also export the teacher and quantize it with ONNX Runtime in one call (the obvious
     alternative), and report both side by side (compress.evaluate.deploy); None = whenever
-    `onnx` is true.
+    `onnx` is true. sentence_embedding: also write the sentence-transformers layout with a
+    `sentence_embedding` output (mean pooling and L2 normalization inside the graph).
     """
 
     onnx: bool = True
     quantize: str | None = None
     peer: bool | None = None
+    sentence_embedding: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.onnx, bool):
             raise TypeError(f"export.onnx must be true or false, got {self.onnx!r}")
         if self.peer is not None and not isinstance(self.peer, bool):
             raise TypeError(f"export.peer must be true, false or null, got {self.peer!r}")
+        if not isinstance(self.sentence_embedding, bool):
+            raise TypeError(f"export.sentence_embedding must be true or false, got {self.sentence_embedding!r}")
+        if self.sentence_embedding and not self.onnx:
+            raise ValueError("export.sentence_embedding shapes the ONNX folder: it needs export.onnx: true")
         if self.peer and not self.onnx:
             raise ValueError("export.peer compares ONNX files: it needs export.onnx: true")
         if self.quantize is not None and self.quantize not in ONNX_MODES:

@@ -226,3 +226,28 @@ def test_config_json_names_the_source_family(traits, model_type, architecture):
     assert data["model_type"] == model_type and data["architectures"] == [architecture]
     loaded = AutoConfig.for_model(**data)  # transformers reads every key with its family's class
     assert loaded.num_labels == 2 and loaded.vocab_size == config.vocab_size
+
+
+def test_a_recipe_export_writes_the_sentence_layout(tmp_path):
+    from compress.job import run_job
+    from compress.recipe import parse_recipe
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(SENTENCES * 12))
+    recipe = parse_recipe(
+        {
+            "passes": [{"prune": {"heads": 0.5, "ffn": 0.5}}],
+            "data": {"corpus": str(corpus), "max_len": 24, "batch_size": 4},
+            "export": {"quantize": "int8-dynamic", "sentence_embedding": True, "peer": False},
+        }
+    )
+    result = run_job(recipe, tiny_lite(("mlm",)), tmp_path / "out")
+    folder = tmp_path / "out" / "onnx"
+    assert (folder / "modules.json").is_file() and (folder / "onnx" / "model_qint8_quantized.onnx").is_file()
+    batch, out = _expected(result.model)
+    expected = sentence_embedding(out.hidden_states, batch["attention_mask"]).numpy()
+    np.testing.assert_allclose(DeployedModel(folder).embed(SENTENCES), expected, atol=TOL)
+    with pytest.raises(ValueError, match="needs export.onnx"):
+        parse_recipe({"passes": [{"prune": {}}], "export": {"onnx": False, "sentence_embedding": True}})
+    with pytest.raises(TypeError, match="export.sentence_embedding must be true or false"):
+        parse_recipe({"passes": [{"prune": {}}], "export": {"sentence_embedding": "yes"}})
