@@ -322,3 +322,17 @@ def test_generate_reads_its_start_and_end_tokens_from_the_imported_config(cls_na
     with torch.no_grad():
         want = hf.generate(**source, do_sample=False, num_beams=2, max_new_tokens=8)
     assert torch.equal(model.generate(**source, num_beams=2, max_new_tokens=8, forced_eos_token_id=forced), want)
+
+
+@pytest.mark.parametrize("early_stopping, length_penalty", [(True, 2.0), ("never", 0.5), (False, 0.0)])
+def test_beam_search_options_give_the_ids_of_transformers(early_stopping, length_penalty, tmp_path):
+    hf = _small("MarianMTModel", tie_word_embeddings=False, scale_embedding=True)
+    model = from_hf(_folder(hf, tmp_path))
+    batch = _padded_batch(hf.config.pad_token_id)
+    source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    eos = _end_token(model, source, hf.config.decoder_start_token_id)
+    options = dict(max_new_tokens=10, num_beams=3, eos_token_id=eos, forced_eos_token_id=eos)
+    options.update(early_stopping=early_stopping, length_penalty=length_penalty)
+    with torch.no_grad():
+        want = hf.generate(**source, do_sample=False, **options)
+    assert torch.equal(model.generate(**source, **options), want)
