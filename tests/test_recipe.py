@@ -138,3 +138,12 @@ def test_the_general_schedule_recipes_are_a_structural_stage_then_a_task_stage()
     assert general.export.onnx is False  # its model/ is the student of every task, not a deployable
     assert [type(p) for p in task.passes] == [Distill] and task.passes[0].task > 0
     assert task.data.task == "sst2" and task.export.quantize == "int8-dynamic"
+
+
+def test_the_glue_task_recipe_is_the_configuration_the_glue_benchmark_measured():
+    recipe = load_recipe("glue-task")
+    share, prune, distill = recipe.passes
+    assert (share.embed_dim, share.embed_full_rows) == (96, 2000)
+    assert (prune.heads, prune.ffn, prune.importance) == (0.0, 0.49, "taylor")
+    assert (distill.steps, distill.lr, distill.warmup_steps, distill.task) == (600, 5e-5, 60, 1.0)
+    assert recipe.export.quantize == "int8-dynamic"  # ONNX Runtime quantizes the float Lite export, as measured
