@@ -281,8 +281,8 @@ def test_models_without_an_embedding_norm_prune_heads_and_ffn_but_not_the_width(
         Pipeline([Prune(hidden=0.25)]).run(from_hf(hf), data=[batch])
 
 
-@pytest.mark.parametrize("cls_name", ["MarianMTModel", "T5ForConditionalGeneration"])
-def test_marian_and_t5_export_to_onnx_with_parity(cls_name, tmp_path):
+@pytest.mark.parametrize("cls_name", ["BartForConditionalGeneration", "MarianMTModel", "T5ForConditionalGeneration"])
+def test_seq2seq_families_export_to_onnx_with_parity(cls_name, tmp_path):
     hf = _small(cls_name, **({"feed_forward_proj": "gated-gelu"} if cls_name.startswith("T5") else {}))
     model = from_hf(hf)
     export_onnx(model, tmp_path / "model.onnx")  # checks parity with PyTorch (1e-4) at several shapes

@@ -112,7 +112,7 @@ class _DecoderGraph(nn.Module):
     def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):
         m = self.model
         y, _, _ = m.decoder(
-            m.embeddings(decoder_input_ids),
+            m.embed_decoder(decoder_input_ids),  # BART and mBART have positions of their own
             None,
             causal=True,
             memory=encoder_hidden_states,
