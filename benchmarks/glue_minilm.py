@@ -34,8 +34,7 @@ from compress.heads import adopt_heads
 from compress.job import glue_sentences
 from compress.report import write_report
 from model import from_hf
-from model.data.batching import length_grouped
-from model.data.tokenizer import encode, token_lengths
+from model.data.batching import text_batches
 from model.io import load, save
 from model.onnx.export import export_onnx
 from model.onnx.ort_quantize import quantize_onnx
@@ -76,12 +75,7 @@ def general_student(args: argparse.Namespace, pretrained_path: str):
     tokenizer = pretrained.tokenizer
     texts = glue_sentences(("sst2", "mrpc", "cola"), str(DATA))
     random.Random(args.seed).shuffle(texts)
-    n = len(texts) - len(texts) % args.batch_size
-    lengths = token_lengths(tokenizer, texts[:n], max_len=args.max_len)
-    batches = [
-        encode(tokenizer, [texts[i] for i in group], max_len=args.max_len)
-        for group in length_grouped(lengths, args.batch_size, seed=args.seed)
-    ]
+    batches = text_batches(tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
     general = Distill(
         steps=args.general_steps,
         lr=args.general_lr,

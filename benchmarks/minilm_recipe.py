@@ -32,8 +32,8 @@ from compress.evaluate import glue
 from compress.evaluate.deploy import PEER, one_call_int8, score_files, time_files
 from compress.evaluate.measure import cpu_name
 from model import export_onnx, from_hf, save
-from model.data.batching import length_grouped
-from model.data.tokenizer import encode, token_lengths
+from model.data.batching import text_batches
+from model.data.tokenizer import encode
 from model.onnx.ort_quantize import quantize_onnx
 from model.onnx.runtime import OrtModel
 
@@ -142,12 +142,9 @@ def main() -> None:
     sst2_dev = [row["sentence"] for row in glue.load("sst2", "dev", DATA)]
     mrpc_dev = glue.load("mrpc", "dev", DATA)
     random.Random(args.seed).shuffle(texts)
-    n = len(texts) - len(texts) % args.batch_size
-    if args.group_by_length:  # as the recipes batch (data.group_by_length)
-        groups = length_grouped(token_lengths(tokenizer, texts[:n], max_len=args.max_len), args.batch_size)
-    else:
-        groups = [range(i, i + args.batch_size) for i in range(0, n, args.batch_size)]
-    batches = [encode(tokenizer, [texts[i] for i in group], max_len=args.max_len) for group in groups]
+    batches = text_batches(  # as the recipes batch (data.group_by_length)
+        tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len, group_by_length=args.group_by_length
+    )
     left, right = [r["sentence1"] for r in mrpc_dev], [r["sentence2"] for r in mrpc_dev]
     teacher_pairs = (
         (embed(teacher, tokenizer, left, args.max_len) * embed(teacher, tokenizer, right, args.max_len)).sum(-1).numpy()

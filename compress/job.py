@@ -18,9 +18,8 @@ from compress.heads import adopt_heads
 from compress.pipeline import Pipeline, Stage
 from compress.recipe import DataSpec, Recipe
 from compress.report import write_report
-from model.data.batching import length_grouped
+from model.data.batching import text_batches
 from model.data.corpus import load_corpus
-from model.data.tokenizer import encode, token_lengths
 from model.training.distributed import is_main
 from model.transformer import Transformer
 
@@ -74,19 +73,18 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
         )
 
     def batched(items: list[str], group_by_length: bool) -> list[Batch]:
-        n = len(items) - len(items) % spec.batch_size  # whole batches only
-        if group_by_length:
-            lengths = token_lengths(tokenizer, items[:n], max_len=spec.max_len)
-            groups = length_grouped(lengths, spec.batch_size, seed=seed)
-        else:
-            groups = [range(i, i + spec.batch_size) for i in range(0, n, spec.batch_size)]
-        out = []
-        for group in groups:
-            batch = encode(tokenizer, [items[i] for i in group], max_len=spec.max_len)
-            if model.config.decoder:
+        out = text_batches(
+            tokenizer,
+            items,
+            batch_size=spec.batch_size,
+            max_len=spec.max_len,
+            group_by_length=group_by_length,
+            seed=seed,
+        )
+        if model.config.decoder:
+            for batch in out:
                 batch["decoder_input_ids"] = batch["input_ids"]
                 batch["decoder_attention_mask"] = batch["attention_mask"]
-            out.append(batch)
         return out
 
     return batched(texts[n_held:], spec.group_by_length), batched(texts[:n_held], False)

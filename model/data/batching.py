@@ -1,10 +1,14 @@
-"""Batches of similar length: the order in which examples are grouped so that padding costs little compute."""
+"""Batches of similar length: the order in which examples are grouped so that padding costs little compute, and text batched so."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from model.data.tokenizer import encode, token_lengths
 
 
 def length_grouped(lengths: Sequence[int], batch_size: int, *, seed: int = 0, window: int = 50) -> list[np.ndarray]:
@@ -32,3 +36,20 @@ def length_grouped(lengths: Sequence[int], batch_size: int, *, seed: int = 0, wi
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def text_batches(
+    tok: Tokenizer, texts: Sequence[str], *, batch_size: int, max_len: int, group_by_length: bool = True, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Whole batches of `texts` encoded by `encode`, in their order or grouped by length (`length_grouped`).
+
+    Args:
+        tok: the tokenizer. texts: the texts, already shuffled if they should be; a last partial
+            batch is dropped. batch_size, max_len: per batch. group_by_length, seed: `length_grouped`.
+    """
+    n = len(texts) - len(texts) % batch_size
+    if group_by_length:
+        groups = length_grouped(token_lengths(tok, texts[:n], max_len=max_len), batch_size, seed=seed)
+    else:
+        groups = [range(i, i + batch_size) for i in range(0, n, batch_size)]
+    return [encode(tok, [texts[i] for i in group], max_len=max_len) for group in groups]

@@ -5,25 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import Config
+from model.hf.bert import DEFAULTS as BERT_DEFAULTS
 from model.hf.bert import ENCODER_MODULES, encoder_config
 from model.hf.common import Family
 
-# RobertaConfig's (and XLMRobertaConfig's) defaults where they differ from the keys BERT's code reads.
-DEFAULTS = dict(
-    vocab_size=50265,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    hidden_act="gelu",
-    hidden_dropout_prob=0.1,
-    attention_probs_dropout_prob=0.1,
-    max_position_embeddings=512,
-    type_vocab_size=2,
-    layer_norm_eps=1e-12,
-    pad_token_id=1,
-    position_embedding_type="absolute",
-)
+# RobertaConfig's (and XLMRobertaConfig's) defaults: BERT's, but for the vocabulary and the padding index.
+DEFAULTS = {**BERT_DEFAULTS, "vocab_size": 50265, "pad_token_id": 1}
 # Class name suffixes (after "Roberta" or "XLMRoberta") -> flashlite heads.
 _HEADS = {
     "Model": (),
