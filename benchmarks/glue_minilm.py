@@ -75,7 +75,14 @@ def general_student(args: argparse.Namespace, pretrained_path: str):
     tokenizer = pretrained.tokenizer
     texts = glue_sentences(("sst2", "mrpc", "cola"), str(DATA))
     random.Random(args.seed).shuffle(texts)
-    batches = text_batches(tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
+    batches = text_batches(
+        tokenizer,
+        texts,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        group_by_length=args.group_by_length,
+        seed=args.seed,
+    )
     general = Distill(
         steps=args.general_steps,
         lr=args.general_lr,

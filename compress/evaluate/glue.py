@@ -137,7 +137,6 @@ def finetune(
     device: str = "cpu",
     parallel: str = "ddp",
     progress: bool = True,
-    group_by_length: bool = False,
 ) -> torch.nn.Module:
     """Fine-tune the model's classification (or STS-B regression) head and encoder with model.training.loop.train.
 
@@ -145,8 +144,8 @@ def finetune(
         model: a Transformer with a "classify" head of the task's width (1 for stsb).
         task: the GLUE task. rows: labelled training rows. tokenizer: None = model.tokenizer.
         steps: optimizer steps; the rows are reshuffled every epoch. lr, seed, device, parallel: as in TrainConfig.
-        batch_size, max_len, group_by_length: as in `batches` (grouping is ~3x faster, but the teachers
-            fine-tuned that way scored lower in benchmarks/RESULTS.md, so it is opt-in). progress: a progress bar.
+        batch_size, max_len: as in `batches` (in shuffled order: teachers fine-tuned on batches grouped by
+            length scored lower, benchmarks/RESULTS.md). progress: show a progress bar.
 
     Returns:
         The same model, trained in place, in eval mode.
@@ -159,9 +158,7 @@ def finetune(
     if not rows or any(row["label"] is None for row in rows):
         raise ValueError("rows must be non-empty and labelled (a test split has no labels); fine-tuning needs labels")
     ordered = [rows[i] for i in epoch_order(len(rows), steps * batch_size, seed=seed)]
-    data = batches(
-        ordered, tokenizer, task, max_len=max_len, batch_size=batch_size, group_by_length=group_by_length, seed=seed
-    )
+    data = batches(ordered, tokenizer, task, max_len=max_len, batch_size=batch_size)
     train(model, data, TrainConfig(steps=steps, lr=lr, seed=seed, device=device, parallel=parallel, progress=progress))
     return model.eval()
 
