@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.attention import LayerCache
-from model.config import check_int
+from model.config import Config, check_int
 
 # step(tokens (R, S) int64) -> next-token logits (R, vocab) float32; reorder(rows (R,)) keeps those rows' state.
 Step = Callable[[Tensor], Tensor]
@@ -173,65 +174,127 @@ def beam_search(
     return beams.done[:, 0, : 1 + int(beams.lengths[:, 0].max())]
 
 
-def _check_options(model: nn.Module, max_new_tokens: int, num_beams: int, ids: dict[str, int | None]) -> None:
-    if "lm" not in model.config.heads or model.decoder is None:
-        raise ValueError("generate needs an encoder-decoder model with an 'lm' head")
-    check_int("max_new_tokens", max_new_tokens, 1)
-    check_int("num_beams", num_beams, 1)
-    if max_new_tokens + 1 > model.config.max_positions:
-        raise ValueError(f"max_new_tokens + 1 must be <= max_positions ({model.config.max_positions})")
-    for name, value in ids.items():
-        if value is not None:
-            check_int(name, value, 0)
-            if value >= model.config.vocab_size:
-                raise ValueError(f"{name} must be < vocab_size ({model.config.vocab_size}), got {value}")
+@dataclass(frozen=True)
+class Search:
+    """Checked decoding options with transformers' defaults resolved; `run` decodes with any cached decoder.
+
+    PyTorch (`generate`) and ONNX Runtime (`model.onnx.runtime.OrtModel.generate`) both decode
+    through `run`, so they follow one rule for start, end and padding tokens, forcing and beams.
+    """
+
+    max_new_tokens: int
+    num_beams: int
+    start_id: int
+    eos: tuple[int, ...]
+    pad_id: int
+    forced_bos_token_id: int | None
+    forced_eos_token_id: int | None
+    length_penalty: float
+    early_stopping: bool | str
+
+    @classmethod
+    def of(
+        cls,
+        config: Config,
+        *,
+        max_new_tokens: int,
+        num_beams: int = 1,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        decoder_start_token_id: int | None = None,
+        forced_bos_token_id: int | None = None,
+        forced_eos_token_id: int | None = None,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+    ) -> Search:
+        """Check the options against `config` (an encoder-decoder with an 'lm' head); see `generate` for their meaning."""
+        if "lm" not in config.heads or not config.decoder:
+            raise ValueError("generate needs an encoder-decoder model with an 'lm' head")
+        check_int("max_new_tokens", max_new_tokens, 1)
+        check_int("num_beams", num_beams, 1)
+        if max_new_tokens + 1 > config.max_positions:
+            raise ValueError(f"max_new_tokens + 1 must be <= max_positions ({config.max_positions})")
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+            raise TypeError(f"length_penalty must be a number, got {length_penalty!r}")
+        pad = config.pad_id if pad_token_id is None else pad_token_id
+        start = decoder_start_token_id
+        if start is None:
+            start = config.pad_id if config.decoder_start_id is None else config.decoder_start_id
+        ids = dict(pad_token_id=pad, decoder_start_token_id=start)
+        ids.update(forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id)
+        for name, value in ids.items():
+            if value is not None:
+                check_int(name, value, 0)
+                if value >= config.vocab_size:
+                    raise ValueError(f"{name} must be < vocab_size ({config.vocab_size}), got {value}")
+        eos = _eos_ids(config.eos_id if eos_token_id is None else eos_token_id, config.vocab_size)
+        return cls(
+            max_new_tokens,
+            num_beams,
+            start,
+            tuple(eos),
+            pad,
+            forced_bos_token_id,
+            forced_eos_token_id,
+            float(length_penalty),
+            early_stopping,
+        )
+
+    def run(self, step: Step, reorder: Reorder, batch: int, device: torch.device | str = "cpu") -> Tensor:
+        """Decode `batch` sources; `step` sees batch * num_beams rows (a source's beams adjacent) and keeps their cache.
+
+        Args:
+            step: tokens so far (R, S) -> next-token logits (R, vocab); the cache holds all but the last token.
+            reorder: keep the given rows' cache (beam search; never called for greedy).
+            batch, device: the number of sources and where the ids live.
+
+        Returns (batch, 1 + steps) int64, starting with the start token.
+        """
+        step = forcing(step, 1 + self.max_new_tokens, self.forced_bos_token_id, self.forced_eos_token_id)
+        start = torch.full((batch,), self.start_id, dtype=torch.long, device=device)
+        eos = list(self.eos)
+        if self.num_beams == 1:
+            return greedy_search(step, start[:, None], self.max_new_tokens, eos, self.pad_id)
+        fill = (self.pad_id or eos[0]) if eos else -1  # transformers' own rule, a pad id of 0 included
+        return beam_search(
+            step,
+            reorder,
+            start,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            eos=eos,
+            fill=fill,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+        )
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor | None = None,
-    *,
-    max_new_tokens: int,
-    num_beams: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    decoder_start_token_id: int | None = None,
-    forced_bos_token_id: int | None = None,
-    forced_eos_token_id: int | None = None,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-) -> Tensor:
+def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **options) -> Tensor:
     """Decode with a key/value cache: the same ids as transformers' `generate(do_sample=False, num_beams=N)`.
 
     Args:
         model: an encoder-decoder Transformer with an 'lm' head (run as it is: call eval() first).
         input_ids, attention_mask: the encoder batch (B,T).
-        max_new_tokens: tokens generated after the start token, at most.
-        num_beams: 1 = greedy, else beam search of that width.
-        eos_token_id: the id(s) that end a sequence (None: config.eos_id; both None: run max_new_tokens).
-        pad_token_id: what follows an end (None: config.pad_id).
-        decoder_start_token_id: the decoder's first token (None: config.decoder_start_id, else config.pad_id).
-        forced_bos_token_id, forced_eos_token_id: the only token allowed first (mBART's language
+        options (keywords, checked by `Search.of`):
+          max_new_tokens: tokens generated after the start token, at most (required).
+          num_beams: 1 = greedy (default), else beam search of that width.
+          eos_token_id: the id(s) that end a sequence (None: config.eos_id; both None: run max_new_tokens).
+          pad_token_id: what follows an end (None: config.pad_id).
+          decoder_start_token_id: the decoder's first token (None: config.decoder_start_id, else config.pad_id).
+          forced_bos_token_id, forced_eos_token_id: the only token allowed first (mBART's language
             id) and last (at max_new_tokens; BART's and Marian's generation configs set it).
-        length_penalty, early_stopping: beam search's, as transformers' (defaults 1.0 and False).
+          length_penalty, early_stopping: beam search's, as transformers' (defaults 1.0 and False).
 
     Returns (B, 1 + steps) int64, starting with the start token.
     """
-    config = model.config
-    pad = config.pad_id if pad_token_id is None else pad_token_id
-    start_id = decoder_start_token_id
-    if start_id is None:
-        start_id = config.pad_id if config.decoder_start_id is None else config.decoder_start_id
-    eos_token_id = config.eos_id if eos_token_id is None else eos_token_id
-    ids = dict(pad_token_id=pad, decoder_start_token_id=start_id)
-    ids.update(forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id)
-    _check_options(model, max_new_tokens, num_beams, ids)
-    eos = _eos_ids(eos_token_id, model.config.vocab_size)
+    search = Search.of(model.config, **options)
     memory, _, _ = model.encode(input_ids, attention_mask)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    memory, mask = memory.repeat_interleave(num_beams, dim=0), mask.repeat_interleave(num_beams, dim=0)
+    n = search.num_beams
+    memory, mask = memory.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
     caches = [LayerCache() for _ in range(model.config.decoder_layers)]
 
     def step(tokens: Tensor) -> Tensor:
@@ -242,19 +305,4 @@ def generate(
         for cache in caches:
             cache.reorder(rows)
 
-    step = forcing(step, 1 + max_new_tokens, forced_bos_token_id, forced_eos_token_id)
-    start = torch.full((len(input_ids),), start_id, dtype=torch.long, device=input_ids.device)
-    if num_beams == 1:
-        return greedy_search(step, start[:, None], max_new_tokens, eos, pad)
-    fill = (pad or eos[0]) if eos else -1  # transformers' own rule, a pad id of 0 included
-    return beam_search(
-        step,
-        reorder,
-        start,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        eos=eos,
-        fill=fill,
-        length_penalty=length_penalty,
-        early_stopping=early_stopping,
-    )
+    return search.run(step, reorder, len(input_ids), input_ids.device)
