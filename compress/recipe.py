@@ -35,6 +35,9 @@ class DataSpec:
     max_len, batch_size: per batch. limit: at most this many texts or rows.
     group_by_length: batch training texts of similar token length together, so that batches pad
     little (shuffled within windows of 50 batches; the held-out batches keep their order).
+    augment_copies: add this many unlabelled copies of every training text or row with words
+    swapped for their embedding neighbours (`compress.augment`; 0 = none): the teacher labels
+    them during distillation. augment_replace_prob: the chance that each word is swapped.
     """
 
     corpus: str | None = None
@@ -46,6 +49,8 @@ class DataSpec:
     batch_size: int = 16
     limit: int | None = 20000
     group_by_length: bool = True
+    augment_copies: int = 0
+    augment_replace_prob: float = 0.4
 
     def __post_init__(self) -> None:
         for name in ("corpus", "task", "glue_dir"):
@@ -76,6 +81,10 @@ class DataSpec:
         check_int("batch_size", self.batch_size, 1)
         if self.limit is not None:
             check_int("limit", self.limit, 1)
+        check_int("augment_copies", self.augment_copies, 0)
+        p = self.augment_replace_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"data.augment_replace_prob must be a number in (0, 1], got {p!r}")
 
 
 @dataclass(frozen=True)
