@@ -60,7 +60,10 @@ def prunable_units(model: Transformer) -> list[Unit]:
                             b,
                         )
                     )
+            # A gated FFN (T5 v1.1) multiplies gate and up channel by channel: tp couples their rows with down's columns.
             expected = {(block.ffn.up, True), (block.ffn.down, False)}
+            if block.ffn.gate is not None:
+                expected.add((block.ffn.gate, True))
             units.append(
                 Unit(
                     f"{name}.blocks.{b}.ffn",
@@ -71,7 +74,7 @@ def prunable_units(model: Transformer) -> list[Unit]:
                     block=b,
                 )
             )
-    units.append(Unit("embeddings", model.embeddings.norm, tp.prune_layernorm_out_channels))
+    units.append(_width_unit(model))
     if model.pooler is not None:
         readers = {(model.heads[h], False) for h in ("pair", "classify") if h in model.heads}
         units.append(
@@ -85,6 +88,16 @@ def prunable_units(model: Transformer) -> list[Unit]:
     return units
 
 
+def _width_unit(model: Transformer) -> Unit:
+    """The hidden width's unit, rooted at the embedding norm, or (Marian, T5: none) at the word table's output."""
+    emb = model.embeddings
+    if emb.norm is not None:
+        return Unit("embeddings", emb.norm, tp.prune_layernorm_out_channels)
+    if emb.word_proj is not None:
+        return Unit("embeddings", emb.word_proj, tp.prune_linear_out_channels)
+    return Unit("embeddings", emb.word, tp.prune_embedding_out_channels)
+
+
 def dependency_graph(model: Transformer) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, traced on a small fixed batch.
 
@@ -93,8 +106,9 @@ def dependency_graph(model: Transformer) -> tp.DependencyGraph:
     channels. So the trace ends where tp reads right (hidden states, decoder hidden states,
     the pooled heads' logits) and the MLM head's unembedding is stood in for by `x + h`: the
     tie multiplies channel i of the head's features with hidden channel i of the embeddings,
-    exactly the coupling an element-wise add declares. The LM head needs no stand-in: it
-    reads the decoder's hidden states, which are already in the hidden group.
+    exactly the coupling an element-wise add declares. The tied LM head needs no stand-in: it
+    reads the decoder's hidden states, which are already in the hidden group; an untied one's
+    own matrix is traced on them.
     """
     config = model.config
     steps = min(8, config.max_positions)
@@ -105,6 +119,10 @@ def dependency_graph(model: Transformer) -> tp.DependencyGraph:
         out = m(**inputs)
         traced = [out.hidden_states, out.decoder_hidden_states]
         traced += [logits for head, logits in out.head_logits.items() if head not in ("mlm", "lm")]
+        if (
+            "lm" in m.heads and m.heads["lm"].out is not None
+        ):  # an untied LM head reads the width through its own matrix
+            traced.append(m.heads["lm"].out(out.decoder_hidden_states))
         if "mlm" in m.heads:
             mlm = m.heads["mlm"]
             traced.append(mlm.norm(mlm.act(mlm.transform(out.hidden_states))) + out.hidden_states)

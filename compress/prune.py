@@ -29,7 +29,15 @@ from tqdm.auto import tqdm
 from compress.importance import channel_scores, dependency_graph, lowest, prunable_units
 from compress.latency import shape_for_latency
 from compress.pipeline import Context
-from compress.prune_shapes import STACKS, block_shapes, kept_heads, kept_width, param_count, reshaped
+from compress.prune_shapes import (
+    STACKS,
+    block_shapes,
+    kept_heads,
+    kept_width,
+    param_count,
+    reshaped,
+    tabulated_positions,
+)
 from model.config import Config, LayerShape
 from model.transformer import Transformer
 
@@ -57,10 +65,12 @@ class Prune:
     heads: fraction of attention heads removed in every layer, round(heads * n_heads) of them
         (self- and cross-attention; a head's q/k/v rows and out_proj columns go together);
         each layer keeps at least one.
-    ffn: fraction of FFN channels removed in every layer (ffn.up rows + ffn.down columns).
+    ffn: fraction of FFN channels removed in every layer (ffn.up rows + ffn.down columns, and
+        ffn.gate rows of a gated FFN).
     hidden: fraction of the model width `dim` removed everywhere it couples (embeddings, norms,
         every projection, pooler, task heads, word_proj). With factorized embeddings the new
-        dim may not fall below embed_dim.
+        dim may not fall below embed_dim. Sinusoid positions (Marian) become an "absolute"
+        table of the same values first, so each kept channel keeps its own.
     layers: number of whole layers dropped, the least important first (see `_drop_layers`);
         each stack keeps at least one layer.
     importance: "magnitude" (squared L2 norm of the coupled weights: the same ranking as the
@@ -163,7 +173,12 @@ class Prune:
             layers, heads, ffn = shape_for_latency(model.config, self.latency_ms, round_to=self.round_to)
         self._check_fits(model.config, heads, layers)
 
-        work = copy.deepcopy(model).requires_grad_(True)
+        work = copy.deepcopy(model)
+        if (
+            self.hidden and model.config.positions == "sinusoidal"
+        ):  # a sinusoid of a narrower width has other frequencies
+            work = tabulated_positions(work)
+        work.requires_grad_(True)
         # Exact attention for tracing and Taylor gradients on any device; the result gets the model's backend back.
         work.attention_backend = "reference"
         config = model.config
@@ -232,11 +247,6 @@ class Prune:
                 f"layers={layers} would leave a stack empty: the model has {config.encoder_layers} encoder "
                 f"and {config.decoder_layers} decoder layers and each stack keeps at least one"
             )
-        if self.hidden and not config.embed_norm:
-            raise ValueError(
-                f"hidden={self.hidden} prunes the width from the embedding LayerNorm, which this model has none of "
-                "(embed_norm=False: Marian, T5); prune heads, ffn or layers"
-            )
         dim = kept_width(config.dim, self.hidden, self.round_to)
         if config.embed_dim < config.dim and dim < config.embed_dim:
             raise ValueError(
@@ -249,8 +259,8 @@ class Prune:
     ) -> dict[str, int]:
         """How many heads (attention units) or channels (other units) each unit loses this round."""
         plan = {}
-        for unit in _units(model):
-            now = unit.root.weight.shape[0]
+        for unit in prunable_units(model):
+            now = model.config.dim if unit.stack is None else unit.root.weight.shape[0]
             if unit.stack is None:  # the hidden width; the pooler's output is dim wide too (by Config, not by coupling)
                 plan[unit.key] = now - kept_width(dim0, hidden, self.round_to)
             elif unit.head_dim:
@@ -263,7 +273,7 @@ class Prune:
 
     def _prune_widths(self, model: Transformer, plan: dict[str, int], ctx: Context) -> Transformer:
         """Remove the planned heads/channels, least important first, and rebuild from the new shapes."""
-        units = [u for u in _units(model) if u.key in plan]
+        units = [u for u in prunable_units(model) if u.key in plan]
         if not units:
             return model
         graph = dependency_graph(model)
@@ -284,7 +294,7 @@ class Prune:
         layers also hold cross-attention) comparable.
         """
         config = model.config
-        units = [u for u in _units(model) if u.stack is not None]
+        units = [u for u in prunable_units(model) if u.stack is not None]
         scores = channel_scores(model, dependency_graph(model), units, ctx, self.importance, self.batches)
         candidates = []
         for name in STACKS:
@@ -303,11 +313,6 @@ class Prune:
                 drop[name].add(i)
         model, kept_blocks = reshaped(model, drop)
         return model, {name: [origin[name][b] for b in kept_blocks[name]] for name in STACKS}
-
-
-def _units(model: Transformer) -> list:
-    """The prunable units; without an embedding norm (Marian, T5) the hidden width has no root and is left out."""
-    return [u for u in prunable_units(model) if u.root is not None]
 
 
 def _prune_relative_bias(attention: nn.Module, heads: set[int]) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from model.config import Config, LayerShape
+from model.positions import sinusoid
 from model.rebuild import rebuild
 from model.transformer import Transformer
 
@@ -31,11 +32,8 @@ def kept_width(width: int, ratio: float, round_to: int) -> int:
 
 
 def _width(model: Transformer) -> int:
-    if (
-        model.embeddings.norm is None
-    ):  # no embedding norm (Marian, T5): the width is never pruned (Prune refuses hidden)
-        return model.config.dim
-    return model.embeddings.norm.weight.shape[0]
+    """The model width, read off the weights (the first encoder block's query projection input)."""
+    return model.encoder.blocks[0].self_attn.q_proj.weight.shape[1]
 
 
 def block_shapes(config: Config, stack: str) -> list[LayerShape]:
@@ -75,6 +73,21 @@ def reshaped(pruned: Transformer, drop: dict[str, set[int]]) -> tuple[Transforme
         changes[f"{name}_share"] = tuple(new_index[share[i]] for i in keep)
         state = _renumber(state, f"{name}.blocks.", new_index)
     return rebuild(pruned, config.replace(**changes), state), kept_blocks
+
+
+def tabulated_positions(model: Transformer) -> Transformer:
+    """`model` with its sinusoid positions (Marian) stored as an "absolute" table holding the same values.
+
+    Pruning the width then keeps each remaining channel's own position values; a sinusoid
+    recomputed at the narrower width would have other frequencies.
+    """
+    config, state = model.config, model.state_dict()
+    word = model.embeddings.word.weight
+    table = sinusoid(config.max_positions, config.dim, word.device).to(word.dtype)
+    state["embeddings.position.weight"] = table
+    if model.decoder_embeddings is not None:
+        state["decoder_embeddings.position.weight"] = table.clone()
+    return rebuild(model, config.replace(positions="absolute"), state)
 
 
 def _read_shape(block: nn.Module, head_dim: int, where: str) -> LayerShape:

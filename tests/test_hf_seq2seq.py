@@ -14,6 +14,7 @@ from compress import Pipeline, Prune, Quantize, Share  # noqa: E402
 from model import from_hf, load, save  # noqa: E402
 from model.onnx.export import export_onnx  # noqa: E402
 from model.onnx.runtime import OrtModel  # noqa: E402
+from model.positions import sinusoid  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 100
@@ -271,14 +272,72 @@ def test_pruning_t5_heads_drops_their_relative_bias_columns():
         assert torch.isfinite(lite(**batch).head_logits["lm"]).all()
 
 
-@pytest.mark.parametrize("cls_name", ["MarianMTModel", "T5ForConditionalGeneration"])
-def test_models_without_an_embedding_norm_prune_heads_and_ffn_but_not_the_width(cls_name):
-    hf = _small(cls_name)
-    batch = _padded_batch(hf.config.pad_token_id)
-    lite = Pipeline([Prune(heads=0.5, ffn=0.5)]).run(from_hf(hf), data=[batch])
-    assert {(s.n_heads, s.ffn_dim) for s in (*lite.config.encoder, *lite.config.decoder)} == {(2, 16)}
-    with pytest.raises(ValueError, match="prunes the width from the embedding LayerNorm, which this model has none"):
-        Pipeline([Prune(hidden=0.25)]).run(from_hf(hf), data=[batch])
+def test_gated_ffn_prunes_gate_and_up_rows_with_the_down_columns():
+    """T5 v1.1: channels whose gate and up rows and down columns are zero add nothing; Prune finds and removes them."""
+    hf = _small("T5ForConditionalGeneration", feed_forward_proj="gated-gelu", d_ff=32)
+    model, batch = from_hf(hf), _padded_batch(hf.config.pad_token_id)
+    dead = {}
+    with torch.no_grad():
+        for name in ("encoder", "decoder"):
+            for b, block in enumerate(getattr(model, name).blocks):
+                channels = torch.randperm(32)[:16]  # a different half in every block
+                for weight in (block.ffn.gate.weight, block.ffn.up.weight, block.ffn.down.weight.T):
+                    weight[channels] = 0
+                dead[name, b] = set(channels.tolist())
+        want = model(**batch).head_logits["lm"]
+    lite = Pipeline([Prune(ffn=0.5)]).run(model, data=[batch])
+    with torch.no_grad():
+        torch.testing.assert_close(lite(**batch).head_logits["lm"], want, rtol=0, atol=1e-5)
+    for (name, b), channels in dead.items():
+        kept = sorted(set(range(32)) - channels)
+        old, new = getattr(model, name).blocks[b].ffn, getattr(lite, name).blocks[b].ffn
+        assert torch.equal(new.gate.weight, old.gate.weight[kept]) and torch.equal(new.up.weight, old.up.weight[kept])
+        assert torch.equal(new.down.weight, old.down.weight[:, kept])
+
+
+def _assert_width_sliced(model, lite) -> list[int]:
+    """Every weight of `lite` is `model`'s at the kept width channels, on each axis whose size changed; returns them."""
+    word, new_word = model.embeddings.word.weight, lite.embeddings.word.weight
+    dim, width = word.shape[1], new_word.shape[1]
+    kept = [next(i for i in range(dim) if torch.equal(word[:, i], new_word[:, j])) for j in range(width)]
+    assert kept == sorted(kept) and width < dim
+    old = dict(model.named_parameters())
+    for name, p in lite.named_parameters():
+        if name not in old:  # Marian's position table: checked against the sinusoid by the caller
+            continue
+        want = old[name]
+        for axis, (before, after) in enumerate(zip(want.shape, p.shape)):
+            if before != after:
+                assert (before, after) == (dim, width), name
+                want = want.index_select(axis, torch.tensor(kept))
+        assert torch.equal(p, want), name
+    return kept
+
+
+@pytest.mark.parametrize(
+    "cls_name, overrides",
+    [
+        ("MarianMTModel", dict(scale_embedding=True)),
+        ("MarianMTModel", dict(tie_word_embeddings=False)),
+        ("T5ForConditionalGeneration", dict()),  # tied head scaled by d_model**-0.5
+        ("T5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    ],
+)
+def test_models_without_an_embedding_norm_prune_the_width_everywhere(cls_name, overrides):
+    """Marian and T5 prune the width from the word table: norms (RMSNorm too), every projection, an untied head."""
+    hf = _small(cls_name, **overrides)
+    model, batch = from_hf(hf), _padded_batch(hf.config.pad_token_id)
+    lite = Pipeline([Prune(hidden=0.25)]).run(model, data=[batch])
+    assert lite.config.dim == 24 and lite.config.lm_head_scale == model.config.lm_head_scale
+    kept = _assert_width_sliced(model, lite)
+    if cls_name.startswith("Marian"):  # the sinusoid is stored as a table: each channel keeps its own values
+        table = sinusoid(model.config.max_positions, 32, "cpu").float()[:, kept]
+        assert lite.config.positions == "absolute" and torch.equal(lite.embeddings.position.weight, table)
+    with torch.no_grad():
+        assert lite(**batch).head_logits["lm"].shape == (4, 6, VOCAB)
+    both = Pipeline([Prune(heads=0.5, ffn=0.5, hidden=0.25, layers=1)]).run(model, data=[batch])
+    shapes = {(s.n_heads, s.ffn_dim) for s in (*both.config.encoder, *both.config.decoder)}
+    assert shapes == {(2, 16)} and both.config.encoder_layers + both.config.decoder_layers == 3
 
 
 @pytest.mark.parametrize("cls_name", ["BartForConditionalGeneration", "MarianMTModel", "T5ForConditionalGeneration"])
