@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# Prefer a CPU torch wheel already on this machine (pip's find-links); else the CPU index.
 	$(PIP) install --quiet --no-deps --no-index "torch>=2.6" || $(PIP) install --quiet "torch>=2.6" --index-url $(TORCH_INDEX)
-	$(PIP) install --quiet -e ".[hf,dev]"
+	$(PIP) install --quiet -e ".[hf,eval,dev]"
 	touch $@
 
 # Torch comes first, as in `install`, so the loaders' requirement (torch>=1.11) is met by the local CPU build.
