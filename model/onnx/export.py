@@ -14,7 +14,14 @@ What is exported (model/onnx/layout.py has the folder's files):
                  sentence_embedding (B,dim): mean over the mask's tokens, L2-normalized.
   decoder graph  inputs decoder_input_ids (B,S) int64, encoder_hidden_states (B,T,dim) fp32,
                  encoder_attention_mask (B,T) int64; outputs decoder_hidden_states and, with
-                 an 'lm' head, lm_logits. Causal masking only: decoder padding goes on the right.
+                 an 'lm' head, lm_logits and every layer's self- and cross-attention keys and
+                 values (present.*). Causal masking only: decoder padding goes on the right.
+  decoder with past (with an 'lm' head) one decoding step over the keys and values of the steps
+                 before (past_key_values.*): what `OrtModel.generate` runs after the first step.
+Why two decoder graphs (Optimum's non-merged layout) rather than one merged graph with a
+use-cache switch: each is a plain trace of the model's own decoder code, with no If node and
+no empty (length 0) past; the price is the decoder's weights stored twice. The cross-attention
+keys and values are computed once, by the first step. Names and shapes: model/onnx/layout.py.
 Attention is always torch's exact scaled_dot_product_attention, whatever backend the model
 runs with; weights are fp32 (half-precision models are exported in fp32). A block shared by
 several layers is one module, so its weights are one set of initializers.
@@ -42,12 +49,13 @@ from torch import nn
 
 from model.config import check_int
 from model.onnx import layout
+from model.onnx.decoder_graphs import DecoderGraph, DecoderWithPastGraph, decoder_example, has_cache
 from model.onnx.export_ops import TRANSLATIONS, needs_blocks, should_fold, swap_for_export
 from model.onnx.hub_files import write_side_files
 from model.onnx.layout import TWO_GB, graph_paths, publish, remove_graph, size_with_data
 from model.onnx.ort_quantize import MODES, NothingToQuantize, quantize_onnx
 from model.onnx.parity import ParityError, check_parity, fp32_copy, sentence_embedding
-from model.onnx.runtime import DECODER_INPUTS, graph_metadata
+from model.onnx.runtime import graph_metadata
 from model.transformer import Transformer
 
 __all__ = ["Exported", "ParityError", "check_parity", "export_onnx", "sentence_embedding"]
@@ -102,26 +110,6 @@ class _EncoderGraph(nn.Module):
         return tuple(outputs)
 
 
-class _DecoderGraph(nn.Module):
-    """Decoder stack (causal self-attention, cross-attention to the encoder output) and the LM head."""
-
-    def __init__(self, model: Transformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):
-        m = self.model
-        y, _, _ = m.decoder(
-            m.embed_decoder(decoder_input_ids),  # BART and mBART have positions of their own
-            None,
-            causal=True,
-            memory=encoder_hidden_states,
-            memory_mask=encoder_attention_mask.bool(),
-            backend="sdpa",
-        )
-        return (y, m.heads["lm"](y, m.embeddings)) if "lm" in m.heads else (y,)
-
-
 def export_onnx(
     model: Transformer,
     path: str | os.PathLike,
@@ -144,14 +132,15 @@ def export_onnx(
     model: a Transformer (any attention backend, shared/factorized/pruned/quantized; not modified).
     path: a folder: the deployable folder (model/onnx/layout.py: graphs, config.json, tokenizer
       files, model card, manifest); or `NAME.onnx`: the graph alone (a decoder graph goes to
-      `NAME.decoder.onnx` beside it). Parent folders are created. Files appear only once all are
+      `NAME.decoder.onnx` and `NAME.decoder_with_past.onnx` beside it). Parent folders are created. Files appear only once all are
       written, checked and verified; on any failure nothing is written.
     task: "encoder" (one graph: hidden states + encoder heads) or "seq2seq" (encoder and decoder
-      graphs; needs decoder layers); None picks "seq2seq" when the model has a decoder.
+      graphs, and with an 'lm' head the decoder with past keys/values; needs decoder layers); None picks "seq2seq" when the model has a decoder.
     opset: ONNX opset, 18..23 (21+ when the model has int4 or group-quantized int8 layers); default 21.
     verify: run ONNX Runtime against PyTorch at batch {1,3} x seq {8, 33, min(max_positions,
-      max_len)} with padded rows; any output off by more than `atol` raises ParityError naming it
-      (models with int8-dynamic layers: see `check_parity`).
+      max_len)} with padded rows, the cached decoder's logits at several past lengths too; any
+      output off by more than `atol` raises ParityError naming it (models with int8-dynamic
+      layers: see `check_parity`).
     external_data: True writes weights to `NAME.onnx.data` beside each graph; None does so only
       when the weights exceed 2 GB; False never (a model over 2 GB is then refused).
     sentence_embedding: add the output sentence_embedding (mean pooling + L2 normalization in the
@@ -198,7 +187,9 @@ def export_onnx(
         staged["encoder"].parent.mkdir(parents=True, exist_ok=True)
         graphs = {"encoder": _EncoderGraph(graph_model, sentence_embedding)}
         if task == "seq2seq":
-            graphs["decoder"] = _DecoderGraph(graph_model)
+            graphs["decoder"] = DecoderGraph(graph_model)
+            if has_cache(graph_model):
+                graphs["decoder_with_past"] = DecoderWithPastGraph(graph_model)
         for name, graph in graphs.items():
             proto = _trace(graph, name, opset)
             _write(proto, staged[name], external_data)
@@ -223,8 +214,8 @@ def export_onnx(
         for name in graphs:
             report.paths[name] = publish(staged[name], final[name])
             report.bytes[str(report.paths[name])] = size_with_data(report.paths[name])
-        if task == "encoder":  # a decoder left by an earlier export would be picked up by OrtModel
-            remove_graph(final["decoder"])
+        for name in set(final) - set(graphs):  # a decoder left by an earlier export would be picked up by OrtModel
+            remove_graph(final[name])
         for quantized in report.quantized.values():
             quantized.paths = {n: publish(p, root / p.relative_to(staging)) for n, p in quantized.paths.items()}
             quantized.bytes = {str(p): size_with_data(p) for p in quantized.paths.values()}
@@ -322,27 +313,18 @@ def _example(
     model: Transformer, graph: str, graph_sentence: bool = False
 ) -> tuple[tuple[torch.Tensor, ...], dict, list[str], list[str]]:
     """Example inputs (batch 2, not 0/1 so the exporter keeps axes symbolic), dynamic shapes, input and output names."""
+    if graph != "encoder":
+        return decoder_example(model, graph)
     config = model.config
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=config.max_positions)
     length = min(9, config.max_positions)
     ids = torch.randint(0, config.vocab_size, (2, length))
     mask = torch.ones_like(ids)
     mask[1, length // 2 + 1 :] = 0
-    if graph == "encoder":
-        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if config.type_vocab_size else [])
-        args = (ids, mask, torch.zeros_like(ids))[: len(names)]
-        outputs = layout.encoder_outputs(config.heads, graph_sentence)
-        return args, {n: {0: batch, 1: seq} for n in names}, names, outputs
-    decoder_seq = torch.export.Dim("decoder_sequence", max=config.max_positions)
-    dec = ids[:, : max(2, length - 2)]
-    memory = torch.randn(2, length, config.dim)
-    shapes = {
-        "decoder_input_ids": {0: batch, 1: decoder_seq},
-        "encoder_hidden_states": {0: batch, 1: seq},
-        "encoder_attention_mask": {0: batch, 1: seq},
-    }
-    outputs = ["decoder_hidden_states"] + (["lm_logits"] if "lm" in config.heads else [])
-    return (dec, memory, mask), shapes, list(DECODER_INPUTS), outputs
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if config.type_vocab_size else [])
+    args = (ids, mask, torch.zeros_like(ids))[: len(names)]
+    outputs = layout.encoder_outputs(config.heads, graph_sentence)
+    return args, {n: {0: batch, 1: seq} for n in names}, names, outputs
 
 
 def _trace(graph: nn.Module, name: str, opset: int) -> ir.Model:

@@ -2,14 +2,33 @@
 
 Torch-free (json, hashlib, pathlib): the torch-free runner (model/onnx/deployed.py) and the
 exporter share it. A folder that `export_onnx` writes holds:
-  model.onnx [+ model.decoder.onnx]   the graphs (in onnx/ instead for sentence-embedding exports,
-                                      where sentence-transformers looks for them)
+  model.onnx [+ model.decoder.onnx + model.decoder_with_past.onnx]
+                                      the graphs (in onnx/ instead for sentence-embedding exports,
+                                      where sentence-transformers looks for them); see below
   model-MODE.onnx                     ONNX Runtime-quantized variants (sentence layout: onnx/VARIANT)
   config.json, flashlite_config.json  the transformers/Optimum config and flashlite's own Config
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
   modules.json, 1_Pooling/config.json, sentence_bert_config.json   (sentence-embedding exports)
   README.md                           the model card
   manifest.json                       written last: format, versions, sha256 and size of every file
+
+Encoder-decoder exports decode with a key/value cache in Optimum's non-merged layout
+(decoder_model.onnx + decoder_with_past_model.onnx), by its tensor names:
+  model.decoder.onnx            decoder_input_ids (B,S), encoder_hidden_states (B,T,dim),
+                                encoder_attention_mask (B,T) -> decoder_hidden_states, lm_logits
+                                (B,S,vocab) and, with an 'lm' head, for each decoder layer i
+                                present.{i}.decoder.key/value (B,H_i,S,D_i) and
+                                present.{i}.encoder.key/value (B,H_i,T,D_i): the first step of a
+                                generation (and the whole decoder for `OrtModel(batch)`).
+  model.decoder_with_past.onnx  (with an 'lm' head) decoder_input_ids (B,P+1): every token so far,
+                                of which only the last is run; encoder_attention_mask (B,T);
+                                past_key_values.{i}.decoder.key/value (B,H_i,P,D_i) and
+                                past_key_values.{i}.encoder.key/value (B,H_i,T,D_i) -> lm_logits
+                                (B,1,vocab) and present.{i}.decoder.key/value (B,H_i,P+1,D_i).
+The with-past graph takes the whole prefix, not just the new token (Optimum's input_ids), because
+positions are computed from it as the PyTorch decoder does (RoBERTa-style positions count the
+non-padding tokens before each one); the cross-attention keys and values come from the first
+step and are fed back unchanged. The decoder weights are stored in both decoder files.
 """
 
 from __future__ import annotations
@@ -24,6 +43,9 @@ from typing import Any
 FORMAT, FORMAT_VERSION = "flashlite-onnx", 1
 MANIFEST, FLASHLITE_CONFIG = "manifest.json", "flashlite_config.json"
 GRAPH, DECODER_GRAPH = "model.onnx", "model.decoder.onnx"
+GRAPH_KINDS = ("encoder", "decoder", "decoder_with_past")  # graph_paths' keys, each file's flashlite.graph
+DECODER_INPUTS = ("decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask")
+PAST_INPUTS = ("decoder_input_ids", "encoder_attention_mask")  # then `cache_names(n, "past_key_values")`
 SENTENCE_DIR = "onnx"  # sentence-transformers' backend="onnx" reads its graphs from this subfolder
 HIDDEN, SENTENCE_EMBEDDING = "last_hidden_state", "sentence_embedding"
 # ONNX Runtime variants in the sentence layout, named as sentence-transformers names its own
@@ -73,6 +95,18 @@ def encoder_outputs(heads: Sequence[str], sentence_embedding: bool) -> list[str]
     """
     names = [HIDDEN, *(n for v in head_outputs(heads).values() for n in v)]
     return names + [SENTENCE_EMBEDDING] if sentence_embedding else names
+
+
+def cache_names(layers: int, prefix: str, cross: bool = True) -> list[str]:
+    """The key/value tensor names of a decoder of `layers` layers, four per layer (two without `cross`).
+
+    Args:
+        layers: decoder layers.
+        prefix: "past_key_values" (inputs) or "present" (outputs).
+        cross: include the cross-attention ones (`.encoder.key/value`) after each layer's own.
+    """
+    parts = ("decoder.key", "decoder.value") + (("encoder.key", "encoder.value") if cross else ())
+    return [f"{prefix}.{i}.{part}" for i in range(layers) for part in parts]
 
 
 def sha256(path: Path) -> str:
@@ -158,7 +192,8 @@ def verify_folder(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
-    """Where the graphs of one export live: {"encoder": NAME.onnx, "decoder": NAME.decoder.onnx}.
+    """Where the graphs of one export live: {"encoder": NAME.onnx, "decoder": NAME.decoder.onnx,
+    "decoder_with_past": NAME.decoder_with_past.onnx}.
 
     path: a `.onnx` file (the encoder graph), or a folder (then NAME is `model` inside it, or in its
       `onnx/` subfolder when only that holds one).
@@ -167,11 +202,13 @@ def graph_paths(path: str | os.PathLike) -> dict[str, Path]:
     if path.suffix != ".onnx":  # a folder: its model.onnx, or the sentence-transformers layout's onnx/model.onnx
         sentence = path / SENTENCE_DIR / GRAPH
         path = sentence if not (path / GRAPH).exists() and sentence.exists() else path / GRAPH
-    if path.name.endswith(".decoder.onnx"):
-        raise ValueError(
-            f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix('.decoder.onnx')}.onnx"
-        )
-    return {"encoder": path, "decoder": path.with_name(path.name.removesuffix(".onnx") + ".decoder.onnx")}
+    for kind in GRAPH_KINDS[1:]:
+        if path.name.endswith(f".{kind}.onnx"):
+            raise ValueError(
+                f"{path} is a decoder graph; pass the encoder file {path.name.removesuffix(f'.{kind}.onnx')}.onnx"
+            )
+    stem = path.name.removesuffix(".onnx")
+    return {"encoder": path} | {kind: path.with_name(f"{stem}.{kind}.onnx") for kind in GRAPH_KINDS[1:]}
 
 
 def publish(staged: Path, final: Path) -> Path:

@@ -1,4 +1,9 @@
-"""The parity check: ONNX Runtime on an exported graph against the PyTorch model (fp32, exact attention), output by output."""
+"""The parity check: ONNX Runtime on an exported graph against the PyTorch model (fp32, exact attention), output by output.
+
+With a decoder-with-past graph it also checks the cached decoding step: the decoder graph caches
+the first P target tokens (its present.* outputs), the with-past graph runs token P over them,
+and its logits must equal the PyTorch model's at position P, for several P (`past_lengths`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from model.transformer import Transformer
 
 PARITY_BATCHES = (1, 3)
 PARITY_LENGTHS = (8, 33)  # plus one near max_positions (capped by `max_len`)
+CACHED = "cached_lm_logits"  # the with-past graph's logits, in `check_parity`'s report
 DYNAMIC_RTOL = 1e-2  # see check_parity
 
 
@@ -88,6 +94,11 @@ def check_parity(
         shape = tuple(batch["input_ids"].shape)
         shapes.append(shape)
         pairs = list(output_pairs(expected, got))
+        if runner.decoder_with_past is not None:
+            ids, memory = batch["decoder_input_ids"].numpy(), np.asarray(got.hidden_states)
+            for past in past_lengths(ids.shape[1]):
+                have = cached_logits(runner, memory, batch["attention_mask"].numpy(), ids, past)
+                pairs.append((CACHED, expected.head_logits["lm"][:, past], torch.from_numpy(have)))
         if layout.SENTENCE_EMBEDDING in runner.encoder.outputs:
             feeds = runner.encoder_feeds(batch)
             embedding = runner.encoder.session.run([layout.SENTENCE_EMBEDDING], feeds)[0]
@@ -102,6 +113,27 @@ def check_parity(
                 )
             worst[name] = max(worst.get(name, 0.0), diff)
     return worst, shapes
+
+
+def past_lengths(length: int) -> list[int]:
+    """The cached lengths the parity check decodes after, for targets of `length` tokens: 1, about half, all but one."""
+    return sorted({p for p in (1, length // 2, length - 1) if 1 <= p < length})
+
+
+def cached_logits(runner: OrtModel, memory: np.ndarray, mask: np.ndarray, ids: np.ndarray, past: int) -> np.ndarray:
+    """The with-past graph's next-token logits (B,vocab) for ids[:, past], after the decoder graph cached ids[:, :past].
+
+    Args:
+        runner: an OrtModel with decoder and decoder-with-past graphs.
+        memory, mask: the encoder's output (B,T,dim) and attention mask (B,T) int64.
+        ids: decoder input ids (B,S) int64; past: how many of them the cache holds (1 <= past < S).
+    """
+    first = {"decoder_input_ids": ids[:, :past], "encoder_hidden_states": memory, "encoder_attention_mask": mask}
+    decoder = runner.decoder
+    out = dict(zip(decoder.outputs, decoder.session.run(list(decoder.outputs), first)))
+    feeds = {k.replace("present", "past_key_values", 1): v for k, v in out.items() if k.startswith("present.")}
+    feeds.update(decoder_input_ids=ids[:, : past + 1], encoder_attention_mask=mask)
+    return runner.decoder_with_past.session.run(["lm_logits"], feeds)[0][:, -1]
 
 
 def output_pairs(expected, got):

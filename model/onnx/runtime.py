@@ -1,8 +1,9 @@
 """OrtModel: run a flashlite ONNX export on ONNX Runtime behind the PyTorch model's batch interface.
 
 File layout (what `export_onnx` writes and `OrtModel` reads): a model is addressed by its
-encoder file `NAME.onnx`; an encoder-decoder model adds `NAME.decoder.onnx` beside it. A
-folder stands for `folder/model.onnx` (+ `folder/model.decoder.onnx`), or `folder/onnx/model.onnx`
+encoder file `NAME.onnx`; an encoder-decoder model adds `NAME.decoder.onnx` and, with an 'lm'
+head, `NAME.decoder_with_past.onnx` (the cached decoding step, model/onnx/layout.py) beside it.
+A folder stands for `folder/model.onnx` (+ its decoder files), or `folder/onnx/model.onnx`
 in the sentence-transformers layout. External data, when there is any, lives in the same
 folder. Every file carries its Config as metadata, so the runner validates inputs (names,
 dtypes, shapes, id ranges) before ONNX Runtime sees them. A deployable folder's manifest.json
@@ -17,7 +18,6 @@ flashlite exports, and external-data locations that are absolute, use `..`, or r
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,14 @@ from google.protobuf.message import DecodeError
 
 from model.checks import check_ids, check_token_types
 from model.config import Config, check_int
+from model.generate import Search
 from model.losses import LABEL_KEYS
 from model.onnx.deployed import first_line, open_session
-from model.onnx.layout import HIDDEN, graph_paths, head_outputs, manifest_folder, verify_folder
-from model.transformer import Output, Transformer
+from model.onnx.layout import GRAPH_KINDS, HIDDEN, graph_paths, head_outputs, manifest_folder, verify_folder
+from model.transformer import Output
 
 CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-DECODER_INPUTS = ("decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask")
 
 
 def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
@@ -60,7 +60,7 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
             f"{path} fails the ONNX checker (corrupted, truncated or hand-edited): {first_line(err)}"
         ) from None
     meta = {p.key: p.value for p in proto.metadata_props}
-    if CONFIG_KEY not in meta or meta.get(GRAPH_KEY) not in ("encoder", "decoder"):
+    if CONFIG_KEY not in meta or meta.get(GRAPH_KEY) not in GRAPH_KINDS:
         raise ValueError(
             f"{path} is not a flashlite export (no {CONFIG_KEY!r} / {GRAPH_KEY!r} metadata); write it with export_onnx"
         )
@@ -150,14 +150,18 @@ class OrtModel:
             verify_folder(folder)
         self.encoder = _open(paths["encoder"], threads)
         self.decoder = _open(paths["decoder"], threads) if paths["decoder"].exists() else None
+        past = paths["decoder_with_past"]
+        self.decoder_with_past = _open(past, threads) if self.decoder is not None and past.exists() else None
         self.config = self.encoder.config
-        if self.decoder is not None and self.decoder.config != self.config:
-            raise ValueError(
-                f"{paths['decoder']} was exported from another model than {paths['encoder']} (configs differ)"
-            )
+        for graph in (self.decoder, self.decoder_with_past):
+            if graph is not None and graph.config != self.config:
+                raise ValueError(
+                    f"{graph.path} was exported from another model than {paths['encoder']} (configs differ)"
+                )
 
     def __repr__(self) -> str:
         graphs = "encoder" + (" + decoder" if self.decoder is not None else "")
+        graphs += " + decoder_with_past" if self.decoder_with_past is not None else ""
         return f"OrtModel({str(self.encoder.path)!r}, {graphs}, threads={self.threads})"
 
     def __call__(self, batch: dict[str, Any] | None = None, /, **inputs: Any) -> Output:
@@ -217,35 +221,58 @@ class OrtModel:
                 out.decoder_hidden_states = torch.from_numpy(out.decoder_hidden_states)
         return out
 
-    def generate(
-        self, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int, start_id: int, end_id: int
-    ) -> Any:
-        """Greedy decoding on the encoder-decoder graphs (no key/value cache: each step reruns the decoder on the prefix).
+    def generate(self, input_ids: Any, attention_mask: Any = None, **options: Any) -> Any:
+        """Greedy or beam-search decoding with the export's key/value cache: the ids `Transformer.generate` gives.
 
-        Returns the decoder sequences (B, 1 + steps) int64, starting with start_id; a row that
-        produced end_id is padded with the config's pad_id; decoding stops early once every row
-        has ended. A tensor comes back as a tensor, an array as an array.
+        The decoder graph runs the first step (its present.* outputs start the cache: every
+        layer's keys and values, the cross-attention's once); the decoder-with-past graph runs
+        every later one on the last token.
+
+        Args:
+            input_ids, attention_mask: the encoder batch (B,T), numpy arrays or torch tensors.
+            options: as `model.generate.generate` takes them (max_new_tokens, num_beams,
+              eos_token_id, pad_token_id, decoder_start_token_id, forced_bos_token_id,
+              forced_eos_token_id, length_penalty, early_stopping).
+
+        Returns (B, 1 + steps) int64, starting with the start token: a tensor for a tensor, an array for an array.
         """
         if self.decoder is None:
             raise ValueError(
                 f"{self.encoder.path} has no decoder graph ({graph_paths(self.encoder.path)['decoder'].name}); "
                 "generate() needs an encoder-decoder export"
             )
-        if "lm_logits" not in self.decoder.outputs:
-            raise ValueError("the decoder graph has no lm_logits output (the model has no 'lm' head)")
+        if self.decoder_with_past is None:
+            raise ValueError(
+                f"{self.encoder.path} has no {graph_paths(self.encoder.path)['decoder_with_past'].name} "
+                "(a model without an 'lm' head, or an export of an earlier flashlite): generate() needs it"
+            )
+        search = Search.of(self.config, **options)
         feeds = self.encoder_feeds({"input_ids": input_ids, "attention_mask": attention_mask})
         memory = self._run(self.encoder, feeds)[HIDDEN]
+        memory, mask = (np.repeat(a, search.num_beams, axis=0) for a in (memory, feeds["attention_mask"]))
+        past: dict[str, np.ndarray] = {}  # past_key_values.* -> (R, H, S, D)
 
-        def next_logits(prefix: np.ndarray) -> np.ndarray:
-            step = {
-                "decoder_input_ids": prefix,
-                "encoder_hidden_states": memory,
-                "encoder_attention_mask": feeds["attention_mask"],
-            }
-            return self._run(self.decoder, step)["lm_logits"][:, -1]
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            ids = tokens.numpy()
+            if past:
+                out = self._run(
+                    self.decoder_with_past, {"decoder_input_ids": ids, "encoder_attention_mask": mask, **past}
+                )
+            else:
+                first = {"decoder_input_ids": ids, "encoder_hidden_states": memory, "encoder_attention_mask": mask}
+                out = self._run(self.decoder, first)
+            past.update(
+                {k.replace("present", "past_key_values", 1): v for k, v in out.items() if k.startswith("present.")}
+            )
+            return torch.from_numpy(out["lm_logits"][:, -1])
 
-        tokens = greedy_loop(next_logits, len(memory), self.config, max_new_tokens, start_id, end_id)
-        return torch.from_numpy(tokens) if isinstance(input_ids, torch.Tensor) else tokens
+        def reorder(rows: torch.Tensor) -> None:
+            index = rows.numpy()
+            for name in [n for n in past if ".decoder." in n]:  # the memory's rows stay: a source's beams share it
+                past[name] = past[name][index]
+
+        tokens = search.run(step, reorder, len(feeds["input_ids"]))
+        return tokens if isinstance(input_ids, torch.Tensor) else tokens.numpy()
 
     def encoder_feeds(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Validated int64 arrays for the encoder graph, with the defaults the PyTorch model uses."""
@@ -328,70 +355,6 @@ class OrtModule:
 
     def __call__(self, **batch: torch.Tensor) -> Output:
         return self.runner(batch)
-
-
-def greedy_loop(
-    next_logits: Callable[[np.ndarray], np.ndarray],
-    batch: int,
-    config: Config,
-    max_new_tokens: int,
-    start_id: int,
-    end_id: int,
-) -> np.ndarray:
-    """Greedy decoding given `next_logits(prefix (B,S) int64) -> (B,vocab)`; returns (B, 1 + steps) int64.
-
-    Shared by ONNX Runtime and PyTorch generation so that both decode by exactly the same rule:
-    argmax (lowest id on ties), rows that have produced end_id continue with pad_id.
-    """
-    check_int("max_new_tokens", max_new_tokens, 1)
-    if max_new_tokens + 1 > config.max_positions:
-        raise ValueError(
-            f"max_new_tokens + 1 must be <= max_positions ({config.max_positions}), got {max_new_tokens} + 1"
-        )
-    for name, value in (("start_id", start_id), ("end_id", end_id)):
-        check_int(name, value, 0)
-        if value >= config.vocab_size:
-            raise ValueError(f"{name} must be < vocab_size ({config.vocab_size}), got {value}")
-    tokens = np.full((batch, 1), start_id, dtype=np.int64)
-    done = np.zeros(batch, dtype=bool)
-    for _ in range(max_new_tokens):
-        step = np.asarray(next_logits(tokens)).argmax(axis=-1).astype(np.int64)
-        step[done] = config.pad_id
-        tokens = np.concatenate([tokens, step[:, None]], axis=1)
-        done |= step == end_id
-        if done.all():
-            break
-    return tokens
-
-
-@torch.no_grad()
-def greedy_generate(
-    model: Transformer,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int,
-    start_id: int,
-    end_id: int,
-) -> torch.Tensor:
-    """Greedy decoding with the PyTorch model, by the same rule as `OrtModel.generate`; returns (B, 1 + steps) int64.
-
-    model: an encoder-decoder Transformer with an 'lm' head (run in its current mode; call eval()
-    first for deterministic output). input_ids/attention_mask: the encoder batch (B,T).
-    """
-    if "lm" not in model.config.heads or model.decoder is None:
-        raise ValueError("greedy_generate needs an encoder-decoder model with an 'lm' head")
-    memory, _, _ = model.encode(input_ids, attention_mask)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-
-    def next_logits(prefix: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(prefix).to(input_ids.device)
-        hidden = model.decode(ids, memory, mask)
-        return model.heads["lm"](hidden[:, -1:], model.embeddings)[:, -1].float().cpu().numpy()
-
-    return torch.from_numpy(
-        greedy_loop(next_logits, len(input_ids), model.config, max_new_tokens, start_id, end_id)
-    ).to(input_ids.device)
 
 
 def graph_metadata(config: Config, graph: str) -> dict[str, str]:
