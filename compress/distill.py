@@ -3,7 +3,9 @@
 Losses (weights are settings): KL between temperature-softened logits of every head both models
 have; MSE between the embedding outputs and between the hidden states of mapped layers, through
 learned projections where widths differ; MiniLM-v2 attention relations (Q-Q, K-K, V-V self-relations split into relation heads,
-so head counts may differ) on the last mapped layer.
+so head counts may differ) on the last mapped layer. Encoder-decoders with decoder_input_ids in the
+batch add the decoder's hidden states (through its own layer map) and cross-attention relations
+(compress/distill_seq2seq.py); the logits of the decoder's LM head are the target tokens'.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compress.distill_seq2seq import (
+    DecoderRecorder,
+    check_decoder_layer_map,
+    cross_relations,
+    relation_heads,
+    relation_kl,
+)
 from compress.pipeline import Context
 from model.losses import LABEL_KEYS
 from model.training.loop import TrainConfig, train
@@ -143,9 +152,16 @@ class DistillLoss(nn.Module):
                 raise ValueError(
                     f"relation_heads={self.relation_heads} must divide the {who}'s attention width {width}"
                 )
+        self.decoder_map = None  # the decoder terms need decoders on both sides
+        if student.decoder is not None and teacher.decoder is not None:
+            given = settings.decoder_layer_map
+            self.decoder_map = given or uniform_layer_map(s.decoder_layers, t.decoder_layers)
+            check_decoder_layer_map(self.decoder_map, student, teacher)
+            self.cross_heads = relation_heads(student, teacher, self.decoder_map[-1], settings.relation_heads)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Every loss term for one batch, by name ("logits", "hidden", "attention", "pooled", "task")."""
+        """Every loss term for one batch, by name ("logits", "hidden", "attention", "pooled", "task", and
+        "decoder_hidden", "cross_attention" for encoder-decoders given decoder_input_ids)."""
         settings, teacher = self.settings, self.teacher.module
         if "input_ids" not in batch:
             raise TypeError(f"a distillation batch needs input_ids; got keys {sorted(batch)}")
@@ -153,15 +169,19 @@ class DistillLoss(nn.Module):
         labels = {k: v for k, v in batch.items() if k in LABEL_KEYS} if settings.task else {}
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
         need_attention = settings.attention > 0
+        decoding = self.decoder_map is not None and "decoder_input_ids" in inputs
         recorders = [_QKVRecorder(m) for m in (self.student, teacher)] if need_attention else []
+        decoders = [DecoderRecorder(m) for m in (self.student, teacher)] if decoding else []
         try:
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=True)
                 t_qkv = recorders[1].take() if need_attention else None
+                t_dec = decoders[1].take() if decoding else None
             s_out = self.student(**inputs, **labels, output_hidden_states=True)
             s_qkv = recorders[0].take() if need_attention else None
+            s_dec = decoders[0].take() if decoding else None
         finally:
-            for recorder in recorders:
+            for recorder in recorders + decoders:
                 recorder.remove()
         losses: dict[str, Tensor] = {}
         if settings.logits > 0:
@@ -195,10 +215,32 @@ class DistillLoss(nn.Module):
                 kl = F.kl_div(s_rel, t_rel, log_target=True, reduction="none").sum(-1)  # (B, R, T)
                 terms.append((kl * mask[:, None, :]).sum() / (mask.sum() * self.relation_heads))
             losses["attention"] = settings.attention * sum(terms) / 3
+        if decoding:
+            losses.update(self._decoder_losses(s_dec, t_dec, mask, inputs))
         if labels and s_out.loss is not None:
             losses["task"] = settings.task * s_out.loss
         if not losses:
             raise ValueError("Distill has nothing to learn: every loss weight is 0 or the models share no head")
+        return losses
+
+    def _decoder_losses(self, s_dec: tuple, t_dec: tuple, mask: Tensor, inputs: dict[str, Tensor]) -> dict:
+        """ "decoder_hidden" (weight `hidden`) and "cross_attention" (weight `attention`) from the recorded decoders."""
+        (s_hidden, s_qkv), (t_hidden, t_qkv) = s_dec, t_dec
+        target = inputs.get("decoder_attention_mask")
+        target = torch.ones_like(inputs["decoder_input_ids"]) if target is None else target
+        target = target.bool()
+        losses = {}
+        if self.settings.hidden > 0:  # the decoder's input vectors too, as the encoder's embedding outputs
+            pairs = [(0, 0), *((i + 1, j + 1) for i, j in enumerate(self.decoder_map))]
+            terms = [_masked_mse(self.project(s_hidden[i]), t_hidden[j], target) for i, j in pairs]
+            losses["decoder_hidden"] = self.settings.hidden * sum(terms) / len(terms)
+        if self.settings.attention > 0:
+            s_layer, t_layer = len(self.decoder_map) - 1, self.decoder_map[-1]
+            s_rel = cross_relations(*(s_qkv[n][s_layer] for n in "qkv"), self.cross_heads, mask)
+            t_rel = cross_relations(*(t_qkv[n][t_layer] for n in "qkv"), self.cross_heads, mask)
+            attention = relation_kl(s_rel[0], t_rel[0], target)  # rows: the decoder's real tokens
+            values = relation_kl(s_rel[1], t_rel[1], mask)  # rows: the real source tokens
+            losses["cross_attention"] = self.settings.attention * (attention + values) / 2
         return losses
 
     def _logit_loss(self, head: str, s: Tensor, t: Tensor, mask: Tensor, inputs: dict[str, Tensor]) -> Tensor:
@@ -245,7 +287,9 @@ class Distill:
     layer_map: teacher layer for each student encoder layer; None = matched when the student
     has fewer layers than the teacher (`matched_layer_map` on the first 4 batches: a student cut
     in depth learns from the layers its own came from), else uniform; "uniform" =
-    `uniform_layer_map` always. relation_heads: MiniLM-v2 relation heads (0 = the largest count dividing both
+    `uniform_layer_map` always. decoder_layer_map: teacher decoder layer for each student decoder
+    layer (None = uniform). Encoder-decoder batches with decoder_input_ids add "decoder_hidden" (weight
+    `hidden`) and "cross_attention" (weight `attention`; see compress/distill_seq2seq.py). relation_heads: MiniLM-v2 relation heads (0 = the largest count dividing both
     attention widths and the teacher's head count). checkpoint_every: steps between
     checkpoints in ctx.workdir/distill, from which an interrupted run resumes exactly.
     """
@@ -260,6 +304,7 @@ class Distill:
     pooled: float = 0.0
     task: float = 0.0
     layer_map: tuple[int, ...] | str | None = None
+    decoder_layer_map: tuple[int, ...] | None = None
     relation_heads: int = 0
     checkpoint_every: int = 0
     progress: bool = True
@@ -298,6 +343,15 @@ class Distill:
                     f"got {self.layer_map!r}"
                 )
             object.__setattr__(self, "layer_map", tuple(self.layer_map))
+        if self.decoder_layer_map is not None:
+            if not isinstance(self.decoder_layer_map, (list, tuple)) or not all(
+                type(j) is int and j >= 0 for j in self.decoder_layer_map
+            ):
+                raise ValueError(
+                    f"Distill decoder_layer_map must be null or a list of teacher decoder layer indices (ints >= 0), "
+                    f"got {self.decoder_layer_map!r}"
+                )
+            object.__setattr__(self, "decoder_layer_map", tuple(self.decoder_layer_map))
 
     def __call__(self, model: Transformer, ctx: Context) -> Transformer:
         settings = self

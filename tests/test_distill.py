@@ -44,7 +44,7 @@ def test_student_equal_to_teacher_has_zero_loss():
     student = Transformer(teacher.config)
     student.load_state_dict(teacher.state_dict())
     losses = distillation_loss(student, teacher, batches(teacher.config, 2), Distill(steps=1))
-    assert set(losses) == {"logits", "hidden", "attention"}
+    assert set(losses) == {"logits", "hidden", "attention", "decoder_hidden", "cross_attention"}
     assert all(abs(v) < 1e-6 for v in losses.values()), losses
 
 
@@ -70,7 +70,7 @@ def test_distillation_lowers_held_out_loss_with_different_heads_and_ffn():
     narrow = LayerShape(n_heads=2, head_dim=32, ffn_dim=32)  # 2 heads of 32 vs the teacher's 4 of 16
     teacher, student = teacher_and_student(n_layers=1, decoder_layers=1)
     student = Transformer(student.config.replace(encoder=(narrow,), decoder=(narrow,)))
-    settings = Distill(steps=60, lr=3e-3, warmup_steps=0, progress=False)
+    settings = Distill(steps=40, lr=1e-2, warmup_steps=0, progress=False)
     train_data, held_out = batches(teacher.config, 8, seed=1), batches(teacher.config, 3, seed=2)
     before = distillation_loss(student, teacher, held_out, settings)
     ctx = Context(data=train_data, teacher=teacher)
@@ -242,3 +242,141 @@ def test_a_student_cut_in_depth_learns_from_the_layers_it_kept(caplog):
     assert Distill(layer_map="uniform").layer_map == "uniform"
     with pytest.raises(ValueError, match="'uniform'"):
         Distill(layer_map="closest")
+
+
+# -- encoder-decoders: decoder hidden states, cross-attention relations, target-token logits ---------
+
+SEQ2SEQ = [("BartForConditionalGeneration", {}), ("T5ForConditionalGeneration", {"feed_forward_proj": "gated-gelu"})]
+
+
+def seq2seq_batches(n, seed, pad_id, vocab=100):
+    """Padded source (B=4, T=10) and target (S=7) batches, the padding on the right of each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids, targets = (
+            torch.randint(3, vocab - 1, (4, 10), generator=g),
+            torch.randint(3, vocab - 1, (4, 7), generator=g),
+        )
+        mask, target_mask = torch.ones_like(ids), torch.ones_like(targets)
+        mask[1, 6:], mask[2, 3:], target_mask[2, 4:], target_mask[3, 2:] = 0, 0, 0, 0
+        out.append(
+            {
+                "input_ids": ids.masked_fill(mask == 0, pad_id),
+                "attention_mask": mask,
+                "decoder_input_ids": targets.masked_fill(target_mask == 0, pad_id),
+                "decoder_attention_mask": target_mask,
+            }
+        )
+    return out
+
+
+def imported_teacher_and_pruned_student(cls_name, overrides, **prune):
+    """An imported tiny HF seq2seq teacher and a pruned copy (heads and FFN halved) as the student."""
+    pytest.importorskip("transformers")
+    from test_hf_seq2seq import _small
+
+    from compress.pipeline import Pipeline
+    from compress.prune import Prune
+    from model import from_hf
+
+    torch.manual_seed(0)
+    teacher = from_hf(_small(cls_name, **overrides)).eval()
+    batch = seq2seq_batches(1, 0, teacher.config.pad_id)
+    student = Pipeline([Prune(**(prune or dict(heads=0.5, ffn=0.5)))]).run(teacher, data=batch)
+    return teacher, student
+
+
+def _decoder_by_hand(model, batch):
+    """Decoder input + layer outputs (the stack's own hidden_states) and the last layer's cross q/k/v, in float64."""
+    h, _, _ = model.encode(batch["input_ids"], batch["attention_mask"])
+    memory_mask, target_mask = batch["attention_mask"].bool(), batch["decoder_attention_mask"].bool()
+    opts = dict(causal=True, memory=h, memory_mask=memory_mask, backend="reference")
+    _, hiddens, _ = model.decoder(
+        model.embed_decoder(batch["decoder_input_ids"]), target_mask, hidden_states=True, **opts
+    )
+    block, x = model.decoder.blocks[model.config.decoder_share[-1]], hiddens[-2]  # the last layer's input
+    self_attn = lambda y: block.self_attn(y, None, target_mask, causal=True, backend="reference", need_weights=False)[0]  # noqa: E731
+    if block.pre_norm:
+        query_in = block.cross_norm(x + self_attn(block.attn_norm(x)))
+    else:
+        query_in = block.attn_norm(x + self_attn(x))
+    cross = block.cross_attn
+    return hiddens, (cross.q_proj(query_in), cross.k_proj(h), cross.v_proj(h))
+
+
+def _kl_rows(t_scores, s_scores, key_mask):
+    """float64 KL(softmax t || softmax s) per row over the unmasked keys: (B,R,L,K) -> (B,R,L)."""
+    t_scores, s_scores = (x.masked_fill(~key_mask[:, None, None, :], -math.inf) for x in (t_scores, s_scores))
+    p, log_q = torch.softmax(t_scores, -1), torch.log_softmax(s_scores, -1)
+    return torch.where(p > 0, p * (p.log() - log_q), torch.zeros_like(p)).sum(-1)
+
+
+@pytest.mark.parametrize("cls_name, overrides", SEQ2SEQ, ids=["bart", "t5-gated"])
+def test_each_seq2seq_term_matches_a_float64_hand_computation(cls_name, overrides):
+    teacher, student = imported_teacher_and_pruned_student(cls_name, overrides)
+    teacher, student = teacher.double(), student.double()
+    batch = seq2seq_batches(1, 5, teacher.config.pad_id)[0]
+    settings = Distill(steps=1, temperature=2.0, hidden=0.7, attention=1.3, logits=0.5)
+    got = DistillLoss(student, teacher, settings)(batch)
+    source, target = batch["attention_mask"].bool(), batch["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        s_hidden, s_qkv = _decoder_by_hand(student, batch)
+        t_hidden, t_qkv = _decoder_by_hand(teacher, batch)
+        s_logits, t_logits = student(**batch).head_logits["lm"], teacher(**batch).head_logits["lm"]
+    # Logits: KL(teacher || student) at T = 2 over the real target tokens, times T^2.
+    p = torch.softmax(t_logits / 2.0, -1)
+    kl = (p * (p.log() - torch.log_softmax(s_logits / 2.0, -1))).sum(-1) * 4.0
+    torch.testing.assert_close(got["logits"], 0.5 * kl[target].mean(), rtol=1e-9, atol=1e-12)
+    # Decoder hidden states: input vectors and each mapped layer (uniform: student layer i -> teacher round((i+1)Lt/Ls)-1).
+    n_s, n_t = student.config.decoder_layers, teacher.config.decoder_layers
+    pairs = [(0, 0)] + [(i + 1, round((i + 1) * n_t / n_s)) for i in range(n_s)]
+    mse = [((s_hidden[i] - t_hidden[j])[target] ** 2).mean() for i, j in pairs]
+    torch.testing.assert_close(got["decoder_hidden"], 0.7 * sum(mse) / len(mse), rtol=1e-9, atol=1e-12)
+    # Cross-attention relations over R relation heads: decoder queries over source keys, source values among themselves.
+    heads = math.gcd(student.config.decoder[-1].n_heads * 8, teacher.config.decoder[-1].n_heads * 8, 4)
+    split = lambda x: x.view(4, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+
+    def relations(q, k, v):  # scaled by each model's own relation-head width
+        d = math.sqrt(q.shape[-1] // heads)
+        return split(q) @ split(k).transpose(-1, -2) / d, split(v) @ split(v).transpose(-1, -2) / d
+
+    (s_qk, s_vv), (t_qk, t_vv) = relations(*s_qkv), relations(*t_qkv)
+    attention = (_kl_rows(t_qk, s_qk, source) * target[:, None]).sum() / (target.sum() * heads)
+    values = (_kl_rows(t_vv, s_vv, source) * source[:, None]).sum() / (source.sum() * heads)
+    torch.testing.assert_close(got["cross_attention"], 1.3 * (attention + values) / 2, rtol=1e-9, atol=1e-12)
+    assert got["cross_attention"] > 1e-3 and got["decoder_hidden"] > 1e-3
+    same = DistillLoss(teacher, teacher, settings)(batch)
+    assert all(abs(v.item()) < 1e-12 for v in same.values()), same
+
+
+@pytest.mark.parametrize("cls_name, overrides", SEQ2SEQ, ids=["bart", "t5-gated"])
+def test_distilling_a_pruned_seq2seq_student_moves_it_toward_its_teacher(cls_name, overrides):
+    teacher, student = imported_teacher_and_pruned_student(cls_name, overrides, heads=0.5, ffn=0.5, layers=1)
+    pad = teacher.config.pad_id
+    train_data, held_out = seq2seq_batches(8, 1, pad), seq2seq_batches(3, 2, pad)
+    settings = Distill(steps=40, lr=1e-2, warmup_steps=0, progress=False)
+
+    def logit_gap(model):  # mean squared distance to the teacher's logits over the real target tokens
+        with torch.no_grad():
+            gaps = [
+                (model(**b).head_logits["lm"] - teacher(**b).head_logits["lm"])[b["decoder_attention_mask"].bool()]
+                for b in held_out
+            ]
+        return torch.cat(gaps).pow(2).mean().item()
+
+    before, gap = distillation_loss(student, teacher, held_out, settings), logit_gap(student)
+    assert {"logits", "hidden", "attention", "decoder_hidden", "cross_attention"} <= set(before)
+    trained = settings(student, Context(data=train_data, teacher=teacher))
+    after = distillation_loss(trained, teacher, held_out, settings)
+    assert all(after[k] < before[k] for k in before), (before, after)
+    assert sum(after.values()) < 0.9 * sum(before.values()), (before, after)
+    assert logit_gap(trained) < 0.9 * gap  # the undistilled student's gap
+
+
+def test_a_bad_decoder_layer_map_is_named():
+    teacher, student = teacher_and_student()
+    with pytest.raises(ValueError, match=r"decoder_layer_map must give one teacher decoder layer in \[0, 2\)"):
+        DistillLoss(student, teacher, Distill(decoder_layer_map=(0, 2)))
+    with pytest.raises(ValueError, match="decoder_layer_map must be null or a list"):
+        Distill(decoder_layer_map="uniform")
