@@ -41,7 +41,7 @@ from onnxruntime.quantization import (
 
 from model.onnx.fold import fold_dequantized_weights, quantizable_weights
 from model.onnx.layout import TWO_GB, publish, size_with_data
-from model.onnx.parity import output_pairs, parity_batches
+from model.onnx.parity import output_pairs, parity_batches, past_feeds
 from model.onnx.runtime import CONFIG_KEY, GRAPH_KEY, OrtModel, graph_paths, read_onnx
 
 MODES = ("int8-dynamic", "int8-static", "int4")
@@ -142,9 +142,16 @@ def quantize_onnx(
     if mode == "int8-static" and not batches:
         raise ValueError("mode 'int8-static' needs calibration batches (a non-empty list of batch dicts)")
     fp32 = OrtModel(src)
-    sources = {"encoder": fp32.encoder.path} | ({"decoder": fp32.decoder.path} if fp32.decoder is not None else {})
+    graphs = {"encoder": fp32.encoder, "decoder": fp32.decoder, "decoder_with_past": fp32.decoder_with_past}
+    sources = {name: graph.path for name, graph in graphs.items() if graph is not None}
     if mode == "int8-static" and "decoder" in sources and any("decoder_input_ids" not in b for b in batches):
         raise ValueError("calibrating a decoder graph needs decoder_input_ids in every calibration batch")
+    if (
+        mode == "int8-static"
+        and "decoder_with_past" in sources
+        and any(b["decoder_input_ids"].shape[1] < 2 for b in batches)
+    ):
+        raise ValueError("calibrating the decoder_with_past graph needs decoder_input_ids of 2 or more tokens")
     settings = settings_for(mode, block_size)
     final = graph_paths(dst)
     if any(final[name].resolve() == path.resolve() for name, path in sources.items()):
@@ -180,9 +187,13 @@ class _Calibration(CalibrationDataReader):
         if self._graph == "encoder":
             return feeds
         out = self._fp32(batch)
+        ids = np.asarray(batch["decoder_input_ids"], dtype=np.int64)
+        memory = np.asarray(out.hidden_states, dtype=np.float32)
+        if self._graph == "decoder_with_past":  # the last token over the cache of the others
+            return past_feeds(self._fp32, memory, feeds["attention_mask"], ids, ids.shape[1] - 1)
         return {
-            "decoder_input_ids": np.asarray(batch["decoder_input_ids"], dtype=np.int64),
-            "encoder_hidden_states": np.asarray(out.hidden_states, dtype=np.float32),
+            "decoder_input_ids": ids,
+            "encoder_hidden_states": memory,
             "encoder_attention_mask": feeds["attention_mask"],
         }
 

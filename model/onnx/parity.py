@@ -120,8 +120,10 @@ def past_lengths(length: int) -> list[int]:
     return sorted({p for p in (1, length // 2, length - 1) if 1 <= p < length})
 
 
-def cached_logits(runner: OrtModel, memory: np.ndarray, mask: np.ndarray, ids: np.ndarray, past: int) -> np.ndarray:
-    """The with-past graph's next-token logits (B,vocab) for ids[:, past], after the decoder graph cached ids[:, :past].
+def past_feeds(
+    runner: OrtModel, memory: np.ndarray, mask: np.ndarray, ids: np.ndarray, past: int
+) -> dict[str, np.ndarray]:
+    """The with-past graph's feeds for ids[:, past], the decoder graph having cached ids[:, :past] (its present.* outputs).
 
     Args:
         runner: an OrtModel with decoder and decoder-with-past graphs.
@@ -132,7 +134,12 @@ def cached_logits(runner: OrtModel, memory: np.ndarray, mask: np.ndarray, ids: n
     decoder = runner.decoder
     out = dict(zip(decoder.outputs, decoder.session.run(list(decoder.outputs), first)))
     feeds = {k.replace("present", "past_key_values", 1): v for k, v in out.items() if k.startswith("present.")}
-    feeds.update(decoder_input_ids=ids[:, : past + 1], encoder_attention_mask=mask)
+    return feeds | {"decoder_input_ids": ids[:, : past + 1], "encoder_attention_mask": mask}
+
+
+def cached_logits(runner: OrtModel, memory: np.ndarray, mask: np.ndarray, ids: np.ndarray, past: int) -> np.ndarray:
+    """The with-past graph's next-token logits (B,vocab) for ids[:, past] after the first `past` are cached (see `past_feeds`)."""
+    feeds = past_feeds(runner, memory, mask, ids, past)
     return runner.decoder_with_past.session.run(["lm_logits"], feeds)[0][:, -1]
 
 
