@@ -146,6 +146,15 @@ def fingerprints(model: Transformer, teacher: Transformer | None, ctx: Context) 
     return {"model": model_digest, "teacher": teacher_digest, "data": _digest(data())}
 
 
+def stage_folder(workdir: str | Path, index: int, p: Any) -> Path:
+    """The folder where `Pipeline.run(workdir=...)` keeps pass `index` (`p`): checkpoints, stage.json, model/.
+
+    Args:
+        workdir: the run's workdir. index: the pass's position (0 = first). p: the pass.
+    """
+    return Path(workdir) / f"{index:02d}-{pass_name(p)}"
+
+
 def _finished_stage(folder: Path | None, p: Any, inputs: dict[str, str]) -> Stage | None:
     """The recorded Stage of a pass that already finished in `folder` from the same inputs, else None.
 
@@ -249,7 +258,7 @@ class Pipeline:
         self.stages = [self._stage("input", {}, current, ctx, 0.0)]
         start_from = fingerprints(model, teacher, ctx) if ctx.workdir is not None else {}
         for i, p in enumerate(self.passes):
-            folder = ctx.workdir / f"{i:02d}-{pass_name(p)}" if ctx.workdir is not None else None
+            folder = stage_folder(ctx.workdir, i, p) if ctx.workdir is not None else None
             inputs = {**start_from, "passes": passes_digest(self.passes[: i + 1])} if folder is not None else {}
             finished = _finished_stage(folder, p, inputs)
             if finished is not None:  # evaluated again, so every stage has its metrics and the evaluator its call
@@ -293,6 +302,10 @@ class Pipeline:
             "passes": [{"name": pass_name(p), "settings": pass_settings(p)} for p in self.passes],
             "stages": [dataclasses.asdict(s) for s in self.stages],
         }
+
+    def stage_models(self, workdir: str | Path) -> list[Path]:
+        """The saved model folder of each pass of a run with this `workdir`, in pass order (`NN-Name/model`)."""
+        return [stage_folder(workdir, i, p) / "model" for i, p in enumerate(self.passes)]
 
     def save(self, model: Transformer, directory: str | Path) -> Path:
         """Save the compressed model with the stages in manifest.json."""

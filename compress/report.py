@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def _number(value: Any, scale: float = 1.0, digits: int = 2) -> str:
     )
 
 
-def _markdown(records: list[dict[str, Any]], metric_names: list[str], plots: dict[str, Path]) -> str:
+def _markdown(records: list[dict[str, Any]], metric_names: list[str], plots: dict[str, Path], notes: list[str]) -> str:
     first = records[0]
     header = [
         "stage",
@@ -107,7 +107,11 @@ def _markdown(records: list[dict[str, Any]], metric_names: list[str], plots: dic
             _number(r["seconds"], digits=1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *(f"![{key}]({path.name})" for key, path in plots.items())]
+    lines += [
+        "",
+        *(line for note in notes for line in (note, "")),
+        *(f"![{key}]({path.name})" for key, path in plots.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -145,24 +149,28 @@ def _plot(
     fig.savefig(path, dpi=120)
 
 
+def _per_row(records: list[dict[str, Any]], values: Mapping[str, Any] | Sequence[Any], what: str) -> list[Any]:
+    """`values` (by stage name, or one per stage in order) as one value per record, None where not given."""
+    if isinstance(values, Mapping):
+        unknown = sorted(set(values) - {r["name"] for r in records})
+        if unknown:
+            raise ValueError(f"{what} names unknown stages {unknown}; the stages are {[r['name'] for r in records]}")
+        return [values.get(r["name"]) for r in records]
+    values = list(values)
+    if len(values) != len(records):
+        raise ValueError(
+            f"{what} holds {len(values)} values for {len(records)} stages; give one per stage (None if unmeasured)"
+        )
+    return values
+
+
 def _apply_latencies(records: list[dict[str, Any]], latencies: Mapping[str, Any] | Sequence[Any] | None) -> None:
     """Set each record's latency_ms from `latencies` (by stage name or in stage order), or normalize its own."""
     if latencies is None:
         for record in records:
             record["latency_ms"] = _latency_ms(record["latency_ms"])
         return
-    if isinstance(latencies, Mapping):
-        unknown = sorted(set(latencies) - {r["name"] for r in records})
-        if unknown:
-            raise ValueError(f"latencies names unknown stages {unknown}; the stages are {[r['name'] for r in records]}")
-        values = [latencies.get(r["name"]) for r in records]
-    else:
-        values = list(latencies)
-        if len(values) != len(records):
-            raise ValueError(
-                f"latencies holds {len(values)} values for {len(records)} stages; give one per stage (None if unmeasured)"
-            )
-    for record, value in zip(records, values):
+    for record, value in zip(records, _per_row(records, latencies, "latencies")):
         if value is not None:
             record["latency_ms"] = _latency_ms(value)
 
@@ -174,6 +182,7 @@ def write_report(
     metric: str | None = None,
     latencies: Mapping[str, Any] | Sequence[Any] | None = None,
     higher_is_better: bool = True,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write report.json, report.md and the Pareto plots for compression stages.
 
@@ -186,6 +195,7 @@ def write_report(
         latencies: per stage, milliseconds or a `measure.latency` dict (its p50 is used): a
             mapping by stage name, or a sequence in stage order (None where not measured).
         higher_is_better: the metric's direction (False for a loss), for the Pareto frontier.
+        notes: lines saying how metrics were measured, under the table (and in report.json).
 
     Returns:
         {"json": ..., "markdown": ...} and, when a metric exists, "size_plot" (metric vs MB) and,
@@ -193,6 +203,8 @@ def write_report(
     """
     if isinstance(stages, (str, bytes, Mapping)) or not stages:
         raise ValueError("stages must be a non-empty sequence of Stage records (Pipeline.stages) or dicts")
+    if isinstance(notes, str) or not all(isinstance(n, str) for n in notes):
+        raise TypeError(f"notes must be a sequence of str (one line each), got {notes!r:.80}")
     records = [_record(s, i) for i, s in enumerate(stages)]
     _apply_latencies(records, latencies)
     metric_names = list(dict.fromkeys(name for r in records for name in r["metrics"]))
@@ -226,10 +238,77 @@ def write_report(
                 paths[key] = out / filename
                 _plot(points, paths[key], xlabel=xlabel, metric=metric, higher_is_better=higher_is_better)
     paths = {"json": out / "report.json", "markdown": out / "report.md", **paths}
-    report = {"metric": metric, "higher_is_better": higher_is_better, "stages": records}
+    report = {"metric": metric, "higher_is_better": higher_is_better, "stages": records, "notes": list(notes)}
     paths["json"].write_text(
         json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n", encoding="utf-8"
     )
     plots = {k: v for k, v in paths.items() if k.endswith("_plot")}
-    paths["markdown"].write_text(_markdown(records, metric_names, plots), encoding="utf-8")
+    paths["markdown"].write_text(_markdown(records, metric_names, plots, list(notes)), encoding="utf-8")
     return paths
+
+
+def amend_report(
+    out_dir: str | os.PathLike, metrics: Mapping[str, Any] | Sequence[Any], *, notes: Sequence[str] = ()
+) -> dict[str, Path]:
+    """Add metrics measured after `write_report` to its rows and write its files again.
+
+    Args:
+        out_dir: the folder holding report.json.
+        metrics: per row, a dict of metrics to add (None: nothing): a mapping by row name, or a
+            sequence in row order.
+        notes: lines to add under the table.
+
+    Returns write_report's paths.
+    """
+    out = Path(out_dir)
+    if not (out / "report.json").is_file():
+        raise FileNotFoundError(f"{out} holds no report.json to amend; write_report writes one")
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    records = report["stages"]
+    for record, extra in zip(records, _per_row(records, metrics, "metrics")):
+        record["metrics"].update(extra or {})
+    return write_report(
+        records,
+        out,
+        metric=report["metric"],
+        higher_is_better=report["higher_is_better"],
+        notes=[*report.get("notes", []), *notes],
+    )
+
+
+def add_generation(
+    out_dir: str | os.PathLike,
+    models: Mapping[str, Any] | Sequence[Any],
+    evaluate: Callable[[Any], dict[str, float]],
+    *,
+    note: str | None = None,
+) -> dict[str, Path]:
+    """Score the seq2seq head of the report's rows with `evaluate` (e.g. ROUGE/BLEU) and add the metrics to the report.
+
+    Args:
+        out_dir: the folder holding report.json.
+        models: per row (by name, or in row order; None = not scored): a Transformer, an OrtModel,
+            a flashlite model folder or an `.onnx` encoder file with its decoder beside it. A model
+            named by several rows is scored once.
+        evaluate: model -> metrics (`compress.evaluate.generation.evaluate` with its task bound).
+        note: a line saying what the metrics measure, under the table.
+
+    Returns write_report's paths.
+    """
+    from model.io import load
+    from model.onnx.runtime import OrtModel
+
+    records = json.loads((Path(out_dir) / "report.json").read_text(encoding="utf-8"))["stages"]
+    scored: dict[Any, dict[str, float]] = {}
+    rows = []
+    for model in _per_row(records, models, "models"):
+        if model is None:
+            rows.append(None)
+            continue
+        key = str(Path(model).resolve()) if isinstance(model, (str, os.PathLike)) else id(model)
+        if key not in scored:
+            if isinstance(model, (str, os.PathLike)):
+                model = OrtModel(model) if Path(model).suffix == ".onnx" else load(model)
+            scored[key] = dict(evaluate(model))
+        rows.append(scored[key])
+    return amend_report(out_dir, rows, notes=[note] if note else [])

@@ -359,6 +359,9 @@ def test_compress_runs_a_recipe_end_to_end(trained, corpus, tmp_path):
     assert lite.config.quantized and lite.config.encoder_share == (0, 0)
     assert "| Quantize |" in stdout and "ONNX export verified" in stdout
     assert (out / "onnx" / "model.onnx").is_file()
+    seq2seq = ("rouge1", "rouge2", "rougeL", "bleu")  # the tiny preset has a decoder: its head is scored too
+    assert all(set(seq2seq) <= set(rows[name]["metrics"]) for name in [*passes, "Lite, ONNX int8-dynamic"])
+    assert "| rouge1 | rouge2 | rougeL | bleu |" in stdout
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,9 @@ def test_a_rerun_resumes_at_the_first_unfinished_pass(tmp_path):
     straight = Pipeline([scale_weights, tie_encoder, scale_weights]).run(model, data(model.config))
     batch = data(model.config)[0]
     assert torch.equal(lite(**batch).hidden_states, straight(**batch).hidden_states)
+    folders = pipeline.stage_models(tmp_path)  # where each pass's result was saved, in pass order
+    assert [f.parent.name for f in folders] == ["00-counted", "01-tie_encoder", "02-scale_weights"]
+    assert torch.equal(load(folders[-1])(**batch).hidden_states, lite(**batch).hidden_states)
     Pipeline([Distill(steps=1, progress=False)]).run(model, data(model.config), workdir=tmp_path / "d")
     with pytest.raises(ValueError, match="holds a finished Distill run with settings"):
         Pipeline([Distill(steps=2, progress=False)]).run(model, data(model.config), workdir=tmp_path / "d")

@@ -92,3 +92,47 @@ def test_pareto_frontier_skips_dominated_stages():
     points = [(90.0, 0.91, "input"), (44.0, 0.88, "Share"), (11.0, 0.89, "Quantize"), (50.0, 0.80, "bad")]
     assert [name for _, _, name in _pareto(points, True)] == ["Quantize", "input"]
     assert [name for _, _, name in _pareto(points, False)] == ["Quantize", "Share", "bad"]
+
+
+def test_amend_report_adds_metrics_by_row_and_keeps_the_rest(tmp_path):
+    from compress.report import amend_report
+
+    write_report(_stages(), tmp_path, latencies=[20.0, 18.0, 10.0], notes=["accuracy: 100 dev rows."])
+    paths = amend_report(tmp_path, {"input": {"bleu": 31.5}, "Quantize": {"bleu": 30.25}}, notes=["bleu: corpus BLEU."])
+    report = json.loads(paths["json"].read_text())
+    assert [s["metrics"] for s in report["stages"]] == [
+        {"accuracy": 0.91, "bleu": 31.5},
+        {"accuracy": 0.88},
+        {"accuracy": 0.89, "bleu": 30.25},
+    ]
+    assert [s["latency_ms"] for s in report["stages"]] == [20.0, 18.0, 10.0] and report["metric"] == "accuracy"
+    assert report["notes"] == ["accuracy: 100 dev rows.", "bleu: corpus BLEU."]
+    table = paths["markdown"].read_text()
+    assert "| accuracy | bleu |" in table and "| 31.5000 |" in table and "| – |" in table
+    assert "accuracy: 100 dev rows.\n\nbleu: corpus BLEU." in table
+    with pytest.raises(ValueError, match=r"metrics names unknown stages \['Prune'\]"):
+        amend_report(tmp_path, {"Prune": {"bleu": 1.0}})
+    with pytest.raises(ValueError, match="metrics holds 2 values for 3 stages"):
+        amend_report(tmp_path, [None, None])
+    with pytest.raises(FileNotFoundError, match="no report.json"):
+        amend_report(tmp_path / "elsewhere", {})
+
+
+def test_add_generation_scores_each_named_model_once(tmp_path):
+    from compress.report import add_generation
+
+    write_report(_stages(), tmp_path)
+    calls = []
+
+    def evaluate(model):
+        calls.append(model)
+        return {"rougeL": len(calls) / 10}
+
+    teacher, lite = object(), object()
+    report = json.loads(
+        add_generation(tmp_path, [teacher, None, lite], evaluate, note="rougeL: a test.")["json"].read_text()
+    )
+    assert calls == [teacher, lite] and report["notes"] == ["rougeL: a test."]
+    assert [s["metrics"].get("rougeL") for s in report["stages"]] == [0.1, None, 0.2]
+    add_generation(tmp_path, {"input": teacher, "Share": teacher}, evaluate)
+    assert len(calls) == 3  # one more call, for the model two rows share

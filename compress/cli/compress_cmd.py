@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
+import random
 import shutil
 from pathlib import Path
 
 from compress.cli.common import add_parallel, add_source, load_source
+
+# The seq2seq evaluation's size: sentences and tokens per sentence (also the new tokens generated).
+SEQ2SEQ = dict(n=32, max_len=32)
 
 
 def add_parser(commands) -> None:
@@ -72,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(args.out / "work", ignore_errors=True)
     torch.manual_seed(args.seed)
     student = load(args.student) if args.student else None
+    teacher = load_source(args)
     result = run_job(
         recipe,
-        load_source(args),
+        teacher,
         args.out,
         student=student,
         seed=args.seed,
@@ -83,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not result.files:  # a torchrun rank other than 0: rank 0 reports
         return 0
+    if result.model.decoder is not None and "lm" in result.model.config.heads:
+        result.files.update(seq2seq_report(args, recipe, teacher, result))
     print()
     print(result.files["markdown"].read_text())
     if result.onnx is not None:
@@ -91,3 +100,66 @@ def run(args: argparse.Namespace) -> int:
     for name, path in result.files.items():
         print(f"{name:>15}: {path}")
     return 0
+
+
+def held_out_text(args: argparse.Namespace, recipe) -> tuple[list[str], str]:
+    """(held-out documents, where they come from) for the seq2seq evaluation of a compression run.
+
+    A model pretrained by flashlite (its manifest names the corpus, seed and holdout) gives the
+    documents its pretraining held out; any other model, the recipe's held-out texts (the split
+    `compress.job.recipe_batches` makes: the first of the texts shuffled with --seed).
+
+    Args:
+        args: the parsed command line. recipe: the loaded recipe.
+    """
+    from compress.evaluate import generation
+    from compress.job import glue_sentences
+    from model.data.corpus import load_corpus
+
+    manifest = args.model / "manifest.json" if args.model else None
+    pretraining = json.loads(manifest.read_text()).get("pretraining") if manifest and manifest.is_file() else None
+    if pretraining and "corpus" in pretraining:
+        corpus = pretraining["corpus"]
+        documents = generation.held_out_documents(corpus, seed=pretraining["seed"], holdout=pretraining["holdout"])
+        return documents, f"the held-out split of its pretraining corpus ({corpus or 'the built-in corpus'})"
+    spec = recipe.data
+    texts = glue_sentences(spec.glue_text, spec.glue_dir) if spec.glue_text else load_corpus(spec.corpus)
+    random.Random(args.seed).shuffle(texts)
+    texts = texts[: spec.limit]
+    n_held = min(8 * spec.batch_size, max(spec.batch_size, len(texts) // 10))
+    return texts[:n_held], f"the recipe's held-out texts ({spec.corpus or 'the built-in corpus'})"
+
+
+def seq2seq_report(args: argparse.Namespace, recipe, teacher, result) -> dict[str, Path]:
+    """Add ROUGE/BLEU of the seq2seq head (teacher, each stage, the Lite ONNX rows) to the job's report.
+
+    The task is the decoder's pretraining one (`generation.denoising`): rebuild held-out
+    sentences from copies with 15% of their words masked, greedy, as small as `make demo` affords.
+
+    Args:
+        args: the parsed command line. recipe: the loaded recipe. teacher: the input model.
+        result: run_job's result, whose report is rewritten.
+    """
+    from compress.evaluate import generation
+    from compress.evaluate.deploy import TEACHER
+    from compress.report import add_generation
+
+    documents, where = held_out_text(args, recipe)
+    settings = dict(max_new_tokens=SEQ2SEQ["max_len"], max_len=SEQ2SEQ["max_len"])
+    sources, references, options = generation.denoising(documents, teacher.tokenizer, seed=args.seed, **SEQ2SEQ)
+    evaluate = functools.partial(
+        generation.evaluate, sources=sources, references=references, tokenizer=teacher.tokenizer, **settings, **options
+    )
+    names = [row["name"] for row in json.loads(result.files["json"].read_text())["stages"]]
+    models = [teacher, *result.pipeline.stage_models(args.out / "work")[:-1], result.model]
+    onnx = {}
+    if result.onnx is not None:
+        onnx["Lite, ONNX"] = result.onnx.paths["encoder"]
+        onnx |= {f"Lite, ONNX {mode}": variant.paths["encoder"] for mode, variant in result.onnx.quantized.items()}
+    models += [teacher if name == TEACHER else onnx.get(name) for name in names[len(models) :]]
+    note = (
+        f"rouge1/rouge2/rougeL (F-measure, 0-1) and bleu (corpus BLEU, 0-100): the seq2seq head rebuilds "
+        f"{len(sources)} sentences of {where} from copies with 15% of their words masked (greedy, up to "
+        f"{settings['max_new_tokens']} new tokens)."
+    )
+    return add_generation(args.out, models, evaluate, note=note)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from compress.cli.common import add_parallel, positive_int
@@ -125,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         manifest = {
             "pretraining": {
                 "preset": args.preset,
+                # with seed and holdout, the held-out split that `flashlite compress` evaluates generation on
+                "corpus": str(Path(args.corpus).resolve()) if args.corpus else None,
+                "holdout": inspect.signature(pretrain).parameters["holdout"].default,
                 "steps": args.steps,
                 "batch_size": args.batch_size,
                 "max_len": args.max_len,
