@@ -11,6 +11,8 @@ from model.training.config import PARALLELS
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 MINILM = "all-MiniLM-L6-v2"
+# What `from_hf` imports (model/hf/importer.py FAMILIES), for help texts: encoders, then encoder-decoders.
+HF_FAMILIES = "BERT, RoBERTa, XLM-R, DistilBERT, RoFormer, BART, mBART, Marian, T5, mT5, Flan-T5"
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")  # the `datasets` names
 TASKS = (*GLUE_TASKS, "squad")
 ONNX_MODES = ("none", *MODES)
@@ -64,7 +66,7 @@ def add_source(sub: argparse.ArgumentParser, required: bool) -> None:
     source.add_argument("--model", type=Path, help="a flashlite model folder (from pretrain, import or compress)")
     source.add_argument(
         "--hf",
-        help=f"a Hugging Face encoder folder (BERT, RoBERTa, XLM-R, DistilBERT), or {MINILM} (the `hf` extra's copy)",
+        help=f"a Hugging Face model folder saved by transformers ({HF_FAMILIES}), or {MINILM} (the `hf` extra's copy)",
     )
 
 
