@@ -143,6 +143,13 @@ def main() -> None:
         action="store_false",
         help="batch in shuffled order instead of grouping similar lengths (the recipes' data.group_by_length)",
     )
+    parser.add_argument(
+        "--layer-map",
+        choices=("matched", "uniform"),
+        default="matched",
+        help="Distill: which teacher layer each student layer learns from when the student is shallower "
+        "(matched: the layers its own came from, by measured error; uniform: evenly spaced)",
+    )
     parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--hidden", type=float, default=1.0, help="Distill: hidden-state loss weight")
     parser.add_argument("--attention", type=float, default=1.0, help="Distill: attention-relation loss weight")
@@ -287,6 +294,7 @@ def main() -> None:
             hidden=args.hidden,
             attention=args.attention,
             warmup_steps=args.distill_steps // 10,
+            layer_map=None if args.layer_map == "matched" else "uniform",
         )
         if general is None:
             pipeline = Pipeline([*structure(args), task_distill])
@@ -377,7 +385,7 @@ def main() -> None:
             if general
             else ""
         )
-        + f"task Distill({args.distill_steps} steps, lr {args.distill_lr}, "
+        + f"task Distill({args.distill_steps} steps, lr {args.distill_lr}, {args.layer_map} layer map, "
         f"logits + labels + hidden x{args.hidden} + attention relations x{args.attention}; "
         f"{args.augment} unlabeled sentences added for single-sentence tasks, {args.augment_copies} word-swapped "
         f"copies per train row); int8 = ONNX Runtime dynamic int8 of the Lite export"
