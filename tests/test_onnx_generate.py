@@ -1,5 +1,6 @@
 """OrtModel.generate on the exported decoder with past keys/values: the ids of transformers and of PyTorch, cached logits at parity."""
 
+import json
 import os
 import shutil
 
@@ -10,6 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers", reason="needs the `hf` extra (transformers)")
+from transformers import AutoConfig
 
 from compress import Pipeline, Quantize
 from model import Config, Transformer, from_hf
@@ -188,3 +190,13 @@ def test_the_full_preset_decodes_like_pytorch(tmp_path):
     for num_beams in (1, 4):
         options = dict(max_new_tokens=24, num_beams=num_beams, decoder_start_token_id=2)
         assert torch.equal(runner.generate(ids, mask, **options), model.generate(ids, mask, **options))
+
+
+def test_the_folder_config_names_the_seq2seq_family_with_its_values(family):
+    hf, model, report, _ = family
+    written = AutoConfig.from_pretrained(report.folder)
+    assert written.model_type == hf.config.model_type and written.architectures == [type(hf).__name__]
+    data = json.loads((report.folder / "config.json").read_text())
+    for key, value in data.items():  # every value written is the one the source model was configured with
+        if key not in ("architectures", "model_type"):
+            assert getattr(hf.config, key) == value, key

@@ -76,25 +76,109 @@ def _distilbert(config: Config) -> dict[str, Any]:
     }
 
 
+def _bart(config: Config) -> dict[str, Any]:
+    """BartConfig keys (MBartConfig and MarianConfig share them); layer 0's shapes, as for BERT."""
+    enc, dec = config.encoder[0], config.decoder[0]
+    return {
+        "vocab_size": config.vocab_size,
+        "d_model": config.dim,
+        "encoder_layers": len(config.encoder),
+        "decoder_layers": len(config.decoder),
+        "encoder_attention_heads": enc.n_heads,
+        "decoder_attention_heads": dec.n_heads,
+        "encoder_ffn_dim": enc.ffn_dim,
+        "decoder_ffn_dim": dec.ffn_dim,
+        "activation_function": _ACTIVATIONS[config.activation],
+        "max_position_embeddings": config.max_positions,
+        "scale_embedding": config.embed_scale != 1.0,
+        "dropout": config.dropout,
+        "attention_dropout": config.attention_dropout,
+        "tie_word_embeddings": config.lm_head_tied,
+        "is_encoder_decoder": True,
+        **_generation_ids(config),
+    }
+
+
+def _marian(config: Config) -> dict[str, Any]:
+    """MarianConfig: BART's keys, one vocabulary for both sides."""
+    return {**_bart(config), "decoder_vocab_size": config.vocab_size, "share_encoder_decoder_embeddings": True}
+
+
+def _t5(config: Config) -> dict[str, Any]:
+    """T5Config keys: sizes, relative buckets, the FFN kind (`feed_forward_proj`: relu, gated-gelu, ...)."""
+    enc = config.encoder[0]
+    act = "gelu" if config.ffn_gated and config.activation == "gelu_tanh" else _ACTIVATIONS[config.activation]
+    return {
+        "vocab_size": config.vocab_size,
+        "d_model": config.dim,
+        "d_kv": enc.head_dim,
+        "d_ff": enc.ffn_dim,
+        "num_layers": len(config.encoder),
+        "num_decoder_layers": len(config.decoder),
+        "num_heads": enc.n_heads,
+        "relative_attention_num_buckets": config.relative_buckets,
+        "relative_attention_max_distance": config.relative_max_distance,
+        "feed_forward_proj": ("gated-" if config.ffn_gated else "") + act,
+        "layer_norm_epsilon": config.norm_eps,
+        "dropout_rate": config.dropout,
+        "tie_word_embeddings": config.lm_head_tied,
+        "is_encoder_decoder": True,
+        **_generation_ids(config),
+    }
+
+
+def _generation_ids(config: Config) -> dict[str, int]:
+    """pad, eos and decoder start ids, where the Config knows them."""
+    ids = {
+        "pad_token_id": config.pad_id,
+        "eos_token_id": config.eos_id,
+        "decoder_start_token_id": config.decoder_start_id,
+    }
+    return {k: v for k, v in ids.items() if v is not None}
+
+
 FAMILIES: dict[str, Callable[[Config], dict[str, Any]]] = {
     "bert": _bert,
     "roberta": _roberta,
     "distilbert": _distilbert,
     "roformer": _roformer,
+    "bart": _bart,
+    "mbart": _bart,
+    "marian": _marian,
+    "t5": _t5,
 }
-_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "roformer": "RoFormer"}
+_CLASS_PREFIX = {
+    "bert": "Bert",
+    "roberta": "Roberta",
+    "distilbert": "DistilBert",
+    "roformer": "RoFormer",
+    "bart": "Bart",
+    "mbart": "MBart",
+    "marian": "Marian",
+    "t5": "T5",
+}
 # The transformers class of each flashlite head, for config.json's `architectures` (None: the base model).
 _ARCHITECTURES = {"classify": "ForSequenceClassification", "qa": "ForQuestionAnswering", "mlm": "ForMaskedLM"}
 
 
 def family_of(config: Config) -> str:
-    """The Hugging Face model_type a Config comes from, by the traits each family imports with: rotary positions
-    say roformer, positions offset by the padding index roberta (xlm-roberta too: give model_type to say so),
-    DistilBERT's ReLU pre-classifier or no token types distilbert, anything else (flashlite's own models too) bert.
+    """The Hugging Face model_type a Config comes from, by the traits each family imports with.
+
+    Encoder-decoders: relative positions say t5 (mt5 too: give model_type to say so), sinusoidal
+    ones marian, a decoder position table of its own bart (mbart when pre-LN), anything else
+    (flashlite's own encoder-decoders) bart. Encoders: rotary positions say roformer, positions
+    offset by the padding index roberta (xlm-roberta too), DistilBERT's ReLU pre-classifier or no
+    token types distilbert, anything else (flashlite's own models too) bert.
 
     Args:
         config: the model's Config.
     """
+    if config.decoder:
+        if config.positions == "relative":
+            return "t5"
+        if config.positions == "sinusoidal":
+            return "marian"
+        return "mbart" if config.decoder_embeddings == "own_positions" and config.norm == "pre" else "bart"
     if config.positions == "rotary":
         return "roformer"
     if config.positions == "padding_offset":
@@ -116,10 +200,10 @@ def hf_config(config: Config, model_type: str | None = None, labels: Sequence[st
     if model_type not in FAMILIES:
         raise ValueError(f"model_type must be one of {', '.join(FAMILIES)}, got {model_type!r}")
     head = next((h for h in config.heads if h in _ARCHITECTURES), None)
-    data = {
-        "architectures": [_CLASS_PREFIX[model_type] + (_ARCHITECTURES[head] if head else "Model")],
-        "model_type": model_type,
-    }
+    suffix = _ARCHITECTURES[head] if head else "Model"
+    if config.decoder and "lm" in config.heads:  # what an encoder-decoder's decoder graphs serve
+        suffix = "MTModel" if model_type == "marian" else "ForConditionalGeneration"
+    data = {"architectures": [_CLASS_PREFIX[model_type] + suffix], "model_type": model_type}
     data |= FAMILIES[model_type](config)
     if "classify" in config.heads:
         names = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(config.n_labels)]
