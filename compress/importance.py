@@ -113,6 +113,8 @@ def dependency_graph(model: Transformer) -> tp.DependencyGraph:
     config = model.config
     steps = min(8, config.max_positions)
     ids = torch.arange(2 * steps, device=next(model.parameters()).device).view(2, steps) % config.vocab_size
+    if config.classify_pooling == "eos":  # BART's classifier reads each row's last eos token
+        ids[:, -1] = config.eos_id
     batch = {"input_ids": ids, **({"decoder_input_ids": ids} if model.decoder is not None else {})}
 
     def forward(m: Transformer, inputs: dict) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ POSITIONS = ("absolute", "padding_offset", "rotary", "sinusoidal", "relative")
 NORM_TYPES = ("layer", "rms")
 POOLER_ACTIVATIONS = ("tanh", *ACTIVATIONS)
 DECODER_EMBEDDINGS = ("shared", "own_positions")
+CLASSIFY_POOLINGS = ("first", "eos")
 # Fields added after the first saved models: written to config.json only when they differ from
 # these defaults, so a model that does not use them saves byte-identical files (and fingerprints).
 _LATER_DEFAULTS = {
@@ -32,6 +33,7 @@ _LATER_DEFAULTS = {
     "relative_max_distance": 128,
     "eos_id": None,
     "decoder_start_id": None,
+    "classify_pooling": "first",
 }
 QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
 
@@ -204,6 +206,10 @@ class Config:
     projections; `ffn_gated` multiplies the FFN's activated `gate` projection with its `up` one.
     `eos_id` and `decoder_start_id` (None: unknown) are what `Transformer.generate` ends and starts
     the decoder's sequences with when not told (imports take them from config.json).
+    `classify_pooling`: what the pooler of the sentence-level heads reads: "first", the encoder's
+    first token (BERT's [CLS]); "eos" (BART, mBART), the decoder's last layer at each row's last
+    `eos_id` token of input_ids, the decoder run on input_ids shifted right after decoder_start_id
+    when no decoder_input_ids are given.
     """
 
     vocab_size: int
@@ -239,6 +245,7 @@ class Config:
     relative_max_distance: int = 128
     eos_id: int | None = None
     decoder_start_id: int | None = None
+    classify_pooling: str = "first"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
@@ -325,6 +332,15 @@ class Config:
                 check_int(name, value, 0)
                 if value >= self.vocab_size:
                     raise ValueError(f"{name} must be < vocab_size ({self.vocab_size}), got {value}")
+        check_choice("classify_pooling", self.classify_pooling, CLASSIFY_POOLINGS)
+        if self.classify_pooling == "eos":
+            missing = [n for n in ("eos_id", "decoder_start_id") if getattr(self, n) is None]
+            if not self.decoder or missing or "classify" not in self.heads:
+                raise ValueError(
+                    "classify_pooling='eos' pools the decoder at the last eos token for the 'classify' head: "
+                    f"it needs decoder layers, eos_id, decoder_start_id and that head; got {len(self.decoder)} "
+                    f"decoder layers, heads={list(self.heads)}" + (f", no {' or '.join(missing)}" if missing else "")
+                )
         check_choice("norm_type", self.norm_type, NORM_TYPES)
         check_int("relative_buckets", self.relative_buckets, 2)
         check_int("relative_max_distance", self.relative_max_distance, 1)

@@ -11,18 +11,12 @@ from torch import Tensor, nn
 from model.attention import LayerCache, attend, choose_backend, reference_attention, warn_fallback
 from model.checks import check_ids, check_labels, check_token_types
 from model.config import Config, LayerShape
+from model.heads import ACTIVATIONS, LMHead, MaskedLMHead, Pooler, last_eos, shift_right
 from model.losses import LABEL_KEYS, task_losses
 from model.positions import relative_buckets, rotate, sinusoid
 
 # The token inputs `Transformer.forward` takes (besides labels and flags): what a batch feeds the model.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
-
-_ACTIVATIONS = {
-    "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-}
 
 
 def norm_layer(config: Config) -> nn.Module:
@@ -238,7 +232,7 @@ class FeedForward(nn.Module):
         dim, bias = config.dim, config.linear_bias
         self.gate = nn.Linear(dim, ffn_dim, bias=bias) if config.ffn_gated else None
         self.up = nn.Linear(dim, ffn_dim, bias=bias)
-        self.act = _ACTIVATIONS[config.activation]()
+        self.act = ACTIVATIONS[config.activation]()
         self.down = nn.Linear(ffn_dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -341,47 +335,6 @@ class Stack(nn.Module):
             if hidden_states:
                 hiddens[-1] = x
         return x, hiddens, weights
-
-
-class MaskedLMHead(nn.Module):
-    """BERT's MLM head: dense + activation + LayerNorm, then the tied word embeddings and a bias."""
-
-    def __init__(self, config: Config):
-        super().__init__()
-        self.transform = nn.Linear(config.dim, config.dim)
-        self.act = _ACTIVATIONS[config.activation]()
-        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-
-    def forward(self, h: Tensor, embeddings: Embeddings) -> Tensor:
-        return embeddings.unembed(self.norm(self.act(self.transform(h)))) + self.bias
-
-
-class LMHead(nn.Module):
-    """Seq2seq LM head on the decoder: times lm_head_scale, the tied word embeddings (or its own `out`) and a bias."""
-
-    def __init__(self, config: Config):
-        super().__init__()
-        self.out = None if config.lm_head_tied else nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.scale = config.lm_head_scale
-
-    def forward(self, h: Tensor, embeddings: Embeddings) -> Tensor:
-        if self.scale != 1.0:
-            h = h * self.scale
-        return (embeddings.unembed(h) if self.out is None else self.out(h)) + self.bias
-
-
-class Pooler(nn.Module):
-    """BERT's pooler: dense + tanh (Config.pooler_activation) on the first ([CLS]) token, feeding the sentence-level heads."""
-
-    def __init__(self, dim: int, activation: str):
-        super().__init__()
-        self.dense = nn.Linear(dim, dim)
-        self.act = nn.Tanh() if activation == "tanh" else _ACTIVATIONS[activation]()
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.act(self.dense(h[:, 0]))
 
 
 class Transformer(nn.Module):
@@ -539,6 +492,9 @@ class Transformer(nn.Module):
             attention_mask = torch.ones_like(input_ids) if isinstance(input_ids, Tensor) else None
         if decoder_input_ids is None and ("decoder_labels" in labels or decoder_attention_mask is not None):
             raise ValueError("decoder_labels and decoder_attention_mask need decoder_input_ids (the decoder's input)")
+        eos_pooled = self.config.classify_pooling == "eos"
+        if eos_pooled and decoder_input_ids is None:  # BART's classifier runs the decoder on the shifted source
+            decoder_input_ids = shift_right(input_ids, self.config.decoder_start_id)
         if decoder_input_ids is not None:  # checked now: no kernel may run on a batch that will be refused
             self._check_decoder_ids(decoder_input_ids, decoder_attention_mask, input_ids)
         if labels and isinstance(input_ids, Tensor):
@@ -553,7 +509,11 @@ class Transformer(nn.Module):
         )
         if decoder_input_ids is not None:
             out.decoder_hidden_states = self.decode(decoder_input_ids, h, attention_mask, decoder_attention_mask)
-        pooled = self.pooler(h) if self.pooler is not None else None
+        pooled = None
+        if self.pooler is not None:
+            pooled = self.pooler(
+                last_eos(out.decoder_hidden_states, input_ids, self.config.eos_id) if eos_pooled else h
+            )
         for name, head in self.heads.items():
             if name == "mlm":
                 out.head_logits[name] = head(h, self.embeddings)

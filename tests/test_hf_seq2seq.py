@@ -229,11 +229,46 @@ def test_a_decoder_with_its_own_word_table_is_refused(tmp_path):
 
 
 def test_an_unsupported_seq2seq_head_is_refused_naming_the_supported(tmp_path):
-    hf = transformers.BartForSequenceClassification(_config("BartForSequenceClassification"))
-    with pytest.raises(
-        ValueError, match="BartForSequenceClassification is not supported.*BartForConditionalGeneration"
-    ):
+    hf = transformers.BartForQuestionAnswering(_config("BartForQuestionAnswering"))
+    with pytest.raises(ValueError, match="BartForQuestionAnswering is not supported.*BartForSequenceClassification"):
         from_hf(hf)
+
+
+def _eos_batch(eos_id: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The padded batch's sources with two eos tokens per row (after the first real token and last), none elsewhere."""
+    batch = _padded_batch(pad_id)
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"]
+    ids[ids == eos_id] = 5
+    for row, real in enumerate(mask.bool()):
+        positions = real.nonzero().flatten()
+        ids[row, positions[1]] = ids[row, positions[-1]] = eos_id
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_bart_sequence_classification_pools_the_decoder_at_the_last_eos(tmp_path):
+    """BartForSequenceClassification: dense + tanh + out_proj on the decoder's state at each row's last eos."""
+    hf = _small("BartForSequenceClassification", num_labels=3)
+    batch, labels = _eos_batch(hf.config.eos_token_id, hf.config.pad_token_id), torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        want = hf(**batch, labels=labels)
+        given = hf(**batch, decoder_input_ids=batch["input_ids"].roll(1, 1)).logits
+    for model in (from_hf(hf), from_hf(_folder(hf, tmp_path))):
+        assert model.config.classify_pooling == "eos" and model.config.heads == ("classify",)
+        with torch.no_grad():
+            got = model(**batch, labels=labels)
+            got_given = model(**batch, decoder_input_ids=batch["input_ids"].roll(1, 1)).logits
+        assert (got.logits - want.logits).abs().max().item() <= 1e-5
+        assert (got_given - given).abs().max().item() <= 1e-5  # given decoder ids are read, eos still from the source
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    save(model, tmp_path / "lite")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "lite")(**batch).logits, got.logits)
+    lite = Pipeline([Prune(heads=0.5, ffn=0.5, hidden=0.25)]).run(model, data=[{**batch, "labels": labels}])
+    with torch.no_grad():
+        assert lite(**batch).logits.shape == (4, 3) and lite.pooler.dense.weight.shape[1] == 24
+    no_eos = {**batch, "input_ids": batch["input_ids"].masked_fill(batch["input_ids"] == 2, 5)}
+    with pytest.raises(ValueError, match=r"every row of input_ids needs an eos token \(id 2\)"):
+        model(**no_eos)
 
 
 def _kept_heads(before, after) -> list[int]:

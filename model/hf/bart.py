@@ -140,11 +140,13 @@ def config_from_hf(
 ) -> Config:
     """A BartConfig / MBartConfig dict as a flashlite Config (see model.hf.config_from_hf).
 
-    mBART is BART with pre-LN and a final LayerNorm per stack. Old config.json keys that
+    mBART is BART with pre-LN and a final LayerNorm per stack. The sequence classifier (dense +
+    tanh + out_proj) is the pooler + classify head on the decoder at the last eos token
+    (Config.classify_pooling "eos"). Old config.json keys that
     transformers no longer reads (normalize_before, add_final_layer_norm, ...) are ignored as it does.
     """
     norm = "pre" if hf.get("model_type") == "mbart" else "post"
-    return seq2seq_config(
+    config = seq2seq_config(
         hf,
         architecture,
         heads,
@@ -154,6 +156,7 @@ def config_from_hf(
         norm=norm,
         decoder_embeddings="own_positions",
     )
+    return config.replace(classify_pooling="eos") if "classify" in config.heads else config
 
 
 def check_copy(state: dict[str, Tensor], name: str, words: Tensor, why: str) -> None:
@@ -199,6 +202,7 @@ FAMILY = Family(
     architectures={
         "BartModel": (),
         "BartForConditionalGeneration": ("lm",),
+        "BartForSequenceClassification": ("classify",),
         "MBartModel": (),
         "MBartForConditionalGeneration": ("lm",),
     },
@@ -211,6 +215,8 @@ FAMILY = Family(
         "decoder.layernorm_embedding": "decoder_embeddings.norm",
         "encoder.layer_norm": "encoder.final_norm",
         "decoder.layer_norm": "decoder.final_norm",
+        "classification_head.dense": "pooler.dense",
+        "classification_head.out_proj": "heads.classify",
     },
     tensors={"final_logits_bias": "heads.lm.bias"},
     ignored=frozenset(),
