@@ -121,9 +121,7 @@ def dependency_graph(model: Transformer) -> tp.DependencyGraph:
         out = m(**inputs)
         traced = [out.hidden_states, out.decoder_hidden_states]
         traced += [logits for head, logits in out.head_logits.items() if head not in ("mlm", "lm")]
-        if (
-            "lm" in m.heads and m.heads["lm"].out is not None
-        ):  # an untied LM head reads the width through its own matrix
+        if "lm" in m.heads and m.heads["lm"].out is not None:  # an untied LM head reads the width through its matrix
             traced.append(m.heads["lm"].out(out.decoder_hidden_states))
         if "mlm" in m.heads:
             mlm = m.heads["mlm"]

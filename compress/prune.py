@@ -174,10 +174,8 @@ class Prune:
         self._check_fits(model.config, heads, layers)
 
         work = copy.deepcopy(model)
-        if (
-            self.hidden and model.config.positions == "sinusoidal"
-        ):  # a sinusoid of a narrower width has other frequencies
-            work = tabulated_positions(work)
+        if self.hidden and model.config.positions == "sinusoidal":
+            work = tabulated_positions(work)  # a sinusoid of a narrower width has other frequencies
         work.requires_grad_(True)
         # Exact attention for tracing and Taylor gradients on any device; the result gets the model's backend back.
         work.attention_backend = "reference"

@@ -66,19 +66,23 @@ def shift_right(input_ids: Tensor, start: int) -> Tensor:
     return torch.cat([torch.full_like(input_ids[:, :1], start), input_ids[:, :-1]], dim=1)
 
 
-def last_eos(decoded: Tensor, input_ids: Tensor, eos_id: int) -> Tensor:
-    """The decoder states (B,S,dim) at each row's last eos token of input_ids (B,T), as (B,1,dim) for the Pooler.
-
-    transformers' BART classifier takes the last of the eos positions (and needs every row to
-    hold as many); a row without one is refused.
-    """
-    if decoded.shape[1] != input_ids.shape[1]:
+def check_eos_rows(input_ids: Tensor, decoder_input_ids: Tensor, eos_id: int) -> None:
+    """Refuse a batch that eos pooling cannot read: a row of input_ids without eos, or decoder ids of another length."""
+    if decoder_input_ids.shape[1] != input_ids.shape[1]:
         raise ValueError(
             f"classify_pooling='eos' reads the decoder at input_ids' eos positions: decoder_input_ids must be as "
-            f"long as input_ids ({input_ids.shape[1]}), got {decoded.shape[1]}"
+            f"long as input_ids ({input_ids.shape[1]}), got {decoder_input_ids.shape[1]}"
         )
-    eos = input_ids == eos_id
-    if not torch.compiler.is_compiling() and not bool(eos.any(1).all()):
+    if not bool((input_ids == eos_id).any(1).all()):
         raise ValueError(f"classify_pooling='eos': every row of input_ids needs an eos token (id {eos_id})")
+
+
+def last_eos(decoded: Tensor, input_ids: Tensor, eos_id: int) -> Tensor:
+    """The decoder states (B,T,dim) at each row's last eos token of input_ids (B,T), as (B,1,dim) for the Pooler.
+
+    transformers' BART classifier takes the last of the eos positions (and needs every row to
+    hold as many); `check_eos_rows` refuses the batches it cannot read.
+    """
+    eos = input_ids == eos_id
     last = (eos * torch.arange(1, eos.shape[1] + 1, device=eos.device)).argmax(1)  # (B,) the last eos position
     return decoded[torch.arange(len(decoded), device=decoded.device), last].unsqueeze(1)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from model.attention import LayerCache, attend, choose_backend, reference_attention, warn_fallback
 from model.checks import check_ids, check_labels, check_token_types
 from model.config import Config, LayerShape
-from model.heads import ACTIVATIONS, LMHead, MaskedLMHead, Pooler, last_eos, shift_right
+from model.heads import ACTIVATIONS, LMHead, MaskedLMHead, Pooler, check_eos_rows, last_eos, shift_right
 from model.losses import LABEL_KEYS, task_losses
 from model.positions import relative_buckets, rotate, sinusoid
 
@@ -497,6 +497,8 @@ class Transformer(nn.Module):
             decoder_input_ids = shift_right(input_ids, self.config.decoder_start_id)
         if decoder_input_ids is not None:  # checked now: no kernel may run on a batch that will be refused
             self._check_decoder_ids(decoder_input_ids, decoder_attention_mask, input_ids)
+        if eos_pooled and isinstance(input_ids, Tensor):
+            check_eos_rows(input_ids, decoder_input_ids, self.config.eos_id)
         if labels and isinstance(input_ids, Tensor):
             check_labels(self.config, labels, input_ids, decoder_input_ids)
         h, hiddens, weights = self.encode(
