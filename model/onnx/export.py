@@ -69,10 +69,10 @@ TASKS = ("encoder", "seq2seq")
 class Exported:
     """What `export_onnx` wrote and measured.
 
-    paths: graph name ("encoder", "decoder") -> file. bytes: file -> size on disk (with its
-    external data). parity: output -> max abs difference ONNX Runtime vs PyTorch over every
-    checked shape, by the PyTorch Output's names (hidden_states, HEAD_logits) and
-    sentence_embedding (empty with verify=False). shapes: the (batch, seq) pairs checked.
+    paths: graph name ("encoder", "decoder", "decoder_with_past") -> file. bytes: file -> size on
+    disk (with its external data). parity: output -> max abs difference ONNX Runtime vs PyTorch
+    over every checked shape, by the PyTorch Output's names (hidden_states, HEAD_logits),
+    sentence_embedding and cached_lm_logits (the with-past step; empty with verify=False). shapes: the (batch, seq) pairs checked.
     folder: the deployable folder (None for a single-file export). quantized: ONNX Runtime mode
     -> its `Quantized` report; skipped: mode -> why ONNX Runtime had nothing to quantize.
     """
