@@ -10,9 +10,10 @@ import torch
 
 from model import Config, LayerShape, Transformer, from_hf
 from model.attention import BACKENDS
+from model.generate import greedy_search
 from model.onnx.export import ParityError, check_parity, export_onnx
 from model.onnx.ort_quantize import quantize_onnx
-from model.onnx.runtime import OrtModel, graph_paths, greedy_generate
+from model.onnx.runtime import OrtModel, graph_paths
 
 TOL = 1e-4
 TINY_ENCODER = dict(decoder_layers=0, heads=("mlm", "pair"))
@@ -90,27 +91,32 @@ def test_tiny_encoder_export_matches_pytorch(tiny):
     np.testing.assert_allclose(arrays.head_logits["pair"], expected.head_logits["pair"].numpy(), atol=TOL)
 
 
-def test_encoder_decoder_exports_two_graphs_and_generates_like_pytorch(seq2seq, folder):
+def test_encoder_decoder_exports_its_graphs_and_generates_like_pytorch(seq2seq, folder):
     model, report = seq2seq
-    _check_report(report, ["hidden_states", "mlm_logits", "pair_logits", "decoder_hidden_states", "lm_logits"])
+    outputs = ["hidden_states", "mlm_logits", "pair_logits", "decoder_hidden_states", "lm_logits", "cached_lm_logits"]
+    _check_report(report, outputs)
     assert report.paths == {
         "encoder": folder / "seq2seq" / "model.onnx",
         "decoder": folder / "seq2seq" / "model.decoder.onnx",
+        "decoder_with_past": folder / "seq2seq" / "model.decoder_with_past.onnx",
     }
     runner = OrtModel(folder / "seq2seq")
     ids = torch.randint(5, 512, (3, 12))
     mask = torch.ones_like(ids)
     mask[2, 6:] = 0
-    free = greedy_generate(model, ids, mask, max_new_tokens=10, start_id=1, end_id=0)
+    free = model.generate(ids, mask, max_new_tokens=10, decoder_start_token_id=1)
     assert len(set(free[:, 1:].flatten().tolist())) > 3  # not one token repeated
     end = int(free[0, 3])  # a token row 0 produces: row 0 stops there and pads, the others run on
-    want = greedy_generate(model, ids, mask, max_new_tokens=10, start_id=1, end_id=end)
-    got = runner.generate(ids, mask, max_new_tokens=10, start_id=1, end_id=end)
-    assert torch.equal(got, want)
+    options = dict(max_new_tokens=10, decoder_start_token_id=1, eos_token_id=end)
+    got = runner.generate(ids, mask, **options)
+    assert torch.equal(got, model.generate(ids, mask, **options))
     assert (got[0, 4:] == model.config.pad_id).all()
-    np.testing.assert_array_equal(
-        runner.generate(ids.numpy(), mask.numpy(), max_new_tokens=10, start_id=1, end_id=end), want.numpy()
-    )
+
+    def uncached(tokens):  # the reference: ONNX Runtime's decoder graph over the whole prefix at every step
+        return runner(input_ids=ids, attention_mask=mask, decoder_input_ids=tokens).head_logits["lm"][:, -1]
+
+    assert torch.equal(got, greedy_search(uncached, torch.full((3, 1), 1), 10, [end], model.config.pad_id))
+    np.testing.assert_array_equal(runner.generate(ids.numpy(), mask.numpy(), **options), got.numpy())
 
 
 def test_minilm_real_weights_export_matches_pytorch(minilm):
@@ -332,7 +338,7 @@ def test_ort_model_names_bad_inputs(tiny):
     with pytest.raises(ValueError, match="threads must be >= 1"):
         OrtModel(tiny[1].paths["encoder"], threads=0)
     with pytest.raises(ValueError, match="no decoder graph"):
-        runner.generate(ids, max_new_tokens=2, start_id=1, end_id=2)
+        runner.generate(ids, max_new_tokens=2)
 
 
 def test_export_arguments_are_checked(tiny, folder):

@@ -110,12 +110,21 @@ def test_forced_tokens_come_first_and_last():
         (dict(max_new_tokens=4, num_beams=0), "num_beams must be >= 1"),
         (dict(max_new_tokens=4, eos_token_id=512), r"eos_token_id must be < vocab_size \(512\)"),
         (dict(max_new_tokens=4, decoder_start_token_id=-1), "decoder_start_token_id must be >= 0"),
+        (dict(max_new_tokens=4, num_beams=2, early_stopping="soon"), "early_stopping must be True, False or 'never'"),
     ],
 )
 def test_bad_options_are_refused(options, message):
     model = _model()
     with pytest.raises(ValueError, match=message):
         model.generate(*_batch(), **options)
+
+
+def test_options_of_the_wrong_type_or_name_are_refused():
+    model = _model()
+    with pytest.raises(TypeError, match="length_penalty must be a number"):
+        model.generate(*_batch(), max_new_tokens=4, num_beams=2, length_penalty="long")
+    with pytest.raises(TypeError, match="do_sample"):
+        model.generate(*_batch(), max_new_tokens=4, do_sample=True)
 
 
 def test_encoder_only_models_do_not_generate():
