@@ -15,8 +15,8 @@ exporter share it. A folder that `export_onnx` writes holds:
 Encoder-decoder exports decode with a key/value cache in Optimum's non-merged layout
 (decoder_model.onnx + decoder_with_past_model.onnx), by its tensor names:
   model.decoder.onnx            decoder_input_ids (B,S), encoder_hidden_states (B,T,dim),
-                                encoder_attention_mask (B,T) -> decoder_hidden_states, lm_logits
-                                (B,S,vocab) and, with an 'lm' head, for each decoder layer i
+                                encoder_attention_mask (B,T) -> decoder_hidden_states and, with an
+                                'lm' head, lm_logits (B,S,vocab) and for each decoder layer i
                                 present.{i}.decoder.key/value (B,H_i,S,D_i) and
                                 present.{i}.encoder.key/value (B,H_i,T,D_i): the first step of a
                                 generation (and the whole decoder for `OrtModel(batch)`).
