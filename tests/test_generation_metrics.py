@@ -134,6 +134,7 @@ def test_generate_decode_score_matches_transformers_generate(tmp_path, num_beams
     assert generation.evaluate(model, sources, want, tok, **settings)["rougeL"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # the export takes most of its ~20 s; test_cli's compress run scores an ONNX file by default
 def test_onnx_runtime_generation_scores_as_pytorch(tmp_path):
     from model import from_hf
     from model.onnx.export import export_onnx

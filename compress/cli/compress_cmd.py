@@ -13,8 +13,8 @@ from pathlib import Path
 
 from compress.cli.common import HF_FAMILIES, add_parallel, add_source, load_source
 
-# The seq2seq evaluation's size: sentences and tokens per sentence (also the new tokens generated).
-SEQ2SEQ = dict(n=32, max_len=32)
+# The seq2seq evaluation: sentences, tokens per sentence (also the new tokens generated), words masked.
+SEQ2SEQ = dict(n=32, max_len=32, ratio=0.15)
 
 
 def add_parser(commands) -> None:
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     """
     import torch
 
+    from compress.heads import adopt_heads
     from compress.job import run_job
     from compress.recipe import load_recipe
     from model import load
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.files:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if result.model.decoder is not None and "lm" in result.model.config.heads:
-        result.files.update(seq2seq_report(args, recipe, teacher, result))
+        start = teacher if student is None else adopt_heads(student, teacher, seed=args.seed)  # as run_job starts
+        result.files.update(seq2seq_report(args, recipe, teacher, start, result))
     print()
     print(result.files["markdown"].read_text())
     if result.onnx is not None:
@@ -133,14 +135,15 @@ def held_out_text(args: argparse.Namespace, recipe) -> tuple[list[str], str]:
     return texts[:n_held], f"the recipe's held-out texts ({spec.corpus or 'the built-in corpus'})"
 
 
-def seq2seq_report(args: argparse.Namespace, recipe, teacher, result) -> dict[str, Path]:
+def seq2seq_report(args: argparse.Namespace, recipe, teacher, start, result) -> dict[str, Path]:
     """Add ROUGE/BLEU of the seq2seq head (teacher, each stage, the Lite ONNX rows) to the job's report.
 
     The task is the decoder's pretraining one (`generation.denoising`): rebuild held-out
-    sentences from copies with 15% of their words masked, greedy, as small as `make demo` affords.
+    sentences from copies with some of their words masked, greedy, as small as `make demo` affords.
 
     Args:
         args: the parsed command line. recipe: the loaded recipe. teacher: the input model.
+        start: the model the passes started from (the teacher, or the --student with its heads).
         result: run_job's result, whose report is rewritten.
     """
     from compress.evaluate import generation
@@ -158,15 +161,18 @@ def seq2seq_report(args: argparse.Namespace, recipe, teacher, result) -> dict[st
         generation.evaluate, sources=sources, references=references, tokenizer=teacher.tokenizer, **settings, **options
     )
     names = [row["name"] for row in json.loads(result.files["json"].read_text())["stages"]]
-    models = [teacher, *result.pipeline.stage_models(args.out / "work")[:-1], result.model]
+    models = [start, *result.pipeline.stage_models(args.out / "work")[:-1], result.model]
     onnx = {}
     if result.onnx is not None:
         onnx["Lite, ONNX"] = result.onnx.paths["encoder"]
         onnx |= {f"Lite, ONNX {mode}": variant.paths["encoder"] for mode, variant in result.onnx.quantized.items()}
     models += [teacher if name == TEACHER else onnx.get(name) for name in names[len(models) :]]
+    masked = any(teacher.tokenizer.token_to_id(t) is not None for t in generation.MASK_TOKENS)
+    copies = (
+        f"copies with {SEQ2SEQ['ratio']:.0%} of their words masked" if masked else "unmasked copies (no mask token)"
+    )
     note = (
         f"rouge1/rouge2/rougeL (F-measure, 0-1) and bleu (corpus BLEU, 0-100): the seq2seq head rebuilds "
-        f"{len(sources)} sentences of {where} from copies with 15% of their words masked (greedy, up to "
-        f"{settings['max_new_tokens']} new tokens)."
+        f"{len(sources)} sentences of {where} from {copies} (greedy, up to {settings['max_new_tokens']} new tokens)."
     )
     return add_generation(args.out, models, evaluate, note=note)

@@ -122,10 +122,11 @@ def generate_texts(
         raise ValueError(f"sources must be a non-empty sequence of str, got {sources!r:.80}")
     check_int("batch_size", batch_size, 1)
     runner = _runner(model)
-    device = next(runner.parameters()).device if isinstance(runner, torch.nn.Module) else torch.device("cpu")
-    was_training = runner.training if isinstance(runner, torch.nn.Module) else False
-    if isinstance(runner, torch.nn.Module):
-        runner.eval()
+    module = runner if isinstance(runner, torch.nn.Module) else None  # ONNX Runtime takes CPU tensors
+    device = next(module.parameters()).device if module is not None else torch.device("cpu")
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     texts: list[str] = []
     try:
         for start in range(0, len(sources), batch_size):
@@ -139,8 +140,8 @@ def generate_texts(
             )
             texts += tokenizer.decode_batch(torch.as_tensor(ids).cpu().tolist(), skip_special_tokens=True)
     finally:
-        if isinstance(runner, torch.nn.Module):
-            runner.train(was_training)
+        if module is not None:
+            module.train(was_training)
     return texts
 
 
