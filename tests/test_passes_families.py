@@ -75,14 +75,17 @@ def _imported(family: str):
     return model, batches, held_out
 
 
-def _outputs(model, batch) -> dict[str, torch.Tensor]:
-    """Hidden states, decoder hidden states and every head's logits, by name."""
-    with torch.no_grad():
-        out = model.eval()(**batch)
+def _named(out) -> dict[str, torch.Tensor]:
+    """Hidden states, decoder hidden states and every head's logits of an Output (PyTorch's or OrtModel's), by name."""
     found = {"hidden_states": out.hidden_states, **out.head_logits}
     if out.decoder_hidden_states is not None:
         found["decoder_hidden_states"] = out.decoder_hidden_states
     return found
+
+
+def _outputs(model, batch) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return _named(model.eval()(**batch))
 
 
 def _float64(model, batch) -> dict[str, torch.Tensor]:
@@ -97,14 +100,6 @@ def _assert_close(got: dict, want: dict, tol: float) -> None:
         assert got[name].shape == ref.shape, name
         err = (got[name].double() - ref).abs().max().item()
         assert err <= tol, f"{name}: {err:.2e} > {tol:.0e}"
-
-
-def _ort_outputs(out) -> dict[str, torch.Tensor]:
-    """An OrtModel Output by name, as `_outputs` names the PyTorch model's."""
-    found = {"hidden_states": out.hidden_states, **out.head_logits}
-    if out.decoder_hidden_states is not None:
-        found["decoder_hidden_states"] = out.decoder_hidden_states
-    return found
 
 
 def _relative(got: dict, want: dict) -> float:
@@ -160,7 +155,7 @@ def test_the_compressed_model_exports_with_parity_and_runs_as_ort_int8(family, t
     _, _, narrow, _, held_out = _compressed(family)
     export_onnx(narrow, tmp_path / "lite", quantize=("int8-dynamic",), max_len=MAX_LEN)  # checks parity itself too
     want = _float64(narrow, held_out)
-    _assert_close(_ort_outputs(OrtModel(tmp_path / "lite")(held_out)), want, TOL)
+    _assert_close(_named(OrtModel(tmp_path / "lite")(held_out)), want, TOL)
     int8 = OrtModel(tmp_path / "lite" / "model-int8-dynamic.onnx")(held_out)
     logits = {k: v for k, v in want.items() if k in int8.head_logits}
     assert logits and _relative(int8.head_logits, logits) < 0.2
@@ -179,4 +174,4 @@ def test_quantized_models_export_with_parity(family, mode, tmp_path):
         assert max(report.parity.values()) <= TOL
         got = OrtModel(tmp_path / "q.onnx")(held_out)
         want = {k: v.double() for k, v in _outputs(quantized, held_out).items()}
-        _assert_close(_ort_outputs(got), want, TOL)
+        _assert_close(_named(got), want, TOL)
