@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,18 +16,20 @@ import torch.nn.functional as F
 
 from compress.augment import WordReplacer, augment_rows, augment_texts
 from compress.distill import Distill
-from compress.evaluate import glue
+from compress.evaluate import generation, glue
 from compress.evaluate.measure import time_model
 from compress.heads import adopt_heads
 from compress.pipeline import Pipeline, Stage
 from compress.recipe import DataSpec, Recipe
-from compress.report import write_report
+from compress.report import add_generation, write_report
 from model.data.batching import text_batches
 from model.data.corpus import load_corpus
 from model.training.distributed import is_main
 from model.transformer import Transformer
 
 Batch = dict[str, torch.Tensor]
+# The seq2seq evaluation: sentences, tokens per sentence (also the new tokens generated), words masked.
+SEQ2SEQ = dict(n=32, max_len=32, ratio=0.15)
 
 
 @dataclass
@@ -73,13 +78,11 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
             "or --set data.glue_text=[sst2,mrpc,cola] --set data.glue_dir=DIR, or opt in with "
             "--set data.builtin_corpus=true"
         )
-    texts = glue_sentences(spec.glue_text, spec.glue_dir) if spec.glue_text else load_corpus(spec.corpus)
-    random.Random(seed).shuffle(texts)
-    texts = texts[: spec.limit]
-    n_held = min(8 * spec.batch_size, max(spec.batch_size, len(texts) // 10))
-    if len(texts) < n_held + spec.batch_size:
+    train, held = recipe_texts(spec, seed=seed)
+    if len(train) < spec.batch_size:
+        need = max(len(held), spec.batch_size) + spec.batch_size  # fewer texts than a batch: all of them held
         raise ValueError(
-            f"the corpus has {len(texts)} texts; need at least {n_held + spec.batch_size} for batch_size={spec.batch_size}"
+            f"the corpus has {len(train) + len(held)} texts; need at least {need} for batch_size={spec.batch_size}"
         )
 
     def batched(items: list[str], group_by_length: bool) -> list[Batch]:
@@ -97,10 +100,24 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
                 batch["decoder_attention_mask"] = batch["attention_mask"]
         return out
 
-    train = texts[n_held:]
     if spec.augment_copies:
         train += augment_texts(train, _replacer(model), **_augmenting(spec, seed))
-    return batched(train, spec.group_by_length), batched(texts[:n_held], False)
+    return batched(train, spec.group_by_length), batched(held, False)
+
+
+def recipe_texts(spec: DataSpec, *, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of a recipe's text data, as `recipe_batches` batches them.
+
+    Args:
+        spec: the recipe's data: `glue_text` sentences, else `corpus` (None = the built-in corpus),
+            shuffled with `seed`, at most `limit`; a tenth (between 1 and 8 batches) is held out.
+        seed: the shuffle's.
+    """
+    texts = glue_sentences(spec.glue_text, spec.glue_dir) if spec.glue_text else load_corpus(spec.corpus)
+    random.Random(seed).shuffle(texts)
+    texts = texts[: spec.limit]
+    n_held = min(8 * spec.batch_size, max(spec.batch_size, len(texts) // 10))
+    return texts[n_held:], texts[:n_held]
 
 
 def _replacer(model: Transformer) -> WordReplacer:
@@ -188,12 +205,19 @@ def run_job(
     seed: int = 0,
     device: str = "cpu",
     parallel: str = "ddp",
+    pretraining: Mapping[str, Any] | None = None,
 ) -> JobResult:
     """Apply `recipe` to `teacher`; write the Lite model, report.json/.md, plots and (per the recipe) ONNX into `out`.
+
+    A model with a decoder and an 'lm' head also gets ROUGE/BLEU of its seq2seq head in every row
+    of the report (`_score_seq2seq`).
 
     student: the passes start from this model instead of `teacher`, which they distill from (the
       task stage after a general distillation: the student takes the teacher's task heads).
     parallel: "ddp" or "fsdp", how the training passes share the work under torchrun.
+    pretraining: the teacher's pretraining facts when flashlite pretrained it (its manifest's
+      "pretraining": corpus, seed, holdout); the seq2seq head is then scored on the documents that
+      pretraining held out, else on the recipe's held-out texts.
     """
     out = Path(out)
     train_batches, held_out = recipe_batches(recipe.data, teacher, seed=seed)
@@ -201,8 +225,9 @@ def run_job(
         warnings.warn(warning, stacklevel=2)
     pipeline = Pipeline(recipe.passes)
     evaluate = FidelityEvaluator(teacher, held_out, recipe.data)
+    start = teacher if student is None else adopt_heads(student, teacher, seed=seed)
     lite = pipeline.run(
-        teacher if student is None else adopt_heads(student, teacher, seed=seed),
+        start,
         teacher=None if student is None else teacher,
         data=train_batches,
         evaluate=evaluate,
@@ -228,7 +253,71 @@ def run_job(
         ),
         **result.files,
     }
+    if lite.decoder is not None and "lm" in lite.config.heads:
+        result.files.update(_score_seq2seq(recipe, teacher, start, out, result, seed=seed, pretraining=pretraining))
     return result
+
+
+def _score_seq2seq(
+    recipe: Recipe,
+    teacher: Transformer,
+    start: Transformer,
+    out: Path,
+    result: JobResult,
+    *,
+    seed: int,
+    pretraining: Mapping[str, Any] | None,
+) -> dict[str, Path]:
+    """Add ROUGE/BLEU of the seq2seq head (teacher, each stage, the Lite ONNX rows) to the job's report.
+
+    The task is the decoder's pretraining one (`generation.denoising`): rebuild held-out
+    sentences from copies with some of their words masked, greedy, as small as `make demo` affords.
+    Held-out text without a sentence of the task's length leaves the report as it was, with a warning.
+
+    Args:
+        recipe, teacher, out, seed, pretraining: run_job's. start: the model the passes started from.
+        result: the job's result so far, whose report is rewritten.
+
+    Returns add_generation's paths ({} when nothing was scored).
+    """
+    from compress.evaluate.deploy import TEACHER  # its module imports the ONNX tooling: only when scoring
+
+    documents, where = _seq2seq_documents(recipe.data, pretraining, seed=seed)
+    settings = dict(max_new_tokens=SEQ2SEQ["max_len"], max_len=SEQ2SEQ["max_len"])
+    try:
+        sources, references, options = generation.denoising(documents, teacher.tokenizer, seed=seed, **SEQ2SEQ)
+    except ValueError as err:
+        warnings.warn(f"the seq2seq head is not scored: {err}", stacklevel=3)
+        return {}
+    evaluate = functools.partial(
+        generation.evaluate, sources=sources, references=references, tokenizer=teacher.tokenizer, **settings, **options
+    )
+    models = [start, *result.pipeline.stage_models(out / "work")[:-1], result.model]
+    onnx = {}
+    if result.onnx is not None:
+        onnx["Lite, ONNX"] = result.onnx.paths["encoder"]
+        onnx |= {f"Lite, ONNX {mode}": variant.paths["encoder"] for mode, variant in result.onnx.quantized.items()}
+    rows = [row["name"] for row in json.loads(result.files["json"].read_text(encoding="utf-8"))["stages"]]
+    models += [teacher if name == TEACHER else onnx.get(name) for name in rows[len(models) :]]
+    masked = any(teacher.tokenizer.token_to_id(t) is not None for t in generation.MASK_TOKENS)
+    copies = (
+        f"copies with {SEQ2SEQ['ratio']:.0%} of their words masked" if masked else "unmasked copies (no mask token)"
+    )
+    note = (
+        f"rouge1/rouge2/rougeL (F-measure, 0-1) and bleu (corpus BLEU, 0-100): the seq2seq head rebuilds "
+        f"{len(sources)} sentences of {where} from {copies} (greedy, up to {settings['max_new_tokens']} new tokens)."
+    )
+    return add_generation(out, models, evaluate, note=note)
+
+
+def _seq2seq_documents(spec: DataSpec, pretraining: Mapping[str, Any] | None, *, seed: int) -> tuple[list[str], str]:
+    """(held-out documents, where they come from in words) for the seq2seq scoring: see run_job's `pretraining`."""
+    if pretraining and "corpus" in pretraining:
+        corpus = pretraining["corpus"]
+        documents = generation.held_out_documents(corpus, seed=pretraining["seed"], holdout=pretraining["holdout"])
+        return documents, f"the held-out split of its pretraining corpus ({corpus or 'the built-in corpus'})"
+    source = spec.corpus or (f"GLUE {', '.join(spec.glue_text)}" if spec.glue_text else "the built-in corpus")
+    return recipe_texts(spec, seed=seed)[1], f"the recipe's held-out texts ({source})"
 
 
 def _export(

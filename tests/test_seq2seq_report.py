@@ -1,4 +1,5 @@
-"""The compression report of a model with a decoder: ROUGE/BLEU of the seq2seq head per row (tiny preset, CLI end to end)."""
+"""The compression report of a model with a decoder: ROUGE/BLEU of the seq2seq head per row (tiny preset; the CLI end
+to end, and run_job from Python)."""
 
 import contextlib
 import io
@@ -9,7 +10,10 @@ import pytest
 
 from compress.cli import main
 from compress.evaluate import generation
+from compress.job import run_job
+from compress.recipe import load_recipe
 from model import load
+from model.data.corpus import load_corpus
 from model.onnx.runtime import OrtModel
 
 RECIPE = """
@@ -50,8 +54,8 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def compressed(tmp_path_factory):
-    """A tiny model pretrained on a small corpus, then compressed with an exporting recipe: (teacher dir, out dir, stdout)."""
+def pretrained(tmp_path_factory):
+    """A tiny model (it has a decoder and an 'lm' head) pretrained on a small corpus: (folder, teacher dir)."""
     rng = random.Random(0)
     root = tmp_path_factory.mktemp("seq2seq")
     sentences = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10))).capitalize() + "." for _ in range(400))
@@ -61,6 +65,13 @@ def compressed(tmp_path_factory):
     pretrain = ["pretrain", "--preset", "tiny", "--steps", "4", "--batch-size", "4", "--max-len", "32"]
     code, _, stderr = _run([*pretrain, "--corpus", str(root / "corpus.txt"), "--out", str(teacher)])
     assert code == 0, stderr
+    return root, teacher
+
+
+@pytest.fixture(scope="module")
+def compressed(pretrained):
+    """The pretrained model compressed with an exporting recipe from the command line: (teacher dir, out dir, stdout)."""
+    root, teacher = pretrained
     (root / "recipe.yaml").write_text(RECIPE.replace("limit: 60", f"limit: 60, corpus: {root / 'corpus.txt'}"))
     code, stdout, stderr = _run(
         ["compress", str(root / "recipe.yaml"), "--model", str(teacher), "--out", str(root / "lite")]
@@ -99,6 +110,31 @@ def test_the_scores_are_those_of_the_held_out_denoising_task(compressed):
     int8 = OrtModel(out / "onnx" / "model-int8-dynamic.onnx")
     want = generation.evaluate(int8, sources, references, teacher.tokenizer, **task)
     assert {m: rows["Lite, ONNX int8-dynamic"]["metrics"][m] for m in METRICS} == pytest.approx(want)
+
+
+def test_run_job_from_python_scores_the_seq2seq_head_on_the_recipes_held_out_texts(pretrained, tmp_path):
+    root, teacher_dir = pretrained
+    corpus = root / "corpus.txt"
+    (tmp_path / "recipe.yaml").write_text(
+        "passes:\n  - prune: {heads: 0.5, ffn: 0.5}\n  - distill: {steps: 2, progress: false}\n"
+        f"data: {{max_len: 32, batch_size: 4, limit: 60, corpus: {corpus}}}\nexport: {{onnx: false}}\n"
+    )
+    teacher = load(teacher_dir)
+    result = run_job(load_recipe(tmp_path / "recipe.yaml"), teacher, tmp_path / "job", seed=1)
+    rows = {row["name"]: row["metrics"] for row in json.loads(result.files["json"].read_text())["stages"]}
+    assert list(rows) == ["input", "Prune", "Distill"]
+    # The recipe holds out the first tenth of its 60 texts (6 >= one batch of 4), shuffled with the job's seed.
+    texts = load_corpus(corpus)
+    random.Random(1).shuffle(texts)
+    sources, references, options = generation.denoising(texts[:6], teacher.tokenizer, n=32, max_len=32, seed=1)
+    assert len(sources) > 10
+    task = dict(max_new_tokens=32, max_len=32, **options)
+    for name, model in (("input", teacher), ("Prune", load(tmp_path / "job" / "work" / "00-Prune" / "model"))):
+        want = generation.evaluate(model, sources, references, teacher.tokenizer, **task)
+        assert {m: rows[name][m] for m in METRICS} == pytest.approx(want), name
+    want = generation.evaluate(load(tmp_path / "job" / "model"), sources, references, teacher.tokenizer, **task)
+    assert {m: rows["Distill"][m] for m in METRICS} == pytest.approx(want)
+    assert f"sentences of the recipe's held-out texts ({corpus})" in result.files["markdown"].read_text()
 
 
 def test_held_out_documents_are_the_ones_pretraining_kept_out():

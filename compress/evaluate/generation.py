@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from model.config import check_int
 from model.data.corpus import load_corpus, split_sentences
 from model.data.tokenizer import encode, token_lengths
+from model.training.pretrain import split_documents
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 METRICS = (*ROUGE, "bleu")
@@ -179,18 +180,13 @@ def evaluate(
 
 
 def held_out_documents(corpus: Any = None, *, seed: int = 0, holdout: float = 0.05) -> list[str]:
-    """The documents `model.training.pretrain.prepare` kept out of pretraining: the corpus's held-out split.
+    """The documents `model.training.pretrain.prepare` kept out of pretraining (its `split_documents`).
 
     Args:
         corpus: what pretraining read (None = the built-in corpus, a path, or a list of texts).
         seed, holdout: pretraining's seed and held-out fraction.
     """
-    if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-    documents = load_corpus(corpus)
-    order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)  # prepare's own split: the first shuffled documents are held out
-    return [documents[i] for i in order[: max(2, round(holdout * len(documents)))]]
+    return split_documents(load_corpus(corpus), seed=seed, holdout=holdout)[1]
 
 
 def denoising(

@@ -56,6 +56,21 @@ class Prepared:
     eval_data: PretrainingData
 
 
+def split_documents(documents: list[str], *, seed: int = 0, holdout: float = 0.05) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): the split pretraining makes, which later evaluations reuse.
+
+    Args:
+        documents: the corpus's documents. seed: shuffles them; the first shuffled ones are held out.
+        holdout: the fraction held out (at least 2 documents), in (0, 1).
+    """
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    n_held = max(2, round(holdout * len(documents)))
+    return [documents[i] for i in order[n_held:]], [documents[i] for i in order[:n_held]]
+
+
 def prepare(
     config: Config | str,
     corpus: Any = None,
@@ -70,24 +85,18 @@ def prepare(
     """Split the corpus, train (or take) the tokenizer, fit the config to it and build the batches.
 
     The config's vocab_size and pad_id follow the tokenizer; the "pair" head is dropped when
-    pair_task is None. A `holdout` fraction of the documents (at least 2) is kept for evaluation.
+    pair_task is None. A `holdout` fraction of the documents (at least 2) is kept for evaluation
+    (`split_documents`).
     """
     if isinstance(config, str):
         config = Config.preset(config)
-    if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
     if max_len > config.max_positions:
         raise ValueError(f"max_len={max_len} is longer than the model's max_positions={config.max_positions}")
     if pair_task is not None and "pair" not in config.heads:
         raise ValueError(
             f"pair_task={pair_task!r} needs a 'pair' head, but the config's heads are {list(config.heads)}"
         )
-    documents = load_corpus(corpus)
-    order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(2, round(holdout * len(documents)))
-    eval_docs = [documents[i] for i in order[:n_eval]]
-    train_docs = [documents[i] for i in order[n_eval:]]
+    train_docs, eval_docs = split_documents(load_corpus(corpus), seed=seed, holdout=holdout)
     if tokenizer is None:
         tokenizer = train_tokenizer(train_docs, vocab_size=config.vocab_size)
     heads = config.heads if pair_task else tuple(h for h in config.heads if h != "pair")
@@ -98,8 +107,8 @@ def prepare(
         eval_data = PretrainingData(eval_docs, tokenizer, batch_size=batch_size, seed=seed + 1, **options)
     except ValueError as err:
         raise ValueError(
-            f"holdout={holdout} keeps {n_eval} of {len(documents)} documents for evaluation, too few for one "
-            f"batch of {batch_size} ({err}); raise holdout, lower batch_size or give more text"
+            f"holdout={holdout} keeps {len(eval_docs)} of {len(train_docs) + len(eval_docs)} documents for "
+            f"evaluation, too few for one batch of {batch_size} ({err}); raise holdout, lower batch_size or give more text"
         ) from None
     return Prepared(config, tokenizer, train_data, eval_data)
 
