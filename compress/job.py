@@ -220,6 +220,13 @@ def run_job(
       pretraining held out, else on the recipe's held-out texts.
     """
     out = Path(out)
+    if recipe.export.onnx:  # refused now, not after the passes have run
+        from model.onnx.export import check_exportable
+
+        try:
+            check_exportable(teacher)
+        except ValueError as err:
+            raise ValueError(f"{err}; or compress without the export (--set export.onnx=false)") from None
     train_batches, held_out = recipe_batches(recipe.data, teacher, seed=seed)
     if (warning := check_data_size(recipe, len(train_batches))) and is_main():
         warnings.warn(warning, stacklevel=2)

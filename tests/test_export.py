@@ -355,6 +355,26 @@ def test_export_arguments_are_checked(tiny, folder):
     assert not (folder / "x.onnx").exists()
 
 
+def test_an_eos_pooled_classifier_is_refused_before_any_work(folder, tmp_path):
+    """BART's sequence classifier reads the decoder at the last eos: export_onnx (and a compress job that exports) refuse it up front."""
+    from compress.job import run_job
+    from compress.recipe import load_recipe
+
+    config = Config.preset(
+        "tiny", heads=("classify",), n_labels=3, classify_pooling="eos", eos_id=2, decoder_start_id=2
+    )
+    model = Transformer(config).eval()
+    refusal = r"does not support eos-pooled classifiers yet .*other heads: the base model .*'lm' head"
+    for task in (None, "encoder", "seq2seq"):
+        with pytest.raises(ValueError, match=refusal):
+            export_onnx(model, folder / "eos.onnx", task=task)
+    assert not list(folder.glob("eos*"))
+    (tmp_path / "recipe.yaml").write_text("passes:\n  - prune: {heads: 0.5}\nexport: {onnx: true}\n")
+    with pytest.raises(ValueError, match=refusal + r".*--set export.onnx=false"):
+        run_job(load_recipe(tmp_path / "recipe.yaml"), model, tmp_path / "job")
+    assert not (tmp_path / "job").exists()
+
+
 def test_ort_quantizing_an_export_with_int8_weights_logs_no_qat_hint(tmp_path, caplog):
     """ONNX Runtime warns "Please check if the model is already quantized" about flashlite's int8 weights: not a problem, not shown."""
     from compress import Quantize

@@ -154,6 +154,7 @@ def export_onnx(
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"export_onnx takes a model.Transformer, got {type(model).__name__}")
+    check_exportable(model)
     task = _check_task(model, task)
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be an int in [18, {MAX_OPSET}], got {opset!r}")
@@ -297,6 +298,21 @@ def _publish_folder(staging: Path, folder: Path) -> None:
         target = folder / name
         if target.is_file() and target.resolve().is_relative_to(folder.resolve()):
             target.unlink()
+
+
+def check_exportable(model: Transformer) -> None:
+    """Refuse, before any work, a model whose outputs the ONNX graphs cannot compute yet.
+
+    An eos-pooled classifier (Config.classify_pooling="eos", BART's sequence classifier) pools
+    the decoder's state at each row's last eos token; the encoder graph pools the first token.
+    """
+    if model.config.classify_pooling == "eos":
+        raise ValueError(
+            "export_onnx does not support eos-pooled classifiers yet (classify_pooling='eos': "
+            "BartForSequenceClassification, whose 'classify' head reads the "
+            "decoder at the last eos token); encoder-decoders export with their other heads: the base model "
+            "(BartModel) or the 'lm' head (BartForConditionalGeneration, with cached generate())"
+        )
 
 
 def _check_task(model: Transformer, task: str | None) -> str:
