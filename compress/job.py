@@ -24,6 +24,7 @@ from compress.recipe import DataSpec, Recipe
 from compress.report import add_generation, write_report
 from model.data.batching import text_batches
 from model.data.corpus import load_corpus
+from model.heads import shift_right
 from model.training.distributed import is_main
 from model.transformer import Transformer
 
@@ -47,7 +48,8 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
 
     Text comes from `spec.corpus` (None = the built-in corpus), shuffled with `seed`, at most
     `spec.limit` documents; a tenth (at most 8 batches) is held out for evaluation. Models with a
-    decoder also get `decoder_input_ids` (the input itself) so their seq2seq head is distilled.
+    decoder also get `decoder_input_ids` (the input itself) so their seq2seq head is distilled; an
+    eos-pooled classifier (BART's) the input shifted right, the decoder input it classifies with.
     With `spec.augment_copies`, unlabelled word-swapped copies of the training texts or rows join
     the training batches (never the held-out ones).
     """
@@ -95,8 +97,10 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
             seed=seed,
         )
         if model.config.decoder:
+            eos_pooled = model.config.classify_pooling == "eos"  # BART's classifier decodes the shifted source
             for batch in out:
-                batch["decoder_input_ids"] = batch["input_ids"]
+                ids = batch["input_ids"]
+                batch["decoder_input_ids"] = shift_right(ids, model.config.decoder_start_id) if eos_pooled else ids
                 batch["decoder_attention_mask"] = batch["attention_mask"]
         return out
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from compress import Distill, Prune, Quantize, Share
 from compress.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe
@@ -147,3 +148,30 @@ def test_the_glue_task_recipe_is_the_configuration_the_glue_benchmark_measured()
     assert (prune.heads, prune.ffn, prune.importance) == (0.0, 0.49, "taylor")
     assert (distill.steps, distill.lr, distill.warmup_steps, distill.task) == (600, 5e-5, 60, 1.0)
     assert recipe.export.quantize == "int8-dynamic"  # ONNX Runtime quantizes the float Lite export, as measured
+
+
+def test_recipe_batches_of_an_eos_pooled_classifier_decode_the_shifted_source(tmp_path):
+    """BART's classifier runs its decoder on the source shifted right: the text batches it is distilled on do too."""
+    from compress.job import recipe_batches
+    from model import Config, Transformer
+    from model.data.tokenizer import special_tokens, train_tokenizer
+
+    texts = [" ".join(["alpha", "beta", "gamma", "delta"][: 1 + i % 4]) for i in range(80)]
+    tokenizer = train_tokenizer(texts, vocab_size=64)
+    sep, cls = special_tokens(tokenizer).sep, special_tokens(tokenizer).cls
+    config = Config.preset(
+        "tiny", vocab_size=64, heads=("classify",), n_labels=2, classify_pooling="eos", eos_id=sep, decoder_start_id=cls
+    )
+    model = Transformer(config).eval()
+    model.tokenizer = tokenizer
+    (tmp_path / "corpus.txt").write_text("\n\n".join(texts))
+    spec = load_recipe("prune-only", ["data.batch_size=8", f"data.corpus={tmp_path / 'corpus.txt'}"]).data
+    train, held = recipe_batches(spec, model)
+    for batch in train[:2] + held[:1]:
+        ids = batch["input_ids"]
+        assert (
+            torch.equal(batch["decoder_input_ids"][:, 1:], ids[:, :-1])
+            and (batch["decoder_input_ids"][:, 0] == cls).all()
+        )
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, model(ids, batch["attention_mask"]).logits)
