@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
 from compress.cli.common import add_parallel, positive_int
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from model import save
     from model.config import Config
     from model.training.distributed import is_main
-    from model.training.pretrain import pretrain
+    from model.training.pretrain import HOLDOUT, pretrain
 
     config = Config.preset(args.preset)
     result = pretrain(
@@ -114,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         pair_task=None if args.pair_task == "none" else args.pair_task,
         lr=args.lr,
         seed=args.seed,
+        holdout=HOLDOUT,
         checkpoint_dir=str(args.out / "checkpoints") if args.out else None,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 "preset": args.preset,
                 # with seed and holdout, the held-out split that `flashlite compress` evaluates generation on
                 "corpus": str(Path(args.corpus).resolve()) if args.corpus else None,
-                "holdout": inspect.signature(pretrain).parameters["holdout"].default,
+                "holdout": HOLDOUT,
                 "steps": args.steps,
                 "batch_size": args.batch_size,
                 "max_len": args.max_len,

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from model.config import check_int
 from model.data.corpus import load_corpus, split_sentences
 from model.data.tokenizer import encode, token_lengths
-from model.training.pretrain import split_documents
+from model.training.pretrain import HOLDOUT, split_documents
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 METRICS = (*ROUGE, "bleu")
@@ -179,7 +179,7 @@ def evaluate(
     return score(predictions, references)
 
 
-def held_out_documents(corpus: Any = None, *, seed: int = 0, holdout: float = 0.05) -> list[str]:
+def held_out_documents(corpus: Any = None, *, seed: int = 0, holdout: float = HOLDOUT) -> list[str]:
     """The documents `model.training.pretrain.prepare` kept out of pretraining (its `split_documents`).
 
     Args:

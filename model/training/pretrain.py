@@ -19,6 +19,7 @@ from model.training.objectives import PretrainingData
 from model.transformer import Transformer
 
 Tokenizer = Any  # a tokenizers.Tokenizer
+HOLDOUT = 0.05  # the documents' fraction pretraining holds out; `split_documents` says which
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Prepared:
     eval_data: PretrainingData
 
 
-def split_documents(documents: list[str], *, seed: int = 0, holdout: float = 0.05) -> tuple[list[str], list[str]]:
+def split_documents(documents: list[str], *, seed: int = 0, holdout: float = HOLDOUT) -> tuple[list[str], list[str]]:
     """(training documents, held-out documents): the split pretraining makes, which later evaluations reuse.
 
     Args:
@@ -80,7 +81,7 @@ def prepare(
     pair_task: str | None = "sop",
     seed: int = 0,
     tokenizer: Tokenizer | None = None,
-    holdout: float = 0.05,
+    holdout: float = HOLDOUT,
 ) -> Prepared:
     """Split the corpus, train (or take) the tokenizer, fit the config to it and build the batches.
 
@@ -124,7 +125,7 @@ def pretrain(
     lr: float = 5e-4,
     seed: int = 0,
     tokenizer: Tokenizer | None = None,
-    holdout: float = 0.05,
+    holdout: float = HOLDOUT,
     eval_batches: int = 8,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
