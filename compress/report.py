@@ -247,6 +247,14 @@ def write_report(
     return paths
 
 
+def _read_report(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The report.json that `write_report` wrote into `out_dir`."""
+    path = Path(out_dir) / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(out_dir)} holds no report.json to amend; write_report writes one")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def amend_report(
     out_dir: str | os.PathLike, metrics: Mapping[str, Any] | Sequence[Any], *, notes: Sequence[str] = ()
 ) -> dict[str, Path]:
@@ -260,16 +268,13 @@ def amend_report(
 
     Returns write_report's paths.
     """
-    out = Path(out_dir)
-    if not (out / "report.json").is_file():
-        raise FileNotFoundError(f"{out} holds no report.json to amend; write_report writes one")
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    report = _read_report(out_dir)
     records = report["stages"]
     for record, extra in zip(records, _per_row(records, metrics, "metrics")):
         record["metrics"].update(extra or {})
     return write_report(
         records,
-        out,
+        out_dir,
         metric=report["metric"],
         higher_is_better=report["higher_is_better"],
         notes=[*report.get("notes", []), *notes],
@@ -298,7 +303,7 @@ def add_generation(
     from model.io import load
     from model.onnx.runtime import OrtModel
 
-    records = json.loads((Path(out_dir) / "report.json").read_text(encoding="utf-8"))["stages"]
+    records = _read_report(out_dir)["stages"]
     scored: dict[Any, dict[str, float]] = {}
     rows = []
     for model in _per_row(records, models, "models"):

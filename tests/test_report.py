@@ -136,3 +136,5 @@ def test_add_generation_scores_each_named_model_once(tmp_path):
     assert [s["metrics"].get("rougeL") for s in report["stages"]] == [0.1, None, 0.2]
     add_generation(tmp_path, {"input": teacher, "Share": teacher}, evaluate)
     assert len(calls) == 3  # one more call, for the model two rows share
+    with pytest.raises(FileNotFoundError, match="no report.json"):
+        add_generation(tmp_path / "elsewhere", [teacher], evaluate)
