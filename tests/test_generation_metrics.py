@@ -82,6 +82,10 @@ def test_denoising_masks_words_of_held_out_sentences_and_decodes_from_cls_to_sep
     assert [tok.decode(tok.encode(s).ids) for s in plain] == references
     with pytest.raises(ValueError, match="no sentence of 8..9 tokens"):
         generation.denoising(docs, tok, max_len=9)
+    with pytest.raises(TypeError, match=r"ratio must be a number in \[0, 1\), got '0.2'"):
+        generation.denoising(docs, tok, ratio="0.2")
+    with pytest.raises(ValueError, match="max_len must be >= 8, got 4"):
+        generation.denoising(docs, tok, max_len=4)
 
 
 def _bart_with_tokenizer(tmp_path):

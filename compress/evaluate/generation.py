@@ -203,10 +203,13 @@ def denoising(
 
     Args:
         texts: held-out documents. tokenizer: the model's. n: sentences at most (>= 1).
-        max_len: tokens per sentence at most (special tokens included). ratio: words masked, in [0, 1).
+        max_len: tokens per sentence at most (special tokens included; >= 8). ratio: words masked, in [0, 1).
         seed: which words are masked.
     """
     check_int("n", n, 1)
+    check_int("max_len", max_len, 8)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     sentences = [s for text in texts for s in split_sentences(text) if len(s.split()) >= 4]
