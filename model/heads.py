@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from model.config import Config
 
-if TYPE_CHECKING:
-    from model.transformer import Embeddings
+
+class Embeddings(Protocol):
+    """What the LM heads read of `model.transformer.Embeddings` (named here, not imported: it imports the heads)."""
+
+    def unembed(self, h: Tensor) -> Tensor: ...
+
 
 ACTIVATIONS = {
     "gelu": nn.GELU,

@@ -42,7 +42,7 @@ from typing import Any
 
 FORMAT, FORMAT_VERSION = "flashlite-onnx", 1
 MANIFEST, FLASHLITE_CONFIG = "manifest.json", "flashlite_config.json"
-GRAPH, DECODER_GRAPH = "model.onnx", "model.decoder.onnx"
+GRAPH = "model.onnx"  # the encoder graph; graph_paths names the decoder files beside it
 GRAPH_KINDS = ("encoder", "decoder", "decoder_with_past")  # graph_paths' keys, each file's flashlite.graph
 DECODER_INPUTS = ("decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask")
 PAST_INPUTS = ("decoder_input_ids", "encoder_attention_mask")  # then `cache_names(n, "past_key_values")`
