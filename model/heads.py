@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import Tensor, nn
 
 from model.config import Config
-
-
-class Embeddings(Protocol):
-    """What the LM heads read of `model.transformer.Embeddings` (named here, not imported: it imports the heads)."""
-
-    def unembed(self, h: Tensor) -> Tensor: ...
-
+from model.embeddings import Embeddings
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
