@@ -1,4 +1,8 @@
-"""Config: every structural fact of a flashlite model, validated, so weights + config.json rebuild it."""
+"""Config: every structural fact of a flashlite model, validated, so weights + config.json rebuild it.
+
+Its per-layer records (LayerShape, QuantizedLayer) and field checks live in model/config_layers.py; import them from
+either module.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,16 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from model.config_layers import (
+    LayerShape,
+    QuantizedLayer,
+    as_quantized,
+    as_shapes,
+    check_choice,
+    check_int,
+    check_share,
+)
 
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -35,143 +49,6 @@ _LATER_DEFAULTS = {
     "decoder_start_id": None,
     "classify_pooling": "first",
 }
-QUANT_MODES = ("int8", "int8-dynamic", "int4", "cluster")
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """Shape of one transformer layer: attention heads, width of each head, FFN width."""
-
-    n_heads: int
-    head_dim: int
-    ffn_dim: int
-
-    def __post_init__(self) -> None:
-        check_int("n_heads", self.n_heads, 1)
-        check_int("head_dim", self.head_dim, 1)
-        check_int("ffn_dim", self.ffn_dim, 1)
-
-
-@dataclass(frozen=True)
-class QuantizedLayer:
-    """One layer (Linear or embedding table) stored in integers: its module name, the mode, bits and group size.
-
-    Modes: "int8" weight-only per output channel (table: per row) or per `group_size` inputs
-    (table: columns of a row), "int8-dynamic" (weights and activations; `smoothed`: with
-    SmoothQuant's per-input factors), "int4" group-wise weight-only, "cluster" (k-means codebook of
-    2**bits centroids + indices).
-    """
-
-    name: str
-    mode: str
-    bits: int
-    group_size: int | None = None
-    smoothed: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"quantized layer name must be a module name string, got {self.name!r}")
-        check_choice("quantized mode", self.mode, QUANT_MODES)
-        check_int("bits", self.bits, 1)
-        if self.bits > 8:
-            raise ValueError(f"bits must be <= 8, got {self.bits}")
-        if self.group_size is not None:
-            check_int("group_size", self.group_size, 1)
-        if not isinstance(self.smoothed, bool):
-            raise TypeError(f"quantized layer {self.name}: smoothed must be a bool, got {self.smoothed!r}")
-        if self.smoothed and self.mode != "int8-dynamic":
-            raise ValueError(f"quantized layer {self.name}: smoothed applies to mode int8-dynamic, not {self.mode!r}")
-
-
-def _as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
-    """Accept QuantizedLayers or dicts (from JSON); a layer may appear once."""
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"quantized must be a list of quantized layers, got {type(value).__name__}")
-    layers = []
-    for i, item in enumerate(value):
-        if isinstance(item, QuantizedLayer):
-            layers.append(item)
-            continue
-        if not isinstance(item, dict):
-            raise TypeError(f"quantized[{i}] must be a QuantizedLayer or dict, got {type(item).__name__}")
-        allowed = [f.name for f in dataclasses.fields(QuantizedLayer)]
-        unknown = set(item) - set(allowed)
-        if unknown:
-            raise ValueError(
-                f"quantized[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: {', '.join(allowed)}"
-            )
-        try:
-            layers.append(QuantizedLayer(**item))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"quantized[{i}]: {err}") from None
-    layers = tuple(layers)
-    names = [layer.name for layer in layers]
-    if len(set(names)) != len(names):
-        raise ValueError(
-            f"quantized lists a layer more than once: {sorted(n for n in set(names) if names.count(n) > 1)}"
-        )
-    return layers
-
-
-def _as_shapes(name: str, value: Any) -> tuple[LayerShape, ...]:
-    """Accept LayerShapes or dicts (from JSON) and return a tuple of LayerShape."""
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list of layer shapes, got {type(value).__name__}")
-    shapes = []
-    for i, item in enumerate(value):
-        if isinstance(item, LayerShape):
-            shapes.append(item)
-        elif isinstance(item, dict):
-            unknown = set(item) - {"n_heads", "head_dim", "ffn_dim"}
-            if unknown:
-                raise ValueError(
-                    f"{name}[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: n_heads, head_dim, ffn_dim"
-                )
-            try:
-                shapes.append(LayerShape(**item))
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"{name}[{i}].{err}") from None
-        else:
-            raise TypeError(f"{name}[{i}] must be a LayerShape or dict, got {type(item).__name__}")
-    return tuple(shapes)
-
-
-def _check_share(name: str, share: Any, shapes: tuple[LayerShape, ...]) -> tuple[int, ...]:
-    """Validate a sharing map: layer i runs weight block share[i]; blocks are numbered 0..k-1 in first use order."""
-    if share is None:
-        return tuple(range(len(shapes)))
-    if not isinstance(share, (list, tuple)) or any(isinstance(b, bool) or not isinstance(b, int) for b in share):
-        raise TypeError(f"{name} must be a list of ints (one weight-block index per layer), got {share!r}")
-    share = tuple(share)
-    if len(share) != len(shapes):
-        raise ValueError(f"{name} has {len(share)} entries but there are {len(shapes)} layers")
-    seen: dict[int, int] = {}
-    for layer, block in enumerate(share):
-        if block not in seen:
-            if block != len(seen):
-                raise ValueError(
-                    f"{name}={list(share)}: blocks must be numbered 0,1,2,... in order of first use; "
-                    f"layer {layer} uses block {block} before block {len(seen)}"
-                )
-            seen[block] = layer
-        elif shapes[seen[block]] != shapes[layer]:
-            raise ValueError(
-                f"{name}: layers {seen[block]} and {layer} share block {block} but have different shapes "
-                f"{shapes[seen[block]]} and {shapes[layer]}"
-            )
-    return share
 
 
 @dataclass(frozen=True)
@@ -251,8 +128,8 @@ class Config:
         set_ = object.__setattr__  # frozen: normalize JSON lists into tuples once, here
         check_int("vocab_size", self.vocab_size, 1)
         check_int("dim", self.dim, 1)
-        set_(self, "encoder", _as_shapes("encoder", self.encoder))
-        set_(self, "decoder", _as_shapes("decoder", self.decoder))
+        set_(self, "encoder", as_shapes("encoder", self.encoder))
+        set_(self, "decoder", as_shapes("decoder", self.decoder))
         if not self.encoder:
             raise ValueError("encoder must have at least one layer")
         embed_dim = self.dim if self.embed_dim is None else self.embed_dim
@@ -267,8 +144,8 @@ class Config:
             )
         if self.embed_full_rows > self.vocab_size:
             raise ValueError(f"embed_full_rows must be <= vocab_size ({self.vocab_size}), got {self.embed_full_rows}")
-        set_(self, "encoder_share", _check_share("encoder_share", self.encoder_share, self.encoder))
-        set_(self, "decoder_share", _check_share("decoder_share", self.decoder_share, self.decoder))
+        set_(self, "encoder_share", check_share("encoder_share", self.encoder_share, self.encoder))
+        set_(self, "decoder_share", check_share("decoder_share", self.decoder_share, self.decoder))
         check_choice("norm", self.norm, NORMS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_int("max_positions", self.max_positions, 1)
@@ -301,7 +178,7 @@ class Config:
                 f"n_labels must be >= 1 exactly when heads contains 'classify' (1 = regression); "
                 f"got n_labels={self.n_labels} with heads={list(self.heads)}"
             )
-        set_(self, "quantized", _as_quantized(self.quantized))
+        set_(self, "quantized", as_quantized(self.quantized))
         check_choice("positions", self.positions, POSITIONS)
         odd = sorted({s.head_dim for s in (*self.encoder, *self.decoder) if s.head_dim % 2})
         if self.positions == "rotary" and odd:
