@@ -204,11 +204,10 @@ def test_a_bad_or_unsupported_folder_is_one_line_exit_2_nothing_written(damage, 
         (folder / "config.json").write_text('{"model_type": "bart", ')
     elif damage == "weights":
         (folder / "model.safetensors").unlink()
+    elif damage == "model_type":
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "electra"}))
     else:
-        config.update(model_type="electra") if damage == "model_type" else config.update(
-            architectures=["BartForCausalLM"]
-        )
-        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BartForCausalLM"]}))
     _refused(["import", "--hf", str(folder)], tmp_path / "imported", message)
     _refused(["compress", "prune-only", "--hf", str(folder)], tmp_path / "lite", message)
 
