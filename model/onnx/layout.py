@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,15 @@ def cache_names(layers: int, prefix: str, cross: bool = True) -> list[str]:
     """
     parts = ("decoder.key", "decoder.value") + (("encoder.key", "encoder.value") if cross else ())
     return [f"{prefix}.{i}.{part}" for i in range(layers) for part in parts]
+
+
+def past_from_present(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """A decoder graph's present.* outputs renamed as the with-past graph's past_key_values.* inputs.
+
+    Args:
+        outputs: output name -> value of a decoder or decoder-with-past run (other outputs are left out).
+    """
+    return {k.replace("present", "past_key_values", 1): v for k, v in outputs.items() if k.startswith("present.")}
 
 
 def sha256(path: Path) -> str:

@@ -133,8 +133,7 @@ def past_feeds(
     first = {"decoder_input_ids": ids[:, :past], "encoder_hidden_states": memory, "encoder_attention_mask": mask}
     decoder = runner.decoder
     out = dict(zip(decoder.outputs, decoder.session.run(list(decoder.outputs), first)))
-    feeds = {k.replace("present", "past_key_values", 1): v for k, v in out.items() if k.startswith("present.")}
-    return feeds | {"decoder_input_ids": ids[:, : past + 1], "encoder_attention_mask": mask}
+    return layout.past_from_present(out) | {"decoder_input_ids": ids[:, : past + 1], "encoder_attention_mask": mask}
 
 
 def cached_logits(runner: OrtModel, memory: np.ndarray, mask: np.ndarray, ids: np.ndarray, past: int) -> np.ndarray:

@@ -32,7 +32,15 @@ from model.config import Config, check_int
 from model.generate import Search
 from model.losses import LABEL_KEYS
 from model.onnx.deployed import first_line, open_session
-from model.onnx.layout import GRAPH_KINDS, HIDDEN, graph_paths, head_outputs, manifest_folder, verify_folder
+from model.onnx.layout import (
+    GRAPH_KINDS,
+    HIDDEN,
+    graph_paths,
+    head_outputs,
+    manifest_folder,
+    past_from_present,
+    verify_folder,
+)
 from model.transformer import Output
 
 CONFIG_KEY, GRAPH_KEY = "flashlite.config", "flashlite.graph"
@@ -261,9 +269,7 @@ class OrtModel:
             else:
                 first = {"decoder_input_ids": ids, "encoder_hidden_states": memory, "encoder_attention_mask": mask}
                 out = self._run(self.decoder, first)
-            past.update(
-                {k.replace("present", "past_key_values", 1): v for k, v in out.items() if k.startswith("present.")}
-            )
+            past.update(past_from_present(out))
             return torch.from_numpy(out["lm_logits"][:, -1])
 
         def reorder(rows: torch.Tensor) -> None:
