@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -206,8 +207,15 @@ class Search:
         forced_eos_token_id: int | None = None,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
+        **unknown: object,
     ) -> Search:
         """Check the options against `config` (an encoder-decoder with an 'lm' head); see `generate` for their meaning."""
+        if unknown:  # transformers' sampling and other options: refused by name, with the ones there are
+            known = [name for name in inspect.signature(cls.of).parameters if name not in ("config", "unknown")]
+            raise TypeError(
+                f"generate() has no option {', '.join(sorted(unknown))} (decoding is greedy or beam search); "
+                f"its options: {', '.join(known)}"
+            )
         if "lm" not in config.heads or not config.decoder:
             raise ValueError("generate needs an encoder-decoder model with an 'lm' head")
         check_int("max_new_tokens", max_new_tokens, 1)

@@ -123,8 +123,10 @@ def test_options_of_the_wrong_type_or_name_are_refused():
     model = _model()
     with pytest.raises(TypeError, match="length_penalty must be a number"):
         model.generate(*_batch(), max_new_tokens=4, num_beams=2, length_penalty="long")
-    with pytest.raises(TypeError, match="do_sample"):
-        model.generate(*_batch(), max_new_tokens=4, do_sample=True)
+    with pytest.raises(
+        TypeError, match=r"generate\(\) has no option do_sample, top_k .*its options: max_new_tokens, num_beams"
+    ):
+        model.generate(*_batch(), max_new_tokens=4, do_sample=True, top_k=5)
 
 
 def test_encoder_only_models_do_not_generate():
