@@ -224,7 +224,7 @@ class DistillLoss(nn.Module):
         return losses
 
     def _decoder_losses(self, s_dec: tuple, t_dec: tuple, mask: Tensor, inputs: dict[str, Tensor]) -> dict:
-        """ "decoder_hidden" (weight `hidden`) and "cross_attention" (weight `attention`) from the recorded decoders."""
+        """The decoder terms from the recorded decoders: "decoder_hidden" (weight `hidden`), "cross_attention" (`attention`)."""
         (s_hidden, s_qkv), (t_hidden, t_qkv) = s_dec, t_dec
         target = inputs.get("decoder_attention_mask")
         target = torch.ones_like(inputs["decoder_input_ids"]) if target is None else target
