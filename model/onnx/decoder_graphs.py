@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from model.attention import LayerCache
+from model.config import Config
 from model.onnx.layout import DECODER_INPUTS, PAST_INPUTS, cache_names
 from model.transformer import Transformer
 
@@ -72,6 +73,15 @@ class DecoderWithPastGraph(nn.Module):
         return (m.heads["lm"](y, m.embeddings), *_flat(caches, cross=False))
 
 
+def example_axes(config: Config) -> tuple[torch.export.Dim, torch.export.Dim, Tensor]:
+    """The batch and sequence axes every graph's example shares, and its (2, T) attention mask with row 1 padded."""
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=config.max_positions)
+    length = min(9, config.max_positions)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length // 2 + 1 :] = 0
+    return batch, seq, mask
+
+
 def decoder_example(model: Transformer, graph: str) -> tuple[tuple, dict, list[str], list[str]]:
     """Example inputs (batch 2, so the exporter keeps axes symbolic), dynamic shapes, input and output names of one decoder graph.
 
@@ -80,10 +90,8 @@ def decoder_example(model: Transformer, graph: str) -> tuple[tuple, dict, list[s
         graph: "decoder" or "decoder_with_past".
     """
     config = model.config
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=config.max_positions)
-    length = min(9, config.max_positions)
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[1, length // 2 + 1 :] = 0
+    batch, seq, mask = example_axes(config)
+    length = mask.shape[1]
     layers = len(model.decoder.share)
     if graph == "decoder":
         dec = torch.randint(0, config.vocab_size, (2, max(2, length - 2)))

@@ -49,7 +49,7 @@ from torch import nn
 
 from model.config import check_int
 from model.onnx import layout
-from model.onnx.decoder_graphs import DecoderGraph, DecoderWithPastGraph, decoder_example, has_cache
+from model.onnx.decoder_graphs import DecoderGraph, DecoderWithPastGraph, decoder_example, example_axes, has_cache
 from model.onnx.export_ops import TRANSLATIONS, needs_blocks, should_fold, swap_for_export
 from model.onnx.hub_files import write_side_files
 from model.onnx.layout import TWO_GB, graph_paths, publish, remove_graph, size_with_data
@@ -332,11 +332,8 @@ def _example(
     if graph != "encoder":
         return decoder_example(model, graph)
     config = model.config
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=config.max_positions)
-    length = min(9, config.max_positions)
-    ids = torch.randint(0, config.vocab_size, (2, length))
-    mask = torch.ones_like(ids)
-    mask[1, length // 2 + 1 :] = 0
+    batch, seq, mask = example_axes(config)
+    ids = torch.randint(0, config.vocab_size, mask.shape)
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if config.type_vocab_size else [])
     args = (ids, mask, torch.zeros_like(ids))[: len(names)]
     outputs = layout.encoder_outputs(config.heads, graph_sentence)
