@@ -129,7 +129,8 @@ def export_onnx(
 ) -> Exported:
     """Export `model` to ONNX, check every file with onnx.checker (full check) and, by default, against PyTorch.
 
-    model: a Transformer (any attention backend, shared/factorized/pruned/quantized; not modified).
+    model: a Transformer (any attention backend, shared/factorized/pruned/quantized; not modified);
+      not yet an eos-pooled classifier (BART's sequence classifier: `check_exportable` refuses it).
     path: a folder: the deployable folder (model/onnx/layout.py: graphs, config.json, tokenizer
       files, model card, manifest); or `NAME.onnx`: the graph alone (a decoder graph goes to
       `NAME.decoder.onnx` and `NAME.decoder_with_past.onnx` beside it). Parent folders are created. Files appear only once all are
