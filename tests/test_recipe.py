@@ -150,6 +150,22 @@ def test_the_glue_task_recipe_is_the_configuration_the_glue_benchmark_measured()
     assert recipe.export.quantize == "int8-dynamic"  # ONNX Runtime quantizes the float Lite export, as measured
 
 
+def test_the_four_layer_glue_recipe_is_the_configuration_the_glue_benchmark_measured():
+    recipe = load_recipe("glue-task-4-layers")
+    share, prune, distill = recipe.passes
+    assert (share.embed_dim, share.embed_full_rows) == (96, 2000)
+    assert (prune.heads, prune.ffn, prune.layers, prune.round_to, prune.importance) == (0.0, 0.5, 2, 32, "taylor")
+    assert (distill.steps, distill.lr, distill.warmup_steps, distill.task, distill.layer_map) == (
+        1200,
+        5e-5,
+        120,
+        1.0,
+        None,
+    )
+    assert (recipe.data.augment_copies, recipe.data.augment_replace_prob) == (4, 0.4)
+    assert recipe.export.quantize == "int8-dynamic"
+
+
 def test_recipe_batches_of_an_eos_pooled_classifier_decode_the_shifted_source(tmp_path):
     """BART's classifier runs its decoder on the source shifted right: the text batches it is distilled on do too."""
     from compress.job import recipe_batches
