@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from compress import Distill, Pipeline, Prune, Share
-from compress.augment import WordReplacer, augment_rows
+from compress.augment import augment_rows, replacer_for
 from compress.evaluate import glue, squad
 from compress.evaluate.deploy import PEER, one_call_int8
 from compress.evaluate.measure import cpu_name, time_model, time_onnx
@@ -263,9 +263,9 @@ def main() -> None:
                 batches += glue.batches(extra, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size)
                 random.Random(args.seed).shuffle(batches)
             if args.augment_copies:
-                with torch.no_grad():
-                    replacer = WordReplacer(tokenizer, teacher.embeddings.word_matrix())
-                extra = augment_rows(train_rows, info.fields, replacer, copies=args.augment_copies, seed=args.seed)
+                extra = augment_rows(
+                    train_rows, info.fields, replacer_for(teacher), copies=args.augment_copies, seed=args.seed
+                )
                 batches += glue.batches(
                     extra,
                     tokenizer,

@@ -81,6 +81,12 @@ class WordReplacer:
         return "".join(out)
 
 
+def replacer_for(model: Any, *, neighbours: int = 15) -> WordReplacer:
+    """A `WordReplacer` by the model's own input embeddings and tokenizer (the teacher's, before any pass)."""
+    with torch.no_grad():
+        return WordReplacer(model.tokenizer, model.embeddings.word_matrix(), neighbours=neighbours)
+
+
 def _check(copies: int, replace_prob: float) -> None:
     check_int("copies", copies, 1)
     if isinstance(replace_prob, bool) or not isinstance(replace_prob, (int, float)) or not 0 < replace_prob <= 1:

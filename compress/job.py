@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.augment import WordReplacer, augment_rows, augment_texts
+from compress.augment import augment_rows, augment_texts, replacer_for
 from compress.distill import Distill
 from compress.evaluate import generation, glue
 from compress.evaluate.measure import time_model
@@ -67,7 +67,7 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
         )
         if spec.augment_copies:
             fields = glue.get_task(spec.task).fields
-            extra = augment_rows(rows, fields, _replacer(model), **_augmenting(spec, seed))
+            extra = augment_rows(rows, fields, replacer_for(model), **_augmenting(spec, seed))
             train += glue.batches(
                 extra, tokenizer, spec.task, shuffle=True, seed=seed, group_by_length=spec.group_by_length, **options
             )
@@ -105,7 +105,7 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
         return out
 
     if spec.augment_copies:
-        train += augment_texts(train, _replacer(model), **_augmenting(spec, seed))
+        train += augment_texts(train, replacer_for(model), **_augmenting(spec, seed))
     return batched(train, spec.group_by_length), batched(held, False)
 
 
@@ -122,12 +122,6 @@ def recipe_texts(spec: DataSpec, *, seed: int = 0) -> tuple[list[str], list[str]
     texts = texts[: spec.limit]
     n_held = min(8 * spec.batch_size, max(spec.batch_size, len(texts) // 10))
     return texts[n_held:], texts[:n_held]
-
-
-def _replacer(model: Transformer) -> WordReplacer:
-    """Word swaps by the model's own input embeddings (the teacher's, before any pass)."""
-    with torch.no_grad():
-        return WordReplacer(model.tokenizer, model.embeddings.word_matrix())
 
 
 def _augmenting(spec: DataSpec, seed: int) -> dict[str, Any]:
