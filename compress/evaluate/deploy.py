@@ -28,6 +28,9 @@ TEACHER = "teacher, PyTorch fp32"
 def one_call_int8(teacher: Transformer, folder: str | Path) -> Path:
     """What a user gets in one call: the teacher exported to ONNX, then `quantize_dynamic(fp32, int8)` as it comes.
 
+    The export is a plain one (`unfuse_norms=False`: residual `Add` nodes, as Optimum and
+    torch.onnx write them), so the row does not borrow the Lite export's graph rewrite.
+
     Args:
         teacher: the uncompressed model.
         folder: where `model.onnx` and `model-int8.onnx` are written.
@@ -40,7 +43,7 @@ def one_call_int8(teacher: Transformer, folder: str | Path) -> Path:
     from model.onnx.ort_quantize import root_logging_kept
 
     folder = Path(folder)
-    fp32 = export_onnx(teacher, folder / "model.onnx").paths["encoder"]
+    fp32 = export_onnx(teacher, folder / "model.onnx", unfuse_norms=False).paths["encoder"]
     int8 = folder / "model-int8.onnx"
     with root_logging_kept():  # quantize_dynamic installs a root handler for its generic hints
         quantize_dynamic(fp32, int8)

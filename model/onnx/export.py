@@ -55,6 +55,7 @@ from model.onnx.hub_files import write_side_files
 from model.onnx.layout import TWO_GB, graph_paths, publish, remove_graph, size_with_data
 from model.onnx.ort_quantize import MODES, NothingToQuantize, quantize_onnx
 from model.onnx.parity import ParityError, check_parity, fp32_copy, sentence_embedding
+from model.onnx.residual_sum import keep_norms_unfused
 from model.onnx.runtime import graph_metadata
 from model.transformer import Transformer
 
@@ -126,6 +127,7 @@ def export_onnx(
     stages: Sequence[Mapping[str, Any]] | None = None,
     labels: Sequence[str] | None = None,
     model_type: str | None = None,
+    unfuse_norms: bool = True,
 ) -> Exported:
     """Export `model` to ONNX, check every file with onnx.checker (full check) and, by default, against PyTorch.
 
@@ -151,6 +153,9 @@ def export_onnx(
       and named in `Exported.skipped`. calibration: batches for "int8-static".
     stages, labels, model_type: for the folder's model card (the pipeline manifest's "stages"),
       config.json's id2label (class names) and its model_type (None: `hub_files.family_of`).
+    unfuse_norms: residual additions before layer norms as `Sum`, which ONNX Runtime's CPU
+      provider leaves unfused (model/onnx/residual_sum.py); False keeps the plain `Add` that it
+      fuses into its slower SkipLayerNormalization (what other exporters write).
     Returns an `Exported` with the paths, file sizes and the measured differences.
     """
     if not isinstance(model, Transformer):
@@ -162,6 +167,8 @@ def export_onnx(
     check_int("max_len", max_len, 2)
     if not (isinstance(atol, (int, float)) and atol > 0):
         raise ValueError(f"atol must be a positive number, got {atol!r}")
+    if not isinstance(unfuse_norms, bool):
+        raise TypeError(f"unfuse_norms must be True or False, got {unfuse_norms!r}")
     if external_data not in (None, True, False):
         raise ValueError(f"external_data must be None, True or False, got {external_data!r}")
     if model.config.max_positions < 2:
@@ -193,7 +200,7 @@ def export_onnx(
             if has_cache(graph_model):
                 graphs["decoder_with_past"] = DecoderWithPastGraph(graph_model)
         for name, graph in graphs.items():
-            proto = _trace(graph, name, opset)
+            proto = _trace(graph, name, opset, unfuse_norms)
             _write(proto, staged[name], external_data)
         report = Exported(paths={}, bytes={}, folder=folder)
         if verify:
@@ -341,7 +348,7 @@ def _example(
     return args, {n: {0: batch, 1: seq} for n in names}, names, outputs
 
 
-def _trace(graph: nn.Module, name: str, opset: int) -> ir.Model:
+def _trace(graph: nn.Module, name: str, opset: int, unfuse_norms: bool) -> ir.Model:
     """Run torch's dynamo exporter on one graph wrapper and optimize the result; returns the onnx_ir Model."""
     sentence = isinstance(graph, _EncoderGraph) and graph.sentence_embedding
     args, shapes, inputs, outputs = _example(graph.model, name, sentence)
@@ -376,6 +383,8 @@ def _trace(graph: nn.Module, name: str, opset: int) -> ir.Model:
     ir_passes.CommonSubexpressionEliminationPass()(ir_model)
     onnxscript.optimizer.optimize_ir(ir_model, should_fold=should_fold)
     onnxscript.rewriter.onnx_fusions.fuse(ir_model)
+    if unfuse_norms:
+        keep_norms_unfused(ir_model)
     # Equal initializers (left by folding, or equal by chance) are stored once.
     ir_passes.DeduplicateInitializersPass(size_limit=TWO_GB)(ir_model)
     # The exporter annotates every node with its Python stack trace: local paths, and a third
