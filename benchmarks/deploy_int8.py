@@ -1,10 +1,11 @@
 """What flashlite's int8 weights cost on ONNX Runtime, and what handing them to ONNX Runtime's quantizer buys.
 
-all-MiniLM-L6-v2, five files side by side: the teacher exported and quantized by `quantize_dynamic`
-in one call (the obvious alternative: a plain export, whose residual Add + LayerNormalization
-ONNX Runtime fuses into SkipLayerNormalization), that export through `quantize_onnx` (flashlite's
-settings), flashlite's default export (residual sums that stay unfused) through `quantize_onnx`, the teacher quantized by flashlite (`Quantize("int8")`) and exported (integer weights
-behind DequantizeLinear), and that file through `quantize_onnx`, which folds the DequantizeLinear
+all-MiniLM-L6-v2, five files side by side: the teacher exported and quantized by
+`quantize_dynamic` in one call (the obvious alternative: a plain export, whose residual Add +
+LayerNormalization ONNX Runtime fuses into SkipLayerNormalization), that export through
+`quantize_onnx` (flashlite's settings), flashlite's default export (residual sums that stay
+unfused) through `quantize_onnx`, the teacher quantized by flashlite (`Quantize("int8")`) and
+exported (integer weights behind DequantizeLinear), and that file through `quantize_onnx`, which folds the DequantizeLinear
 weights back to float so that ONNX Runtime's quantizer makes integer products of them. Prints the
 operators ONNX Runtime runs after its load-time fusions, the SQNR of each file's hidden states
 against the fp32 export, and the latency at batch 1 and 8 x seq 128 in interleaved rounds.

@@ -2,9 +2,7 @@
 
 ONNX Runtime fuses `Add -> LayerNormalization` into its contrib `SkipLayerNormalization` when a
 session loads a graph. On the CPU that fused kernel is slower than the two nodes it replaces
-(benchmarks/RESULTS.md, "Layer norms left unfused": a tenth of a millisecond per norm at 128
-tokens, a fifth of the whole int8 model's time), while `LayerNormalization` alone runs
-vectorized. `Sum` of two inputs computes exactly what `Add` does (same broadcasting, same
+(measured in benchmarks/RESULTS.md, "Layer norms left unfused"). `Sum` of two inputs computes exactly what `Add` does (same broadcasting, same
 float addition) and no ONNX Runtime fusion matches it, so the deployed file runs the faster
 pair in every loader (ONNX Runtime, Optimum, sentence-transformers) without session options.
 """
