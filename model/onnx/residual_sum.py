@@ -2,9 +2,9 @@
 
 ONNX Runtime fuses `Add -> LayerNormalization` into its contrib `SkipLayerNormalization` when a
 session loads a graph. On the CPU that fused kernel is slower than the two nodes it replaces
-(measured in benchmarks/RESULTS.md, "Layer norms left unfused"). `Sum` of two inputs computes exactly what `Add` does (same broadcasting, same
-float addition) and no ONNX Runtime fusion matches it, so the deployed file runs the faster
-pair in every loader (ONNX Runtime, Optimum, sentence-transformers) without session options.
+(measured in benchmarks/RESULTS.md, "Layer norms left unfused"). `Sum` of two inputs computes
+exactly what `Add` does (same broadcasting, same float addition) and no ONNX Runtime fusion
+matches it, so the deployed file runs the faster pair in every loader (ONNX Runtime, Optimum, sentence-transformers) without session options.
 """
 
 from __future__ import annotations
