@@ -66,28 +66,31 @@ class QuantizedLayer:
             raise ValueError(f"quantized layer {self.name}: smoothed applies to mode int8-dynamic, not {self.mode!r}")
 
 
-def as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
-    """Accept QuantizedLayers or dicts (from JSON); a layer may appear once."""
+def _records(name: str, value: Any, record: type, what: str) -> tuple[Any, ...]:
+    """Accept a list of `record` dataclasses or dicts (from JSON) of its fields; errors name the entry and the field."""
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"quantized must be a list of quantized layers, got {type(value).__name__}")
-    layers = []
+        raise TypeError(f"{name} must be a list of {what}, got {type(value).__name__}")
+    allowed = [f.name for f in dataclasses.fields(record)]
+    records = []
     for i, item in enumerate(value):
-        if isinstance(item, QuantizedLayer):
-            layers.append(item)
+        if isinstance(item, record):
+            records.append(item)
             continue
         if not isinstance(item, dict):
-            raise TypeError(f"quantized[{i}] must be a QuantizedLayer or dict, got {type(item).__name__}")
-        allowed = [f.name for f in dataclasses.fields(QuantizedLayer)]
+            raise TypeError(f"{name}[{i}] must be a {record.__name__} or dict, got {type(item).__name__}")
         unknown = set(item) - set(allowed)
         if unknown:
-            raise ValueError(
-                f"quantized[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: {', '.join(allowed)}"
-            )
+            raise ValueError(f"{name}[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: {', '.join(allowed)}")
         try:
-            layers.append(QuantizedLayer(**item))
+            records.append(record(**item))
         except (TypeError, ValueError) as err:
-            raise type(err)(f"quantized[{i}]: {err}") from None
-    layers = tuple(layers)
+            raise type(err)(f"{name}[{i}]: {err}") from None
+    return tuple(records)
+
+
+def as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
+    """Accept QuantizedLayers or dicts (from JSON); a layer may appear once."""
+    layers = _records("quantized", value, QuantizedLayer, "quantized layers")
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):
         raise ValueError(
@@ -98,25 +101,7 @@ def as_quantized(value: Any) -> tuple[QuantizedLayer, ...]:
 
 def as_shapes(name: str, value: Any) -> tuple[LayerShape, ...]:
     """Accept LayerShapes or dicts (from JSON) and return a tuple of LayerShape."""
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list of layer shapes, got {type(value).__name__}")
-    shapes = []
-    for i, item in enumerate(value):
-        if isinstance(item, LayerShape):
-            shapes.append(item)
-        elif isinstance(item, dict):
-            unknown = set(item) - {"n_heads", "head_dim", "ffn_dim"}
-            if unknown:
-                raise ValueError(
-                    f"{name}[{i}] has unknown keys {sorted(unknown, key=str)}; allowed: n_heads, head_dim, ffn_dim"
-                )
-            try:
-                shapes.append(LayerShape(**item))
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"{name}[{i}].{err}") from None
-        else:
-            raise TypeError(f"{name}[{i}] must be a LayerShape or dict, got {type(item).__name__}")
-    return tuple(shapes)
+    return _records(name, value, LayerShape, "layer shapes")
 
 
 def check_share(name: str, share: Any, shapes: tuple[LayerShape, ...]) -> tuple[int, ...]:
