@@ -8,7 +8,7 @@ process in interleaved rounds beside the teacher in PyTorch and the one-call fil
 exported plainly and quantized by `quantize_dynamic` with its defaults), so machine noise hits
 every row alike. Quality is not measured here: benchmarks/glue_minilm.py and minilm_recipe.py do.
 
-Usage: python benchmarks/recipe_latency.py [--recipes glue-task glue-task-4-layers minilm-embedding]
+Usage: python benchmarks/recipe_latency.py [--recipes glue-task glue-task-5-layers glue-task-4-layers minilm-embedding]
   [--threads 2] [--rounds 7]
 """
 
@@ -50,7 +50,9 @@ def recipe_file(teacher, name: str, folder: Path) -> tuple[Path, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=["glue-task", "glue-task-4-layers", "minilm-embedding"])
+    parser.add_argument(
+        "--recipes", nargs="+", default=["glue-task", "glue-task-5-layers", "glue-task-4-layers", "minilm-embedding"]
+    )
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     args = parser.parse_args()

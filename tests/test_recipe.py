@@ -150,11 +150,15 @@ def test_the_glue_task_recipe_is_the_configuration_the_glue_benchmark_measured()
     assert recipe.export.quantize == "int8-dynamic"  # ONNX Runtime quantizes the float Lite export, as measured
 
 
-def test_the_four_layer_glue_recipe_is_the_configuration_the_glue_benchmark_measured():
-    recipe = load_recipe("glue-task-4-layers")
+@pytest.mark.parametrize(
+    ("name", "embeddings", "layers"),
+    [("glue-task-5-layers", (64, 1500), 1), ("glue-task-4-layers", (96, 2000), 2)],
+)
+def test_the_shallower_glue_recipes_are_the_configurations_the_glue_benchmark_measured(name, embeddings, layers):
+    recipe = load_recipe(name)
     share, prune, distill = recipe.passes
-    assert (share.embed_dim, share.embed_full_rows) == (96, 2000)
-    assert (prune.heads, prune.ffn, prune.layers, prune.round_to, prune.importance) == (0.0, 0.5, 2, 32, "taylor")
+    assert (share.embed_dim, share.embed_full_rows) == embeddings
+    assert (prune.heads, prune.ffn, prune.layers, prune.round_to, prune.importance) == (0.0, 0.5, layers, 32, "taylor")
     assert (distill.steps, distill.lr, distill.warmup_steps, distill.task, distill.layer_map) == (
         1200,
         5e-5,
