@@ -218,6 +218,7 @@ def run_job(
       pretraining held out, else on the recipe's held-out texts.
     """
     out = Path(out)
+    _check_pretraining(pretraining)
     if recipe.export.onnx:  # refused now, not after the passes have run
         from model.onnx.export import check_exportable
 
@@ -313,6 +314,19 @@ def _score_seq2seq(
         f"{len(sources)} sentences of {where} from {copies} (greedy, up to {settings['max_new_tokens']} new tokens)."
     )
     return add_generation(out, models, evaluate, note=note)
+
+
+def _check_pretraining(pretraining: Mapping[str, Any] | None) -> None:
+    """Refuse a pretraining record that names a corpus without the seed and holdout that split it."""
+    if not pretraining or "corpus" not in pretraining:
+        return
+    missing = [key for key in ("seed", "holdout") if key not in pretraining]
+    if missing:
+        raise ValueError(
+            f"the model's manifest.json 'pretraining' names a corpus but lacks {', '.join(map(repr, missing))} "
+            f"(it has {', '.join(map(repr, pretraining))}): the held-out split cannot be rebuilt; "
+            "restore the record flashlite pretrain wrote, or remove 'corpus' from it"
+        )
 
 
 def _seq2seq_documents(spec: DataSpec, pretraining: Mapping[str, Any] | None, *, seed: int) -> tuple[list[str], str]:

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import random
+import shutil
 
 import pytest
 
@@ -135,6 +136,21 @@ def test_run_job_from_python_scores_the_seq2seq_head_on_the_recipes_held_out_tex
     want = generation.evaluate(load(tmp_path / "job" / "model"), sources, references, teacher.tokenizer, **task)
     assert {m: rows["Distill"][m] for m in METRICS} == pytest.approx(want)
     assert f"sentences of the recipe's held-out texts ({corpus})" in result.files["markdown"].read_text()
+
+
+def test_a_pretraining_record_without_its_split_is_refused_before_any_pass(pretrained, tmp_path):
+    root, teacher_dir = pretrained
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    manifest = json.loads((teacher / "manifest.json").read_text())
+    del manifest["pretraining"]["holdout"]
+    (teacher / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "recipe.yaml").write_text(RECIPE.replace("limit: 60", f"limit: 60, corpus: {root / 'corpus.txt'}"))
+    code, _, stderr = _run(
+        ["compress", str(tmp_path / "recipe.yaml"), "--model", str(teacher), "--out", str(tmp_path / "lite")]
+    )
+    assert code == 2 and "lacks 'holdout'" in stderr and "'seed'" in stderr, stderr
+    assert not (tmp_path / "lite" / "work").exists()
 
 
 def test_held_out_documents_are_the_ones_pretraining_kept_out():
