@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from compress import Distill, Pipeline, Prune, Share
-from compress.augment import augment_rows, replacer_for
 from compress.evaluate import glue, squad
 from compress.evaluate.deploy import PEER, one_call_int8
 from compress.evaluate.measure import cpu_name, time_model, time_onnx
 from compress.heads import adopt_heads
-from compress.job import glue_sentences
+from compress.job import glue_sentences, task_batches
+from compress.recipe import DataSpec
 from compress.report import write_report
 from model import from_hf
 from model.data.batching import text_batches
@@ -246,37 +246,23 @@ def main() -> None:
                 if saved:
                     save(teacher, saved)
             tokenizer = teacher.tokenizer
-            batches = glue.batches(
-                train_rows,
-                tokenizer,
-                task,
+            spec = DataSpec(
+                task=task,
+                glue_dir=str(DATA),
                 max_len=args.max_len,
                 batch_size=args.batch_size,
-                shuffle=True,
-                seed=args.seed,
                 group_by_length=args.group_by_length,
+                augment_copies=args.augment_copies,
             )
+            batches = task_batches(train_rows, spec, teacher, seed=args.seed)
+            if args.augment_copies:
+                print(f"{task}: {args.augment_copies} word-swapped copies of each train row added", flush=True)
             if args.augment and len(info.fields) == 1:
                 extra = [
                     {info.fields[0]: text, "label": None} for text in other_sentences(task, args.augment, args.seed)
                 ]
                 batches += glue.batches(extra, tokenizer, task, max_len=args.max_len, batch_size=args.batch_size)
                 random.Random(args.seed).shuffle(batches)
-            if args.augment_copies:
-                extra = augment_rows(
-                    train_rows, info.fields, replacer_for(teacher), copies=args.augment_copies, seed=args.seed
-                )
-                batches += glue.batches(
-                    extra,
-                    tokenizer,
-                    task,
-                    max_len=args.max_len,
-                    batch_size=args.batch_size,
-                    seed=args.seed,
-                    group_by_length=args.group_by_length,
-                )
-                random.Random(args.seed).shuffle(batches)
-                print(f"{task}: {len(extra)} word-swapped copies of the train rows added", flush=True)
             evaluate = lambda model, task=task: glue.evaluate(model, task, "dev", DATA, tokenizer, max_len=args.max_len)  # noqa: E731
             sample = {
                 k: v

@@ -61,18 +61,8 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
     if spec.task is not None:
         rows = glue.load(spec.task, "train", spec.glue_dir)[: spec.limit]
         held = glue.load(spec.task, "dev", spec.glue_dir)[: 8 * spec.batch_size]
-        options = dict(max_len=spec.max_len, batch_size=spec.batch_size)
-        train = glue.batches(
-            rows, tokenizer, spec.task, shuffle=True, seed=seed, group_by_length=spec.group_by_length, **options
-        )
-        if spec.augment_copies:
-            fields = glue.get_task(spec.task).fields
-            extra = augment_rows(rows, fields, replacer_for(model), **_augmenting(spec, seed))
-            train += glue.batches(
-                extra, tokenizer, spec.task, shuffle=True, seed=seed, group_by_length=spec.group_by_length, **options
-            )
-            random.Random(seed).shuffle(train)
-        return train, glue.batches(held, tokenizer, spec.task, **options)
+        held_out = glue.batches(held, tokenizer, spec.task, max_len=spec.max_len, batch_size=spec.batch_size)
+        return task_batches(rows, spec, model, seed=seed), held_out
     if spec.corpus is None and not spec.glue_text and not spec.builtin_corpus:
         raise ValueError(
             "this recipe distills a model that was not pretrained on the built-in corpus (Python's docstrings), and "
@@ -107,6 +97,25 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
     if spec.augment_copies:
         train += augment_texts(train, replacer_for(model), **_augmenting(spec, seed))
     return batched(train, spec.group_by_length), batched(held, False)
+
+
+def task_batches(rows: list[dict[str, Any]], spec: DataSpec, model: Transformer, *, seed: int = 0) -> list[Batch]:
+    """Training batches of the GLUE task `spec.task` made of `rows` as a recipe makes them.
+
+    Args:
+        rows: the labelled train rows.
+        spec: max_len, batch_size, group_by_length, and augment_copies: that many unlabelled
+            word-swapped copies of every row (neighbours in `model`'s embedding table) join them.
+        seed: the shuffle's and the word swaps'.
+    """
+    options = dict(max_len=spec.max_len, batch_size=spec.batch_size, group_by_length=spec.group_by_length)
+    train = glue.batches(rows, model.tokenizer, spec.task, shuffle=True, seed=seed, **options)
+    if spec.augment_copies:
+        fields = glue.get_task(spec.task).fields
+        extra = augment_rows(rows, fields, replacer_for(model), **_augmenting(spec, seed))
+        train += glue.batches(extra, model.tokenizer, spec.task, shuffle=True, seed=seed, **options)
+        random.Random(seed).shuffle(train)
+    return train
 
 
 def recipe_texts(spec: DataSpec, *, seed: int = 0) -> tuple[list[str], list[str]]:
