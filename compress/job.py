@@ -183,6 +183,20 @@ class FidelityEvaluator:
         self.latencies_ms.append(time_model(model, self.held_out[0], warmup=3, repeat=20)["p50_ms"])
         return metrics
 
+    def note(self) -> str:
+        """One line for the report: what the metrics and latencies were measured on."""
+        rows = sum(len(batch["input_ids"]) for batch in self.held_out)
+        timed = f"latencies are p50 over the first held-out batch ({len(self.held_out[0]['input_ids'])} rows)"
+        fidelity = "fidelity is the mean cosine of pooled hidden states to the teacher's"
+        task = self.spec.task
+        if task is None:
+            return f"{fidelity}, on {rows} held-out texts of the recipe's data; {timed}."
+        names = " / ".join(glue.get_task(task).metrics)
+        return (
+            f"{fidelity}; it and {names} are scored on the first {rows} rows of {task}'s dev set "
+            f"(`flashlite eval --task {task}` scores all of it); {timed}."
+        )
+
     def metrics(self, model: Any) -> dict[str, float]:
         """The fidelity and task metrics of a model (or an OrtModule over an ONNX file), untimed."""
         cosines = [F.cosine_similarity(pooled(model, b), ref, dim=-1) for b, ref in zip(self.held_out, self.references)]
@@ -265,6 +279,7 @@ def run_job(
             out,
             metric=metric or "fidelity",
             latencies=[*evaluate.latencies_ms, *(row["latency_ms"] for row in deployed)],
+            notes=[evaluate.note()],
         ),
         **result.files,
     }

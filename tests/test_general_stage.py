@@ -106,3 +106,17 @@ def test_a_missing_student_folder_is_a_usage_error(models, tmp_path):
     )
     assert code == 2 and "nowhere" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "t" / "model").exists()
+
+
+def test_the_report_says_which_dev_rows_its_task_metric_scores(models, tmp_path):
+    code, _, stderr = run_main(
+        ["compress", str(models / "task.yaml"), "--model", str(models / "teacher"), "--out", str(tmp_path / "t")]
+    )
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert any("first 64 rows of sst2's dev set" in note for note in report["notes"])  # 8 batches of 8
+    assert "`flashlite eval --task sst2` scores all of it" in (tmp_path / "t" / "report.md").read_text()
+    teacher = load(models / "teacher")
+    glue_dir = SHARED_DATA / "glue"
+    want = glue.evaluate(teacher, "sst2", "dev", glue_dir, teacher.tokenizer, max_len=32, limit=64)["accuracy"]
+    assert report["stages"][0]["metrics"]["accuracy"] == pytest.approx(want)
