@@ -46,8 +46,9 @@ class JobResult:
 def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tuple[list[Batch], list[Batch]]:
     """(training batches, held-out batches) for a recipe: GLUE rows when `spec.task` is set, else text.
 
-    Text comes from `spec.corpus` (None = the built-in corpus), shuffled with `seed`, at most
-    `spec.limit` documents; a tenth (at most 8 batches) is held out for evaluation. Models with a
+    GLUE rows are at most `spec.limit` train rows drawn at random with `seed`; the first 8 batches
+    of the dev set are held out. Text comes from `spec.corpus` (None = the built-in corpus),
+    shuffled with `seed`, at most `spec.limit` documents; a tenth (at most 8 batches) is held out. Models with a
     decoder also get `decoder_input_ids` (the input itself) so their seq2seq head is distilled; an
     eos-pooled classifier (BART's) the input shifted right, the decoder input it classifies with.
     With `spec.augment_copies`, unlabelled word-swapped copies of the training texts or rows join
@@ -59,7 +60,9 @@ def recipe_batches(spec: DataSpec, model: Transformer, *, seed: int = 0) -> tupl
             "the model has no tokenizer attached (model.tokenizer); import or pretrain it with flashlite first"
         )
     if spec.task is not None:
-        rows = glue.load(spec.task, "train", spec.glue_dir)[: spec.limit]
+        rows = glue.load(spec.task, "train", spec.glue_dir)
+        if spec.limit is not None and spec.limit < len(rows):  # a sample, not a prefix: files may be sorted
+            rows = random.Random(seed).sample(rows, spec.limit)
         held = glue.load(spec.task, "dev", spec.glue_dir)[: 8 * spec.batch_size]
         held_out = glue.batches(held, tokenizer, spec.task, max_len=spec.max_len, batch_size=spec.batch_size)
         return task_batches(rows, spec, model, seed=seed), held_out

@@ -32,7 +32,7 @@ class DataSpec:
     builtin_corpus: whether the built-in corpus (Python's docstrings) may stand in when no text
     is named; recipes for models that were not pretrained on it say false, since distilling on
     text unlike the model's own domain teaches the student the wrong things.
-    max_len, batch_size: per batch. limit: at most this many texts or rows.
+    max_len, batch_size: per batch. limit: at most this many texts or rows (a random sample of them, by the seed).
     group_by_length: batch training texts of similar token length together, so that batches pad
     little (shuffled within windows of 50 batches; the held-out batches keep their order).
     augment_copies: add this many unlabelled copies of every training text or row with words

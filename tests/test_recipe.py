@@ -195,3 +195,24 @@ def test_recipe_batches_of_an_eos_pooled_classifier_decode_the_shifted_source(tm
         )
         with torch.no_grad():
             assert torch.equal(model(**batch).logits, model(ids, batch["attention_mask"]).logits)
+
+
+def test_a_task_limit_samples_the_train_rows_instead_of_taking_the_first(tmp_path):
+    from compress.job import recipe_batches
+    from model import Config, Transformer
+    from model.data.tokenizer import train_tokenizer
+
+    sentences = [f"{'good film' if i < 48 else 'bad plot'} {i}" for i in range(96)]
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    train = [f"{s}\t{int(i < 48)}" for i, s in enumerate(sentences)]  # sorted by label: a prefix is one class
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(train) + "\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(train[::8]) + "\n")
+    model = Transformer(Config.preset("tiny", decoder_layers=0, heads=("mlm",)))
+    model.tokenizer = train_tokenizer(sentences * 4, vocab_size=model.config.vocab_size)
+    data = ["data.task=sst2", f"data.glue_dir={tmp_path}", "data.batch_size=8", "data.max_len=16", "data.limit=32"]
+    runs = [recipe_batches(load_recipe("prune-only", data).data, model, seed=seed)[0] for seed in (0, 0, 1)]
+    labels = [sorted(int(y) for b in batches for y in b["labels"]) for batches in runs]
+    assert len(labels[0]) == 32 and 0 < sum(labels[0]) < 32  # both classes, where the first 32 rows are all 1
+    ids = [sorted(r.tolist() for b in batches for r in b["input_ids"]) for batches in runs]
+    assert ids[0] == ids[1] and ids[0] != ids[2]  # the seed picks the sample
