@@ -178,6 +178,7 @@ class FidelityEvaluator:
 
     def __init__(self, teacher: Transformer, held_out: list[Batch], spec: DataSpec):
         self.held_out, self.spec, self.tokenizer = held_out, spec, teacher.tokenizer
+        self.scores_task = spec.task is not None and "classify" in teacher.config.heads
         self.references = [pooled(teacher, b) for b in held_out]
         self.latencies_ms: list[float] = []
 
@@ -194,6 +195,10 @@ class FidelityEvaluator:
         task = self.spec.task
         if task is None:
             return f"{fidelity}, on {rows} held-out texts of the recipe's data; {timed}."
+        if not self.scores_task:
+            return (
+                f"{fidelity}, on the first {rows} rows of {task}'s dev set (the model has no classify head); {timed}."
+            )
         names = " / ".join(glue.get_task(task).metrics)
         return (
             f"{fidelity}; it and {names} are scored on the first {rows} rows of {task}'s dev set "

@@ -120,3 +120,17 @@ def test_the_report_says_which_dev_rows_its_task_metric_scores(models, tmp_path)
     glue_dir = SHARED_DATA / "glue"
     want = glue.evaluate(teacher, "sst2", "dev", glue_dir, teacher.tokenizer, max_len=32, limit=64)["accuracy"]
     assert report["stages"][0]["metrics"]["accuracy"] == pytest.approx(want)
+
+
+def test_the_note_of_a_model_without_a_classify_head_names_no_task_metric(models):
+    from compress.job import FidelityEvaluator
+    from compress.recipe import DataSpec
+
+    pretrained = load(models / "pretrained")
+    spec = DataSpec(task="sst2", glue_dir=str(SHARED_DATA / "glue"), max_len=32, batch_size=8)
+    rows = glue.load("sst2", "dev", spec.glue_dir)[:16]
+    evaluator = FidelityEvaluator(
+        pretrained, glue.batches(rows, pretrained.tokenizer, "sst2", max_len=32, batch_size=8), spec
+    )
+    assert set(evaluator.metrics(pretrained)) == {"fidelity"}
+    assert "no classify head" in evaluator.note() and "accuracy" not in evaluator.note()
